@@ -1,0 +1,28 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev,test]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m models.demo --out out
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/operators.py
+	$(PY) benchmarks/baselines.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,156 @@
+"""Cartesian MRI: A = P(Λ) F (single coil) and A = M F S (multi-coil).
+
+F is the centred orthonormal 2D FFT (``ifftshift → fft2(norm="ortho") → fftshift``), so
+T = F is unitary and T⁻¹ = Fᴴ (Proposition 8.1 holds exactly). Masks select phase-encoding
+lines (columns, the last axis), as fastMRI defines them: acceleration R keeps about 1/R
+of the lines, including a fully sampled centre of ``center_fraction`` of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from models.physics.base import DecomposedOperator, LinearOperator
+
+
+def fft2c(x: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal 2D FFT over the last two axes."""
+    x = torch.fft.ifftshift(x, dim=(-2, -1))
+    return torch.fft.fftshift(torch.fft.fft2(x, norm="ortho"), dim=(-2, -1))
+
+
+def ifft2c(k: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`fft2c` (and its adjoint: F is unitary)."""
+    k = torch.fft.ifftshift(k, dim=(-2, -1))
+    return torch.fft.fftshift(torch.fft.ifft2(k, norm="ortho"), dim=(-2, -1))
+
+
+def _lines_to_mask(size: int, lines: np.ndarray) -> torch.Tensor:
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[:, torch.from_numpy(lines.astype(np.int64))] = True
+    return mask
+
+
+def _center_lines(size: int, center_fraction: float) -> np.ndarray:
+    n_low = max(1, int(round(size * center_fraction)))
+    start = (size - n_low + 1) // 2
+    return np.arange(start, start + n_low)
+
+
+def equispaced_mask(size: int, acceleration: float, center_fraction: float) -> torch.Tensor:
+    """fastMRI-style equispaced lines: a full centre plus evenly spaced outer lines.
+
+    The outer lines are spread evenly over the lines outside the centre, so that the total
+    is ``round(size / acceleration)`` and the achieved acceleration matches the request.
+    """
+    _check_mask_args(size, acceleration, center_fraction)
+    center = _center_lines(size, center_fraction)
+    n_outer = max(0, int(round(size / acceleration)) - len(center))
+    rest = np.setdiff1d(np.arange(size), center)
+    picks = np.unique(np.round(np.linspace(0, len(rest) - 1, n_outer)).astype(np.int64))
+    lines = np.concatenate([center, rest[picks]]) if n_outer else center
+    return _lines_to_mask(size, lines)
+
+
+def random_mask(
+    size: int, acceleration: float, center_fraction: float, seed: int = 0
+) -> torch.Tensor:
+    """fastMRI-style random lines: a full centre plus outer lines drawn without replacement."""
+    _check_mask_args(size, acceleration, center_fraction)
+    center = _center_lines(size, center_fraction)
+    n_outer = max(0, int(round(size / acceleration)) - len(center))
+    rest = np.setdiff1d(np.arange(size), center)
+    rng = np.random.default_rng(seed)
+    outer = rng.choice(rest, size=min(n_outer, len(rest)), replace=False)
+    return _lines_to_mask(size, np.concatenate([center, outer]))
+
+
+def _check_mask_args(size: int, acceleration: float, center_fraction: float) -> None:
+    if acceleration < 1:
+        raise ValueError(f"acceleration must be >= 1, got {acceleration}")
+    if not 0 < center_fraction <= 1:
+        raise ValueError(f"center_fraction must be in (0, 1], got {center_fraction}")
+    if size < 2:
+        raise ValueError(f"image size must be >= 2, got {size}")
+
+
+def acceleration_of(mask: torch.Tensor) -> float:
+    """Achieved acceleration: all k-space samples over the measured ones."""
+    return mask.numel() / max(1, int(mask.sum()))
+
+
+class MRIOperator(DecomposedOperator):
+    """Single-coil Cartesian MRI, A = P(Λ) F.
+
+    Images are real ``(B, 1, H, W)`` (magnitude priors); measurements complex64. With a
+    line mask the measurement is ``(B, 1, H, n_lines)``; with any other 2D mask it is the
+    flat ``(B, 1, m)`` vector of measured samples.
+
+    :param image_size: N for N×N images.
+    :param mask: boolean ``(N, N)`` k-space mask Λ.
+    """
+
+    def __init__(self, image_size: int, mask: torch.Tensor):
+        if tuple(mask.shape) != (image_size, image_size):
+            raise ValueError(f"mask must be {image_size}x{image_size}, got {tuple(mask.shape)}")
+        self.image_size = image_size
+        self.mask = mask.bool()
+
+    def T(self, x: torch.Tensor) -> torch.Tensor:
+        return fft2c(x.to(torch.complex64) if not x.is_complex() else x)
+
+    def T_adjoint(self, z: torch.Tensor) -> torch.Tensor:
+        return ifft2c(z).real
+
+    def T_inv(self, z: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of T = F (real part: the prior models real images)."""
+        return ifft2c(z).real
+
+    def zero_filled(self, y: torch.Tensor) -> torch.Tensor:
+        """Zero-filled reconstruction |Fᴴ P⁻¹(Λ) y| (the classical MRI baseline)."""
+        return ifft2c(self.pad(y)).abs()
+
+
+class MultiCoilMRIOperator(LinearOperator):
+    """Multi-coil Cartesian MRI, A = M F S with given sensitivity maps S.
+
+    No invertible T exists (S maps one image to C coil images), so this operator has no
+    Proposition 8.1 decomposition; solvers use least squares (CG) for data consistency.
+
+    :param mask: boolean ``(N, N)`` k-space mask.
+    :param sensitivities: complex ``(C, N, N)`` coil maps.
+    """
+
+    def __init__(self, image_size: int, mask: torch.Tensor, sensitivities: torch.Tensor):
+        if sensitivities.ndim != 3 or tuple(sensitivities.shape[1:]) != (image_size, image_size):
+            raise ValueError("sensitivities must have shape (coils, image_size, image_size)")
+        self.image_size = image_size
+        self.mask = mask.bool()
+        self.sensitivities = sensitivities.to(torch.complex64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coil_images = x.to(torch.complex64) * self.sensitivities[None]
+        return fft2c(coil_images) * self.mask
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        coil_images = ifft2c(y * self.mask) * torch.conj(self.sensitivities[None])
+        return coil_images.sum(dim=1, keepdim=True).real
+
+
+def birdcage_sensitivities(image_size: int, coils: int) -> torch.Tensor:
+    """Smooth synthetic coil maps around the field of view, normalised to sum-of-squares 1."""
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, image_size), torch.linspace(-1, 1, image_size), indexing="ij"
+    )
+    maps = []
+    for c in range(coils):
+        phi = 2 * math.pi * c / coils
+        cx, cy = 1.5 * math.cos(phi), 1.5 * math.sin(phi)
+        mag = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 2.0)
+        phase = torch.exp(1j * (phi + 0.5 * (xx * math.cos(phi) + yy * math.sin(phi))))
+        maps.append(mag * phase)
+    s = torch.stack(maps)
+    return (s / s.abs().pow(2).sum(0, keepdim=True).sqrt()).to(torch.complex64)
