@@ -229,6 +229,44 @@ class CTOperator(DecomposedOperator):
         raise ValueError(f"method must be 'auto', 'fbp' or 'cg', got {method!r}")
 
 
+    def measured_rows(self) -> torch.Tensor | None:
+        """Indices of fully measured angles when Λ keeps whole rows (sparse view), else None."""
+        sel = self._line_selection()
+        return sel[1] if sel is not None and sel[0] == 0 else None
+
+    def astra_iterative(self, y: torch.Tensor, algorithm: str, n_iter: int) -> torch.Tensor:
+        """Run ASTRA's SIRT or CGLS on the measured angles (CUDA variant on a GPU).
+
+        Needs a row mask (sparse view); for other masks use the operator-level solvers.
+        """
+        rows = self.measured_rows()
+        if rows is None:
+            raise ValueError(f"{algorithm} needs a sparse-view (row) mask; use 'fista-tv'")
+        g = self.geometry
+        sub = _AstraProjector(CTGeometry(**{**g.__dict__, "angles": tuple(g.angles[i] for i in rows)}))
+        out = np.zeros((y.shape[0], g.image_size, g.image_size), dtype=np.float32)
+        try:
+            for b in range(y.shape[0]):
+                sino = np.ascontiguousarray(y[b, 0].detach().cpu().numpy(), dtype=np.float32)
+                sid = astra.data2d.link("-sino", sub.proj_geom, sino)
+                vid = astra.data2d.link("-vol", sub.vol_geom, out[b])
+                alg = None
+                try:
+                    cfg = astra.astra_dict(algorithm + ("_CUDA" if sub.cuda else ""))
+                    cfg["ProjectorId"] = sub.projector_id
+                    cfg["ProjectionDataId"] = sid
+                    cfg["ReconstructionDataId"] = vid
+                    alg = astra.algorithm.create(cfg)
+                    astra.algorithm.run(alg, n_iter)
+                finally:
+                    if alg is not None:
+                        astra.algorithm.delete(alg)
+                    astra.data2d.delete([sid, vid])
+        finally:
+            sub.close()
+        return torch.from_numpy(out).unsqueeze(1).to(y.device)
+
+
 def uniform_angles(n: int, beam: str = "parallel") -> tuple[float, ...]:
     """n angles spread evenly over [0, π) (parallel) or [0, 2π) (fan)."""
     span = math.pi if beam == "parallel" else 2 * math.pi

@@ -1,0 +1,121 @@
+"""Classical reconstructions to compare against: FBP, SIRT, CGLS, FISTA-TV, zero-filled, CS-TV.
+
+Defaults were tuned on 128² phantoms in the model's [0, 1] intensity range:
+SIRT 200 iterations, CGLS 30 (it semi-converges: more iterations amplify noise and
+streaks), FISTA-TV 200 iterations with TV weight 2e-3 for CT (sinogram values are line
+integrals in pixel units) and 1e-3 for MRI (orthonormal FFT keeps image units).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from models.physics.base import LinearOperator
+from models.physics.ct import CTOperator
+from models.physics.mri import MRIOperator, MultiCoilMRIOperator
+
+
+def _grad(x: torch.Tensor) -> torch.Tensor:
+    dx = torch.zeros_like(x)
+    dy = torch.zeros_like(x)
+    dx[..., :, :-1] = x[..., :, 1:] - x[..., :, :-1]
+    dy[..., :-1, :] = x[..., 1:, :] - x[..., :-1, :]
+    return torch.stack([dx, dy], dim=-1)
+
+
+def _div(p: torch.Tensor) -> torch.Tensor:
+    px, py = p[..., 0], p[..., 1]
+    dx = torch.zeros_like(px)
+    dy = torch.zeros_like(py)
+    dx[..., :, 0] = px[..., :, 0]
+    dx[..., :, 1:-1] = px[..., :, 1:-1] - px[..., :, :-2]
+    dx[..., :, -1] = -px[..., :, -2]
+    dy[..., 0, :] = py[..., 0, :]
+    dy[..., 1:-1, :] = py[..., 1:-1, :] - py[..., :-2, :]
+    dy[..., -1, :] = -py[..., -2, :]
+    return dx + dy
+
+
+def tv_prox(v: torch.Tensor, weight: float, n_iter: int = 30) -> torch.Tensor:
+    """argmin_u ½||u − v||² + weight·TV(u), isotropic TV, by Chambolle's dual projection."""
+    if weight <= 0:
+        return v
+    p = torch.zeros(*v.shape, 2, dtype=v.dtype, device=v.device)
+    tau = 0.248
+    for _ in range(n_iter):
+        g = _grad(_div(p) - v / weight)
+        norm = g.pow(2).sum(-1, keepdim=True).sqrt()
+        p = (p + tau * g) / (1 + tau * norm)
+    return v - weight * _div(p)
+
+
+def fista_tv(
+    op: LinearOperator,
+    y: torch.Tensor,
+    tv_weight: float,
+    n_iter: int = 200,
+    x0: torch.Tensor | None = None,
+    nonneg: bool = True,
+) -> torch.Tensor:
+    """FISTA (Beck & Teboulle 2009) for ½||A x − y||² + tv_weight·TV(x), x ≥ 0.
+
+    Step size 1/L with L = ||A||² from a power-iteration estimate (times 1.05 for safety).
+    """
+    lip = 1.05 * op.norm() ** 2
+    x = torch.zeros(y.shape[0], 1, op.image_size, op.image_size) if x0 is None else x0.clone()
+    z, t = x.clone(), 1.0
+    for _ in range(n_iter):
+        grad = op.adjoint(op.forward(z) - y)
+        x_new = tv_prox(z - grad / lip, tv_weight / lip)
+        if nonneg:
+            x_new = x_new.clamp_min(0)
+        t_new = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        z = x_new + ((t - 1) / t_new) * (x_new - x)
+        x, t = x_new, t_new
+    return x
+
+
+def fbp(op: CTOperator, y: torch.Tensor) -> torch.Tensor:
+    """FBP from the measured angles (missing angles zero, weight rescaled by their share)."""
+    rows = op.measured_rows()
+    share = 1.0 if rows is None else len(rows) / op.mask.shape[0]
+    return op.fbp(op.pad(y)) / share
+
+
+def _ct_only(op: LinearOperator, method: str) -> CTOperator:
+    if not isinstance(op, CTOperator):
+        raise ValueError(f"method '{method}' is for CT; for MRI use 'zero-filled' or 'cs-tv'")
+    return op
+
+
+def _mri_only(op: LinearOperator, method: str) -> LinearOperator:
+    if not isinstance(op, MRIOperator | MultiCoilMRIOperator):
+        raise ValueError(f"method '{method}' is for MRI; for CT use 'fbp', 'sirt', 'cgls' or 'fista-tv'")
+    return op
+
+
+def _zero_filled(op: LinearOperator, y: torch.Tensor) -> torch.Tensor:
+    op = _mri_only(op, "zero-filled")
+    if isinstance(op, MRIOperator):
+        return op.zero_filled(y)
+    return op.adjoint(y).abs()
+
+
+METHODS: dict[str, Callable[[LinearOperator, torch.Tensor], torch.Tensor]] = {
+    "fbp": lambda op, y: fbp(_ct_only(op, "fbp"), y),
+    "sirt": lambda op, y: _ct_only(op, "sirt").astra_iterative(y, "SIRT", 200),
+    "cgls": lambda op, y: _ct_only(op, "cgls").astra_iterative(y, "CGLS", 30),
+    "fista-tv": lambda op, y: fista_tv(_ct_only(op, "fista-tv"), y, 2e-3),
+    "zero-filled": _zero_filled,
+    "cs-tv": lambda op, y: fista_tv(_mri_only(op, "cs-tv"), y, 1e-3),
+}
+
+
+def reconstruct_baseline(op: LinearOperator, y: torch.Tensor, method: str) -> torch.Tensor:
+    """Run a classical method by name (see ``METHODS``) on measurements ``y``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    with torch.no_grad():
+        return METHODS[method](op, y)

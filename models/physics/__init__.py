@@ -1,0 +1,20 @@
+"""Linear measurement operators (CT via ASTRA, MRI via FFT) and the measurement spec."""
+
+from models.physics.base import (
+    DecomposedOperator,
+    LinearOperator,
+    adjointness_test,
+    conjugate_gradient,
+)
+from models.physics.spec import MeasurementSpec, SpecError, from_spec, parse_spec
+
+__all__ = [
+    "DecomposedOperator",
+    "LinearOperator",
+    "MeasurementSpec",
+    "SpecError",
+    "adjointness_test",
+    "conjugate_gradient",
+    "from_spec",
+    "parse_spec",
+]
