@@ -92,7 +92,9 @@ def _ct_only(op: LinearOperator, method: str) -> CTOperator:
 
 def _mri_only(op: LinearOperator, method: str) -> LinearOperator:
     if not isinstance(op, MRIOperator | MultiCoilMRIOperator):
-        raise ValueError(f"method '{method}' is for MRI; for CT use 'fbp', 'sirt', 'cgls' or 'fista-tv'")
+        raise ValueError(
+            f"method '{method}' is for MRI; for CT use 'fbp', 'sirt', 'cgls' or 'fista-tv'"
+        )
     return op
 
 

@@ -28,7 +28,11 @@ def ssim(x, ref, data_range: float = 1.0) -> float:
     """Structural similarity (Wang et al. 2004, Gaussian window σ=1.5) of a 2D image."""
     return float(
         structural_similarity(
-            _np(x), _np(ref), data_range=data_range, gaussian_weights=True, sigma=1.5,
+            _np(x),
+            _np(ref),
+            data_range=data_range,
+            gaussian_weights=True,
+            sigma=1.5,
             use_sample_covariance=False,
         )
     )

@@ -115,7 +115,7 @@ class DecomposedOperator(LinearOperator):
 
     def pad(self, y: torch.Tensor) -> torch.Tensor:
         """P⁻¹(Λ): place measured entries back in T's range, zeros elsewhere."""
-        lead = y.shape[: 2]
+        lead = y.shape[:2]
         out = torch.zeros(*lead, *self.mask.shape, dtype=y.dtype, device=y.device)
         sel = self._line_selection()
         if sel is not None:

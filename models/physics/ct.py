@@ -228,7 +228,6 @@ class CTOperator(DecomposedOperator):
             )
         raise ValueError(f"method must be 'auto', 'fbp' or 'cg', got {method!r}")
 
-
     def measured_rows(self) -> torch.Tensor | None:
         """Indices of fully measured angles when Λ keeps whole rows (sparse view), else None."""
         sel = self._line_selection()
@@ -243,7 +242,9 @@ class CTOperator(DecomposedOperator):
         if rows is None:
             raise ValueError(f"{algorithm} needs a sparse-view (row) mask; use 'fista-tv'")
         g = self.geometry
-        sub = _AstraProjector(CTGeometry(**{**g.__dict__, "angles": tuple(g.angles[i] for i in rows)}))
+        sub = _AstraProjector(
+            CTGeometry(**{**g.__dict__, "angles": tuple(g.angles[i] for i in rows)})
+        )
         out = np.zeros((y.shape[0], g.image_size, g.image_size), dtype=np.float32)
         try:
             for b in range(y.shape[0]):
