@@ -130,26 +130,17 @@ def _apply(fn, t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(fn(arr)).unsqueeze(1).to(device=t.device, dtype=t.dtype)
 
 
-class _Project(torch.autograd.Function):
+class _AstraMap(torch.autograd.Function):
+    """A linear ASTRA map whose gradient is its matched transpose (FP ↔ BP)."""
+
     @staticmethod
-    def forward(ctx, x, proj):  # type: ignore[override]
-        ctx.proj = proj
-        return _apply(proj.fp, x)
+    def forward(ctx, x, fn, fn_transpose):  # type: ignore[override]
+        ctx.fn_transpose = fn_transpose
+        return _apply(fn, x)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        return _apply(ctx.proj.bp, g), None
-
-
-class _BackProject(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, proj):  # type: ignore[override]
-        ctx.proj = proj
-        return _apply(proj.bp, z)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return _apply(ctx.proj.fp, g), None
+        return _apply(ctx.fn_transpose, g), None, None
 
 
 def ramp_filter(sino: torch.Tensor, spacing: float, window: str = "ram-lak") -> torch.Tensor:
@@ -229,10 +220,10 @@ class CTOperator(DecomposedOperator):
         self._proj.close()
 
     def T(self, x: torch.Tensor) -> torch.Tensor:
-        return _Project.apply(x, self._proj)
+        return _AstraMap.apply(x, self._proj.fp, self._proj.bp)
 
     def T_adjoint(self, z: torch.Tensor) -> torch.Tensor:
-        return _BackProject.apply(z, self._proj)
+        return _AstraMap.apply(z, self._proj.bp, self._proj.fp)
 
     def fbp(self, z: torch.Tensor, window: str = "ram-lak") -> torch.Tensor:
         """Filtered back projection of a full sinogram over T's angles (parallel beam).
