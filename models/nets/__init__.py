@@ -1,0 +1,1 @@
+"""Score networks: NCSN++-style time-conditioned U-Nets."""
