@@ -1,0 +1,71 @@
+"""Predictors: one numerical step of the reverse-time SDE (seed 002, ch. 7.3, app. B.5.3)."""
+
+from __future__ import annotations
+
+import torch
+
+from models.sde import SDE, VESDE, VPSDE, ScoreFn, _bcast
+
+
+class Predictor:
+    """x_{t−Δt} from x_t: returns (sample, mean without the final noise)."""
+
+    def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False):
+        self.sde = sde
+        self.score_fn = score_fn
+        self.rsde = sde.reverse(score_fn, probability_flow)
+
+    def step(
+        self, x: torch.Tensor, t: torch.Tensor, dt: float, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class EulerMaruyamaPredictor(Predictor):
+    """Euler-Maruyama on the reverse SDE (Algorithm 8.1): x − f̄ Δt + ḡ √Δt z."""
+
+    def step(self, x, t, dt, generator):
+        drift, diffusion = self.rsde.sde(x, t)
+        mean = x - drift * dt
+        z = torch.randn(x.shape, generator=generator, device=x.device)
+        return mean + _bcast(diffusion, x) * dt**0.5 * z, mean
+
+
+class ReverseDiffusionPredictor(Predictor):
+    """Reverse diffusion (app. B.5.3): x − f_i + G_i² s + G_i z, the PC default for VE."""
+
+    def step(self, x, t, dt, generator):
+        f, G = self.rsde.discretize(x, t)
+        mean = x - f
+        z = torch.randn(x.shape, generator=generator, device=x.device)
+        return mean + _bcast(G, x) * z, mean
+
+
+class AncestralSamplingPredictor(Predictor):
+    """Ancestral sampling of SMLD (VE, app. B.5.3) or DDPM (VP, Eq. 7.4)."""
+
+    def step(self, x, t, dt, generator):
+        sde = self.sde
+        z = torch.randn(x.shape, generator=generator, device=x.device)
+        if isinstance(sde, VESDE):
+            sig = sde.sigma(t)
+            sig_prev = torch.where(
+                t - dt <= 0, torch.zeros_like(t), sde.sigma((t - dt).clamp_min(0))
+            )
+            score = self.score_fn(x, t)
+            mean = x + _bcast(sig**2 - sig_prev**2, x) * score
+            std = torch.sqrt(sig_prev**2 * (sig**2 - sig_prev**2) / sig**2)
+            return mean + _bcast(std, x) * z, mean
+        if isinstance(sde, VPSDE):
+            beta = sde.beta(t) * dt
+            score = self.score_fn(x, t)
+            mean = (x + _bcast(beta, x) * score) / torch.sqrt(1 - _bcast(beta, x))
+            return mean + _bcast(beta.sqrt(), x) * z, mean
+        raise ValueError("ancestral sampling is defined for VE and VP SDEs")
+
+
+PREDICTORS: dict[str, type[Predictor]] = {
+    "euler_maruyama": EulerMaruyamaPredictor,
+    "reverse_diffusion": ReverseDiffusionPredictor,
+    "ancestral": AncestralSamplingPredictor,
+}
