@@ -1,0 +1,105 @@
+"""The model registry: a model is a directory with ``weights.safetensors`` and ``card.json``.
+
+Weights are never pickled. The card records the architecture, the SDE and its parameters,
+the image size, the intensity normalisation, what the model was trained on, the training
+steps and loss curve, and the sha256 of the weights, which is checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.nets.ncsnpp import NCSNpp, NetConfig
+from models.sde import SDE, SDES
+
+WEIGHTS, CARD = "weights.safetensors", "card.json"
+
+
+class ModelError(ValueError):
+    """A model directory that is missing, incomplete or corrupt."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sde_to_dict(sde: SDE) -> dict:
+    kind = next(k for k, v in SDES.items() if type(sde) is v)
+    params = {k: v for k, v in vars(sde).items() if isinstance(v, int | float)}
+    return {"kind": kind, **params}
+
+
+def sde_from_dict(d: dict) -> SDE:
+    d = dict(d)
+    cls = SDES[d.pop("kind")]
+    sde = cls.__new__(cls)
+    vars(sde).update(d)
+    return sde
+
+
+def save_model(directory: str | Path, net: NCSNpp, sde: SDE, card: dict) -> Path:
+    """Write weights and card atomically (temporary names, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_w = directory / (WEIGHTS + ".tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    save_file(state, str(tmp_w))
+    full = {
+        **card,
+        "architecture": {"name": "ncsnpp", **net.config.to_dict()},
+        "sde": sde_to_dict(sde),
+        "weights_sha256": sha256_file(tmp_w),
+    }
+    tmp_c = directory / (CARD + ".tmp")
+    tmp_c.write_text(json.dumps(full, indent=2, default=list))
+    tmp_w.replace(directory / WEIGHTS)
+    tmp_c.replace(directory / CARD)
+    return directory
+
+
+def load_card(directory: str | Path) -> dict:
+    path = Path(directory) / CARD
+    if not path.exists():
+        raise ModelError(f"{directory}: no {CARD}; a model directory needs {WEIGHTS} and {CARD}")
+    return json.loads(path.read_text())
+
+
+def load_model(directory: str | Path, device=None) -> tuple[NCSNpp, SDE, dict]:
+    """Load a model directory, verifying the weights' sha256 against the card."""
+    directory = Path(directory)
+    card = load_card(directory)
+    wpath = directory / WEIGHTS
+    if not wpath.exists():
+        raise ModelError(f"{directory}: {WEIGHTS} is missing")
+    if sha256_file(wpath) != card.get("weights_sha256"):
+        raise ModelError(f"{directory}: weights do not match the sha256 in {CARD}; re-export")
+    sde = sde_from_dict(card["sde"])
+    arch = {k: v for k, v in card["architecture"].items() if k != "name"}
+    for key in ("channel_mult", "attention_levels"):
+        arch[key] = tuple(arch[key])
+    sigma_fn = getattr(sde, "sigma", None) if arch.get("embedding") == "fourier" else None
+    net = NCSNpp(NetConfig(**arch), sigma_fn)
+    net.load_state_dict(load_file(str(wpath), device="cpu"))
+    net.eval()
+    if device is not None:
+        net.to(device)
+    return net, sde, card
+
+
+def score_fn_of(net: NCSNpp) -> callable:
+    """The network as a score function s(x, t) without gradient tracking."""
+
+    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net(x, t)
+
+    return score

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from models.nets.ncsnpp import build
+from models.registry import ModelError, load_model, save_model
+from models.sde import VESDE, VPSDE
+
+
+@pytest.mark.parametrize("kind", ["ve", "vp"])
+def test_round_trip_and_tamper_detection(tmp_path, kind, rng):
+    sde = VESDE(0.01, 20.0, N=100) if kind == "ve" else VPSDE(0.1, 20.0, N=100)
+    net = (
+        build("tiny", sde.sigma)
+        if kind == "ve"
+        else build("tiny", None, embedding="positional", scale_by_sigma=False)
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=rng) * 0.01)
+    save_model(tmp_path / "m", net, sde, {"image_size": 16, "training_data": "test"})
+    loaded, sde2, card = load_model(tmp_path / "m")
+    x, t = torch.randn(2, 1, 16, 16, generator=rng), torch.tensor([0.2, 0.7])
+    assert torch.allclose(loaded(x, t), net.eval()(x, t), atol=1e-6)
+    assert type(sde2) is type(sde) and sde2.N == 100 and card["image_size"] == 16
+    weights = tmp_path / "m" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ModelError, match="sha256"):
+        load_model(tmp_path / "m")
+    with pytest.raises(ModelError, match="card.json"):
+        load_model(tmp_path / "missing")
