@@ -76,3 +76,32 @@ def test_cancel_and_bad_names(rng):
         pc_sampler(sde, gaussian_score(sde), (2, 2), cancel=lambda: True, generator=rng)
     with pytest.raises(ValueError, match="predictor must be one of"):
         pc_sampler(sde, gaussian_score(sde), (2, 2), predictor="rk45")
+
+
+def test_annealed_langevin_recovers_gaussian(rng):
+    from models.losses import ncsn_sigmas
+    from models.sampling import annealed_langevin
+
+    sigmas = ncsn_sigmas(VESDE(0.01, 5.0), 100)
+
+    def score(x, s):
+        return -x / (S0**2 + s[:, None] ** 2)
+
+    res = annealed_langevin(score, sigmas, (3000, 4), n_steps_each=5, step_lr=2e-5, generator=rng)
+    assert float(res.samples.std()) == pytest.approx(S0, rel=0.06)
+    assert res.nfe == 100 * 5 + 1  # plus the Tweedie denoising step
+    with pytest.raises(ValueError, match="decreasing"):
+        annealed_langevin(score, sigmas.flip(0), (2, 2))
+
+
+def test_tweedie_is_the_posterior_mean_for_gaussians(rng):
+    from models.sampling import tweedie
+
+    x = torch.randn(5, 3, generator=rng)
+    sigma = torch.full((5,), 0.3)
+
+    def score(y, s):
+        return -y / (S0**2 + s[:, None] ** 2)
+
+    expected = x * S0**2 / (S0**2 + 0.09)
+    assert torch.allclose(tweedie(score, x, sigma), expected, atol=1e-6)
