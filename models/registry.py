@@ -95,11 +95,19 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp, SDE, dict]:
     return net, sde, card
 
 
-def score_fn_of(net: NCSNpp) -> callable:
-    """The network as a score function s(x, t) without gradient tracking."""
+def score_fn_of(net: NCSNpp, channels_last: bool = True, bf16: bool = False):
+    """The network as a score function s(x, t) for sampling: inference mode, optionally
+    channels-last memory layout and bf16 autocast (faster on CPUs with AVX-512 BF16 / AMX,
+    and on GPUs); outputs are returned in float32.
+    """
+    net.eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return net(x, t)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            return net(x, t).float().contiguous()
 
     return score

@@ -28,3 +28,19 @@ def test_round_trip_and_tamper_detection(tmp_path, kind, rng):
         load_model(tmp_path / "m")
     with pytest.raises(ModelError, match="card.json"):
         load_model(tmp_path / "missing")
+
+
+def test_fast_inference_modes_agree(rng):
+    from models.registry import score_fn_of
+
+    sde = VESDE(0.01, 20.0)
+    net = build("tiny", sde.sigma)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=rng) * 0.02)
+    x, t = torch.randn(2, 1, 16, 16, generator=rng), torch.tensor([0.3, 0.8])
+    ref = net.eval()(x, t).detach()
+    fast = score_fn_of(net, channels_last=True)(x, t)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-5)
+    half = score_fn_of(net, channels_last=True, bf16=True)(x, t)
+    assert (half - ref).norm() / ref.norm() < 0.05
