@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from models.baselines import METHODS, reconstruct_baseline
+from models.cli_prior import add_commands
 from models.io import load_image, save_png
 from models.metrics import data_residual, psnr, ssim
 from models.physics import SpecError, from_spec, parse_spec
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--reference", help="reference image .npy for PSNR/SSIM")
     b.set_defaults(func=baseline)
+    add_commands(sub)
     return parser
 
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, ValueError, OSError) as exc:
+    except (SpecError, ValueError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
