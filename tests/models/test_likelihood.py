@@ -5,17 +5,7 @@ import torch
 
 from models.likelihood import bits_per_dim, log_likelihood
 from models.sde import VESDE, VPSDE
-
-S0 = 0.5
-
-
-def gaussian_score(sde):
-    def score(x, t):
-        mc = sde.marginal_prob(torch.ones(len(t), 1), t)[0].flatten()
-        std = sde.marginal_prob(torch.zeros(len(t), 1), t)[1]
-        return -x / (mc**2 * S0**2 + std**2).reshape(-1, *([1] * (x.ndim - 1)))
-
-    return score
+from tests.models.gaussian import S0, gaussian_score
 
 
 @pytest.mark.parametrize("sde", [VESDE(0.01, 5.0), VPSDE()])

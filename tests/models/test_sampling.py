@@ -6,19 +6,7 @@ import torch
 from models.sampling import ode_sampler, pc_sampler
 from models.sampling.pc import Cancelled
 from models.sde import VESDE, VPSDE
-
-S0 = 0.5
-
-
-def gaussian_score(sde):
-    def score(x, t):
-        mc = sde.marginal_prob(torch.ones(len(t), 1), t)[0].flatten()
-        std = sde.marginal_prob(torch.zeros(len(t), 1), t)[1]
-        var = mc**2 * S0**2 + std**2
-        return -x / var.reshape(-1, *([1] * (x.ndim - 1)))
-
-    return score
-
+from tests.models.gaussian import S0, gaussian_score
 
 CASES = [
     (VESDE(0.01, 5.0, N=300), "reverse_diffusion", "langevin"),

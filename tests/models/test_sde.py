@@ -6,18 +6,7 @@ import pytest
 import torch
 
 from models.sde import SDES, VESDE, VPSDE, SubVPSDE, sigma_max_from_data
-
-S0 = 0.5  # data ~ N(0, S0² I)
-
-
-def exact_score(sde):
-    def score(x, t):
-        mean_coeff = sde.marginal_prob(torch.ones_like(x), t)[0].flatten(1)[:, :1]
-        std = sde.marginal_prob(torch.zeros_like(x), t)[1]
-        var = (mean_coeff.flatten() ** 2) * S0**2 + std**2
-        return -x / var.reshape(-1, *([1] * (x.ndim - 1)))
-
-    return score
+from tests.models.gaussian import S0, gaussian_score
 
 
 @pytest.mark.parametrize("name", sorted(SDES))
@@ -38,7 +27,7 @@ def test_marginal_matches_simulated_forward_chain(name, rng):
 @pytest.mark.parametrize("probability_flow", [False, True])
 def test_reverse_with_exact_score_recovers_data(name, probability_flow, rng):
     sde = SDES[name](N=400) if name != "ve" else VESDE(0.01, 5.0, N=400)
-    rev = sde.reverse(exact_score(sde), probability_flow)
+    rev = sde.reverse(gaussian_score(sde), probability_flow)
     # Start from the exact p_1 (not π) so the test isolates the reverse process itself.
     mean_coeff = sde.marginal_prob(torch.ones(1, 1), torch.ones(1))[0].item()
     std1 = sde.marginal_prob(torch.zeros(1, 1), torch.ones(1))[1].item()
