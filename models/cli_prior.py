@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.io import load_image
+from models.io import load_image, save_png
 from models.likelihood import bits_per_dim, log_likelihood
+from models.losses import ncsn_sigmas
 from models.nets.ncsnpp import build
 from models.registry import load_model, save_model, score_fn_of
 from models.sampling import annealed_langevin, ode_sampler, pc_sampler
@@ -129,9 +130,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         if not isinstance(sde, VESDE):
             raise ValueError("--sampler ald needs a VE model (noise-conditional on σ)")
-        sigmas = torch.exp(
-            torch.linspace(math.log(sde.sigma_max), math.log(sde.sigma_min), args.steps)
-        )
+        sigmas = ncsn_sigmas(sde, args.steps)
         res = annealed_langevin(
             lambda x, s: score(x, _t_of_sigma(sde, s)),
             sigmas,
@@ -140,8 +139,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
             progress=progress,
         )
     bar.close()
-    from models.io import save_png
-
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(out, _grid(res.samples))

@@ -11,17 +11,11 @@ A ``score_fn(x, t)`` returns an estimate of ∇ₓ log p_t(x) for a batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 
 import torch
 
-from models.sde import SDE, VESDE
-
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
+from models.sde import SDE, VESDE, ScoreFn, per_sample
 
 
 class ImportanceSampler:
@@ -73,20 +67,20 @@ def dsm_loss(
         t = torch.rand(b, generator=generator, device=x0.device) * (sde.T - eps) + eps
     z = torch.randn(x0.shape, generator=generator, device=x0.device)
     mean, std = sde.marginal_prob(x0, t)
-    xt = mean + _bcast(std, x0) * z
+    xt = mean + per_sample(std, x0) * z
     score = score_fn(xt, t)
-    residual = (score * _bcast(std, x0) + z).flatten(1).pow(2).sum(1)  # σ²||s + z/σ||²
+    residual = (score * per_sample(std, x0) + z).flatten(1).pow(2).sum(1)  # σ²||s + z/σ||²
     if weighting == "sigma2":
-        per_sample = residual
+        weighted = residual
     elif weighting == "likelihood":
         if importance is not None:
-            per_sample = residual * importance.Z
+            weighted = residual * importance.Z
         else:
             _, g = sde.sde(xt, t)
-            per_sample = residual * g**2 / std**2
+            weighted = residual * g**2 / std**2
     else:
         raise ValueError(f"weighting must be 'sigma2' or 'likelihood', got {weighting!r}")
-    return 0.5 * per_sample.mean()
+    return 0.5 * weighted.mean()
 
 
 def sliced_score_matching(
@@ -133,20 +127,11 @@ def ncsn_loss(
     idx = torch.randint(len(sigmas), (x0.shape[0],), generator=generator, device=x0.device)
     sigma = sigmas.to(x0.device)[idx]
     z = torch.randn(x0.shape, generator=generator, device=x0.device)
-    xt = x0 + _bcast(sigma, x0) * z
+    xt = x0 + per_sample(sigma, x0) * z
     score = score_fn(xt, sigma)
-    return 0.5 * (score * _bcast(sigma, x0) + z).flatten(1).pow(2).sum(1).mean()
+    return 0.5 * (score * per_sample(sigma, x0) + z).flatten(1).pow(2).sum(1).mean()
 
 
 def ncsn_sigmas(sde: VESDE, n: int) -> torch.Tensor:
     """Geometric noise levels σ_max … σ_min of a VE SDE, for the NCSN objective and ALD."""
-    return torch.flip(
-        torch.exp(
-            torch.linspace(
-                torch.log(torch.tensor(sde.sigma_min)).item(),
-                torch.log(torch.tensor(sde.sigma_max)).item(),
-                n,
-            )
-        ),
-        dims=(0,),
-    )
+    return torch.exp(torch.linspace(math.log(sde.sigma_max), math.log(sde.sigma_min), n))

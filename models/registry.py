@@ -39,11 +39,8 @@ def sde_to_dict(sde: SDE) -> dict:
 
 
 def sde_from_dict(d: dict) -> SDE:
-    d = dict(d)
-    cls = SDES[d.pop("kind")]
-    sde = cls.__new__(cls)
-    vars(sde).update(d)
-    return sde
+    params = dict(d)
+    return SDES[params.pop("kind")](**params)
 
 
 def save_model(directory: str | Path, net: NCSNpp, sde: SDE, card: dict) -> Path:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample ``(B,)`` tensor to broadcast against ``x``."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -77,7 +78,7 @@ class ReverseSDE:
         """Drift f − g² s (or f − ½ g² s for the ODE) and diffusion (0 for the ODE)."""
         drift, diffusion = self.forward_sde.sde(x, t)
         weight = 0.5 if self.probability_flow else 1.0
-        g2 = _bcast(diffusion**2, x)
+        g2 = per_sample(diffusion**2, x)
         drift = drift - g2 * self.score_fn(x, t) * weight
         return drift, torch.zeros_like(diffusion) if self.probability_flow else diffusion
 
@@ -85,7 +86,7 @@ class ReverseSDE:
         """Reverse diffusion discretisation (app. B.5.3): f_i − G_i² s, G_i."""
         f, G = self.forward_sde.discretize(x, t)
         weight = 0.5 if self.probability_flow else 1.0
-        rev_f = f - _bcast(G**2, x) * self.score_fn(x, t) * weight
+        rev_f = f - per_sample(G**2, x) * self.score_fn(x, t) * weight
         return rev_f, torch.zeros_like(G) if self.probability_flow else G
 
 
@@ -119,12 +120,13 @@ class VESDE(SDE):
     def discretize(self, x, t):
         """Eq. 7.8: x_i = x_{i-1} + √(σ_i² − σ_{i-1}²) z."""
         i = (t * (self.N - 1) / self.T).round().long()
-        sigmas = self.discrete_sigmas().to(t.device)
+        sigmas = self.discrete_sigmas.to(t.device)
         prev = torch.where(i == 0, torch.zeros_like(t), sigmas[(i - 1).clamp_min(0)])
         return torch.zeros_like(x), torch.sqrt(sigmas[i] ** 2 - prev**2)
 
+    @cached_property
     def discrete_sigmas(self) -> torch.Tensor:
-        """σ_1 … σ_N, the geometric sequence of noise scales (app. B.5.2)."""
+        """σ_1 … σ_N, the geometric sequence of noise scales (app. B.5.2); computed once."""
         return torch.exp(torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N))
 
 
@@ -132,21 +134,21 @@ class VPSDE(SDE):
     """Variance preserving SDE, dx = −½ β(t) x dt + √β(t) dw (Eq. 7.11), linear β (DDPM)."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
-        self.beta_0, self.beta_1, self.N = beta_min, beta_max, N
+        self.beta_min, self.beta_max, self.N = beta_min, beta_max, N
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
-        return self.beta_0 + t * (self.beta_1 - self.beta_0)
+        return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def _log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def sde(self, x, t):
         b = self.beta(t)
-        return -0.5 * _bcast(b, x) * x, torch.sqrt(b)
+        return -0.5 * per_sample(b, x) * x, torch.sqrt(b)
 
     def marginal_prob(self, x0, t):
         lmc = self._log_mean_coeff(t)
-        return _bcast(torch.exp(lmc), x0) * x0, torch.sqrt(1.0 - torch.exp(2.0 * lmc))
+        return per_sample(torch.exp(lmc), x0) * x0, torch.sqrt(1.0 - torch.exp(2.0 * lmc))
 
     def prior_std(self) -> float:
         return 1.0
@@ -157,7 +159,7 @@ class VPSDE(SDE):
     def discretize(self, x, t):
         """Eq. 7.10: x_i = √(1 − β_i) x_{i-1} + √β_i z, β_i = β(t)/N."""
         beta_i = self.beta(t) / self.N
-        return (torch.sqrt(1.0 - _bcast(beta_i, x)) - 1.0) * x, torch.sqrt(beta_i)
+        return (torch.sqrt(1.0 - per_sample(beta_i, x)) - 1.0) * x, torch.sqrt(beta_i)
 
 
 class SubVPSDE(VPSDE):
@@ -173,7 +175,7 @@ class SubVPSDE(VPSDE):
 
     def marginal_prob(self, x0, t):
         lmc = self._log_mean_coeff(t)
-        return _bcast(torch.exp(lmc), x0) * x0, 1.0 - torch.exp(2.0 * lmc)
+        return per_sample(torch.exp(lmc), x0) * x0, 1.0 - torch.exp(2.0 * lmc)
 
     def discretize(self, x, t):
         return SDE.discretize(self, x, t)

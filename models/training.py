@@ -12,7 +12,7 @@ import copy
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     loss_log_every: int = 10
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -148,7 +147,3 @@ def train(
     net.eval()
     ema.eval()
     return TrainResult(net, ema, losses, step)
-
-
-def config_dict(config: TrainConfig) -> dict:
-    return asdict(config)

@@ -83,7 +83,9 @@ class _AstraProjector:
         self.projector_id = astra.create_projector(name, self.proj_geom, self.vol_geom)
         self.sino_shape = (len(geom.angles), geom.n_detectors)
 
-    def _run(self, algo: str, vol: np.ndarray, sino: np.ndarray) -> None:
+    def run(self, algo: str, vol: np.ndarray, sino: np.ndarray, iterations: int = 1) -> None:
+        """Run ASTRA algorithm ``algo`` (FP, BP, SIRT, CGLS; CUDA variant on a GPU) on
+        linked arrays, freeing every object it creates."""
         vid = astra.data2d.link("-vol", self.vol_geom, vol)
         sid = astra.data2d.link("-sino", self.proj_geom, sino)
         alg = None
@@ -93,7 +95,7 @@ class _AstraProjector:
             cfg["ProjectionDataId"] = sid
             cfg["VolumeDataId" if algo == "FP" else "ReconstructionDataId"] = vid
             alg = astra.algorithm.create(cfg)
-            astra.algorithm.run(alg)
+            astra.algorithm.run(alg, iterations)
         finally:
             if alg is not None:
                 astra.algorithm.delete(alg)
@@ -102,14 +104,14 @@ class _AstraProjector:
     def fp(self, images: np.ndarray) -> np.ndarray:
         out = np.zeros((images.shape[0], *self.sino_shape), dtype=np.float32)
         for i in range(images.shape[0]):
-            self._run("FP", np.ascontiguousarray(images[i], dtype=np.float32), out[i])
+            self.run("FP", np.ascontiguousarray(images[i], dtype=np.float32), out[i])
         return out
 
     def bp(self, sinos: np.ndarray) -> np.ndarray:
         n = self.geom.image_size
         out = np.zeros((sinos.shape[0], n, n), dtype=np.float32)
         for i in range(sinos.shape[0]):
-            self._run("BP", out[i], np.ascontiguousarray(sinos[i], dtype=np.float32))
+            self.run("BP", out[i], np.ascontiguousarray(sinos[i], dtype=np.float32))
         return out
 
     def close(self) -> None:
@@ -273,20 +275,7 @@ class CTOperator(DecomposedOperator):
         try:
             for b in range(y.shape[0]):
                 sino = np.ascontiguousarray(y[b, 0].detach().cpu().numpy(), dtype=np.float32)
-                sid = astra.data2d.link("-sino", sub.proj_geom, sino)
-                vid = astra.data2d.link("-vol", sub.vol_geom, out[b])
-                alg = None
-                try:
-                    cfg = astra.astra_dict(algorithm + ("_CUDA" if sub.cuda else ""))
-                    cfg["ProjectorId"] = sub.projector_id
-                    cfg["ProjectionDataId"] = sid
-                    cfg["ReconstructionDataId"] = vid
-                    alg = astra.algorithm.create(cfg)
-                    astra.algorithm.run(alg, n_iter)
-                finally:
-                    if alg is not None:
-                        astra.algorithm.delete(alg)
-                    astra.data2d.delete([sid, vid])
+                sub.run(algorithm, out[b], sino, n_iter)
         finally:
             sub.close()
         return torch.from_numpy(out).unsqueeze(1).to(y.device)
@@ -315,7 +304,7 @@ def sparse_view(
         n_full_views = n_views * math.ceil(base / n_views)
     if n_full_views % n_views:
         raise ValueError(f"n_full_views ({n_full_views}) must be a multiple of n_views ({n_views})")
-    geometry.setdefault("n_detectors", _default_detectors(image_size, beam, geometry))
+    geometry.setdefault("n_detectors", default_detectors(image_size, beam, geometry))
     geom = CTGeometry(
         image_size=image_size, angles=uniform_angles(n_full_views, beam), beam=beam, **geometry
     )
@@ -324,7 +313,7 @@ def sparse_view(
     return CTOperator(geom, mask)
 
 
-def _default_detectors(image_size: int, beam: str, geometry: dict) -> int:
+def default_detectors(image_size: int, beam: str, geometry: dict) -> int:
     """Enough bins to cover the image diagonal (magnified onto the detector for fan beam)."""
     spacing = geometry.get("detector_spacing", 1.0)
     width = image_size * geometry.get("pixel_size", 1.0) * math.sqrt(2)

@@ -18,7 +18,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.physics.base import LinearOperator
-from models.physics.ct import CTGeometry, CTOperator, sparse_view, uniform_angles
+from models.physics.ct import (
+    CTGeometry,
+    CTOperator,
+    default_detectors,
+    sparse_view,
+    uniform_angles,
+)
 from models.physics.mri import (
     MRIOperator,
     MultiCoilMRIOperator,
@@ -146,9 +152,7 @@ def _ct(spec: MeasurementSpec) -> CTOperator:
     # Explicit angles: T runs on the union of a dense uniform set and the given angles.
     base = 180 if spec.geometry == "parallel" else 360
     dense = sorted(set(uniform_angles(spec.n_full_views or base, spec.geometry)) | set(spec.angles))
-    probe = sparse_view(spec.image_size, 1, spec.geometry, 1, **extra)
-    n_det = probe.geometry.n_detectors
-    probe.close()
+    n_det = extra.get("n_detectors") or default_detectors(spec.image_size, spec.geometry, extra)
     geom = CTGeometry(
         image_size=spec.image_size,
         angles=tuple(dense),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from models.sampling.pc import Cancelled, CountingScore, SampleResult
+from models.sde import per_sample
 
 
 def annealed_langevin(
@@ -53,4 +54,4 @@ def annealed_langevin(
 
 def tweedie(score_fn, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Tweedie's formula E[x_0 | x] = x + σ² s(x, σ): removes the last noise level."""
-    return x + (sigma**2).reshape(-1, *([1] * (x.ndim - 1))) * score_fn(x, sigma)
+    return x + per_sample(sigma**2, x) * score_fn(x, sigma)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.sde import SDE, VPSDE, ScoreFn, _bcast
+from models.sde import SDE, VPSDE, ScoreFn, per_sample
 
 
 class Corrector:
@@ -39,8 +39,8 @@ class LangevinCorrector(Corrector):
             g_norm = grad.flatten(1).norm(dim=1).mean()
             z_norm = z.flatten(1).norm(dim=1).mean()
             eps = 2 * alpha * (self.snr * z_norm / g_norm.clamp_min(1e-12)) ** 2
-            mean = x + _bcast(eps, x) * grad
-            x = mean + _bcast(torch.sqrt(2 * eps), x) * z
+            mean = x + per_sample(eps, x) * grad
+            x = mean + per_sample(torch.sqrt(2 * eps), x) * z
         return x, mean
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.sde import SDE, VESDE, VPSDE, ScoreFn, _bcast
+from models.sde import SDE, VESDE, VPSDE, ScoreFn, per_sample
 
 
 class Predictor:
@@ -28,7 +28,7 @@ class EulerMaruyamaPredictor(Predictor):
         drift, diffusion = self.rsde.sde(x, t)
         mean = x - drift * dt
         z = torch.randn(x.shape, generator=generator, device=x.device)
-        return mean + _bcast(diffusion, x) * dt**0.5 * z, mean
+        return mean + per_sample(diffusion, x) * dt**0.5 * z, mean
 
 
 class ReverseDiffusionPredictor(Predictor):
@@ -38,7 +38,7 @@ class ReverseDiffusionPredictor(Predictor):
         f, G = self.rsde.discretize(x, t)
         mean = x - f
         z = torch.randn(x.shape, generator=generator, device=x.device)
-        return mean + _bcast(G, x) * z, mean
+        return mean + per_sample(G, x) * z, mean
 
 
 class AncestralSamplingPredictor(Predictor):
@@ -53,14 +53,14 @@ class AncestralSamplingPredictor(Predictor):
                 t - dt <= 0, torch.zeros_like(t), sde.sigma((t - dt).clamp_min(0))
             )
             score = self.score_fn(x, t)
-            mean = x + _bcast(sig**2 - sig_prev**2, x) * score
+            mean = x + per_sample(sig**2 - sig_prev**2, x) * score
             std = torch.sqrt(sig_prev**2 * (sig**2 - sig_prev**2) / sig**2)
-            return mean + _bcast(std, x) * z, mean
+            return mean + per_sample(std, x) * z, mean
         if isinstance(sde, VPSDE):
             beta = sde.beta(t) * dt
             score = self.score_fn(x, t)
-            mean = (x + _bcast(beta, x) * score) / torch.sqrt(1 - _bcast(beta, x))
-            return mean + _bcast(beta.sqrt(), x) * z, mean
+            mean = (x + per_sample(beta, x) * score) / torch.sqrt(1 - per_sample(beta, x))
+            return mean + per_sample(beta.sqrt(), x) * z, mean
         raise ValueError("ancestral sampling is defined for VE and VP SDEs")
 
 
