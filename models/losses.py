@@ -91,11 +91,13 @@ def sliced_score_matching(
     projection: str = "rademacher",
     variance_reduction: bool = False,
     generator: torch.Generator | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sliced score matching (seed 001): E_v[vᵀ∇ₓ(vᵀ s) + ½ (vᵀ s)²].
 
     SSM-VR replaces ½ (vᵀ s)² with its expectation ½||s||² (valid for projections with
-    E[v vᵀ] = I). Needs a score function differentiable in x.
+    E[v vᵀ] = I). Needs a score function differentiable in x. ``weight`` (B,) weights each
+    sample's term, e.g. λ(t) = σ²(t) when x was perturbed at different noise levels.
     """
     x = x.detach().requires_grad_(True)
     s = score_fn(x, t)
@@ -110,8 +112,49 @@ def sliced_score_matching(
         (grad_vs,) = torch.autograd.grad(vs.sum(), x, create_graph=True)
         first = (v * grad_vs).flatten(1).sum(1)
         second = 0.5 * s.flatten(1).pow(2).sum(1) if variance_reduction else 0.5 * vs**2
-        total = total + (first + second).mean()
+        term = first + second
+        total = total + (term if weight is None else weight * term).mean()
     return total / n_projections
+
+
+OBJECTIVES = ("dsm", "likelihood", "ssm", "ssm-vr")
+
+
+def objective_loss(
+    score_fn: ScoreFn,
+    sde: SDE,
+    x0: torch.Tensor,
+    objective: str = "dsm",
+    importance: ImportanceSampler | None = None,
+    eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The training loss by name, for a time-conditioned score network.
+
+    ``dsm``: Eq. 7.7 with λ = σ²; ``likelihood``: λ = g² (ch. 9.4), importance-sampled when an
+    :class:`ImportanceSampler` is given; ``ssm`` / ``ssm-vr``: sliced score matching of the
+    perturbed marginal p_t (seed 001) with λ = σ²(t), Rademacher projections. The SSM losses
+    equal DSM up to a constant independent of the network (seed 001, Eq. 4 vs. Eq. 8), so
+    curves are comparable in shape, not in level.
+    """
+    if objective in ("dsm", "likelihood"):
+        weighting = "sigma2" if objective == "dsm" else "likelihood"
+        return dsm_loss(score_fn, sde, x0, weighting, importance, eps, generator)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    b = x0.shape[0]
+    t = torch.rand(b, generator=generator, device=x0.device) * (sde.T - eps) + eps
+    z = torch.randn(x0.shape, generator=generator, device=x0.device)
+    mean, std = sde.marginal_prob(x0, t)
+    xt = mean + per_sample(std, x0) * z
+    return sliced_score_matching(
+        score_fn,
+        xt,
+        t,
+        variance_reduction=objective == "ssm-vr",
+        generator=generator,
+        weight=std**2,
+    )
 
 
 def ncsn_loss(

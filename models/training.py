@@ -4,6 +4,9 @@
 data set in the model's [0, 1] range (or a callable giving batches), and reports progress
 and honours a cancel check between steps. Checkpoints are safetensors (no pickle): the
 network, its EMA copy and the optimiser state flattened to tensors, plus a JSON sidecar.
+
+Every step draws its randomness from a generator seeded by (seed, step), so a run resumed
+from a checkpoint continues bit-identically to one that was never interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +22,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.losses import ImportanceSampler, dsm_loss
+from models.figures import grid, loss_curve
+from models.io import save_png
+from models.losses import ImportanceSampler, objective_loss
 from models.nets.ncsnpp import NCSNpp
+from models.registry import save_model, score_fn_of
+from models.sampling.registry import sample
 from models.sde import SDE
 
 Progress = Callable[[int, int, float], None]
+OnCheckpoint = Callable[[int, torch.nn.Module, list], None]
 
 
 @dataclass
@@ -35,7 +44,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    weighting: str = "sigma2"
+    objective: str = "dsm"  # dsm | likelihood | ssm | ssm-vr (see losses.objective_loss)
     importance_sampling: bool = False
     checkpoint_every: int = 200
     seed: int = 0
@@ -52,6 +61,12 @@ class TrainResult:
 
 class Cancelled(RuntimeError):
     """Training was asked to stop; the last checkpoint is kept."""
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warm-up min(decay, (1 + n) / (10 + n)): early averages forget the random
+    initialisation quickly instead of dragging it along for ~1/(1 − decay) steps."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
@@ -97,9 +112,14 @@ def train(
     checkpoint: str | Path | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    on_checkpoint: OnCheckpoint | None = None,
 ) -> TrainResult:
-    """Denoising score matching (Eq. 7.7) with Adam, warm-up, clipping and EMA; resumable."""
-    gen = torch.Generator().manual_seed(config.seed)
+    """Score matching (``config.objective``) with Adam, warm-up, clipping and EMA; resumable.
+
+    ``on_checkpoint(step, ema, losses)`` runs after each checkpoint is written (the CLI
+    draws the loss curve and a sample grid there).
+    """
+    gen = torch.Generator()
     ema = copy.deepcopy(net)
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -108,7 +128,6 @@ def train(
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
         step, losses = load_checkpoint(ckpt, net, ema, opt)
-        gen.manual_seed(config.seed + step)  # a resumed run continues with fresh batches
     sampler = ImportanceSampler(sde) if config.importance_sampling else None
     net.train()
     running = 0.0
@@ -116,12 +135,15 @@ def train(
         if cancel is not None and cancel():
             if ckpt is not None:
                 save_checkpoint(ckpt, net, ema, opt, step, losses)
+                if on_checkpoint is not None:
+                    on_checkpoint(step, ema, losses)
             raise Cancelled(f"training cancelled at step {step}")
+        gen.manual_seed(config.seed * 1_000_003 + step)
         idx = torch.randint(len(data), (config.batch_size,), generator=gen)
         batch = data[idx]
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-        loss = dsm_loss(net, sde, batch, config.weighting, sampler, generator=gen)
+        loss = objective_loss(net, sde, batch, config.objective, sampler, generator=gen)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}; lower lr")
@@ -129,7 +151,7 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
         opt.step()
-        _ema_update(ema, net, config.ema_decay)
+        _ema_update(ema, net, ema_decay_at(step, config.ema_decay))
         step += 1
         running += value
         if step % config.loss_log_every == 0 or step == config.steps:
@@ -144,6 +166,70 @@ def train(
             progress(step, config.steps, value)
         if ckpt is not None and (step % config.checkpoint_every == 0 or step == config.steps):
             save_checkpoint(ckpt, net, ema, opt, step, losses)
+            if on_checkpoint is not None:
+                on_checkpoint(step, ema, losses)
+                net.train()
     net.eval()
     ema.eval()
     return TrainResult(net, ema, losses, step)
+
+
+def fit_prior(
+    data: torch.Tensor,
+    out: str | Path,
+    sde: SDE,
+    net: NCSNpp,
+    config: TrainConfig,
+    card: dict,
+    resume: bool = True,
+    checkpoint: str | Path | None = None,
+    preview: int = 4,
+    preview_steps: int = 100,
+    figures: str | Path | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train and keep ``out`` a usable model directory throughout.
+
+    At every checkpoint the EMA weights are exported with their card (so a long run can be
+    used, or shipped, before it ends), and ``loss.png`` plus a ``preview``-sample grid drawn
+    with the PC sampler are written to ``figures`` (default: ``out``). The resumable training
+    state lives in ``checkpoint`` (default ``out/checkpoint.safetensors``); without
+    ``resume`` it is discarded first.
+    """
+    out = Path(out)
+    figures = Path(figures) if figures else out
+    ckpt = Path(checkpoint) if checkpoint else out / "checkpoint.safetensors"
+    if not resume and ckpt.exists():
+        ckpt.unlink()
+    name = card.get("name", out.name)
+    start = time.monotonic()
+
+    def export(step: int, ema: torch.nn.Module, losses: list) -> None:
+        tail = [v for _, v in losses[-10:]]
+        full = {
+            **card,
+            "steps": step,
+            "total_steps": card.get("steps_before_run", 0) + step,
+            "objective": config.objective,
+            "train_config": dict(vars(config)),
+            "final_loss": sum(tail) / len(tail) if tail else None,
+            "loss_curve": losses,
+            "weights": "ema",
+            "wall_time_s_this_run": round(time.monotonic() - start, 1),
+            "loss_curve_png": str(figures / f"{name}_loss.png"),
+            "sample_grid_png": str(figures / f"{name}_samples.png"),
+        }
+        save_model(out, ema, sde, full)
+        loss_curve({config.objective: losses}, figures / f"{name}_loss.png", f"{name}: loss")
+        if preview:
+            size = card["image_size"]
+            gen = torch.Generator().manual_seed(0)
+            res = sample(
+                "pc", sde, score_fn_of(ema), (preview, 1, size, size), preview_steps, generator=gen
+            )
+            save_png(figures / f"{name}_samples.png", grid(res.samples))
+            ema.to(memory_format=torch.contiguous_format)
+
+    result = train(net, sde, data, config, ckpt, progress, cancel, on_checkpoint=export)
+    return result

@@ -3,7 +3,7 @@ import torch
 
 from models.nets.ncsnpp import build
 from models.sde import VPSDE
-from models.training import Cancelled, TrainConfig, train
+from models.training import Cancelled, TrainConfig, ema_decay_at, train
 
 
 def _net():
@@ -16,7 +16,7 @@ def _data():
     return (torch.rand(32, 1, 16, 16, generator=g) > 0.5).float()
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_continues_bit_identically(tmp_path):
     sde, data = VPSDE(), _data()
     cfg = TrainConfig(steps=6, batch_size=4, warmup=2, checkpoint_every=3, loss_log_every=1)
     full = train(_net(), sde, data, cfg)
@@ -24,13 +24,50 @@ def test_resume_equals_uninterrupted(tmp_path):
     part = train(_net(), sde, data, TrainConfig(**{**cfg.__dict__, "steps": 3}), ckpt)
     assert part.step == 3
     resumed = train(_net(), sde, data, cfg, ckpt)
-    assert resumed.step == 6 and len(resumed.losses) == 6
-    # The first half of the loss curve is restored from the checkpoint exactly.
-    assert resumed.losses[:3] == full.losses[:3]
-    # EMA differs from the raw weights and is finite.
-    p_net = next(resumed.net.parameters())
-    p_ema = next(resumed.ema.parameters())
+    assert resumed.step == 6 and resumed.losses == full.losses
+    for a, b in zip(full.net.state_dict().values(), resumed.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    p_net, p_ema = next(resumed.net.parameters()), next(resumed.ema.parameters())
     assert torch.isfinite(p_ema).all() and not torch.equal(p_net, p_ema)
+
+
+def test_ema_decay_warms_up():
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.999) == pytest.approx(0.91)
+    assert ema_decay_at(100_000, 0.999) == 0.999
+
+
+@pytest.mark.parametrize("objective", ["ssm-vr", "likelihood"])
+def test_other_objectives_train(objective):
+    cfg = TrainConfig(
+        steps=3,
+        batch_size=2,
+        objective=objective,
+        loss_log_every=1,
+        importance_sampling=objective == "likelihood",
+    )
+    res = train(_net(), VPSDE(), _data(), cfg)
+    assert len(res.losses) == 3 and all(torch.isfinite(torch.tensor(v)) for _, v in res.losses)
+
+
+def test_fit_prior_exports_a_usable_model_with_pictures(tmp_path):
+    from models.registry import load_model
+    from models.sde import VESDE
+    from models.training import fit_prior
+
+    sde = VESDE(0.01, 8.0)
+    torch.manual_seed(0)
+    net = build("tiny", sde.sigma)
+    cfg = TrainConfig(steps=4, batch_size=2, checkpoint_every=2, loss_log_every=1)
+    card = {"name": "m", "image_size": 16}
+    fit_prior(_data(), tmp_path / "m", sde, net, cfg, card, preview=2, preview_steps=3)
+    loaded, sde2, card2 = load_model(tmp_path / "m")
+    assert card2["steps"] == 4 and card2["total_steps"] == 4 and len(card2["loss_curve"]) == 4
+    assert isinstance(sde2, VESDE) and sde2.sigma_max == 8.0
+    assert (tmp_path / "m" / "m_loss.png").stat().st_size > 1000
+    assert (tmp_path / "m" / "m_samples.png").exists()
 
 
 def test_cancel_keeps_a_checkpoint(tmp_path):
