@@ -104,6 +104,10 @@ class VESDE(SDE):
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
 
+    def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Inverse of σ(t): lets a time-conditioned network serve as s(x, σ) for ALD."""
+        return torch.log(sigma / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+
     def sde(self, x, t):
         g = self.sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
         return torch.zeros_like(x), g

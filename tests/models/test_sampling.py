@@ -93,3 +93,46 @@ def test_tweedie_is_the_posterior_mean_for_gaussians(rng):
 
     expected = x * S0**2 / (S0**2 + 0.09)
     assert torch.allclose(tweedie(score, x, sigma), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pc", "em", "ancestral", "ode", "ald"])
+def test_sampler_registry_recovers_gaussian(name, rng):
+    from models.sampling.registry import sample
+
+    sde = VESDE(0.01, 5.0, N=300)
+    res = sample(name, sde, gaussian_score(sde), (3000, 4), n_steps=300, generator=rng)
+    assert float(res.samples.std()) == pytest.approx(S0, rel=0.07)
+    assert abs(float(res.samples.mean())) < 0.03
+    assert res.nfe > 0
+
+
+def test_rk45_ode_sampler_is_adaptive_and_exact_for_gaussians(rng):
+    from models.sampling.registry import sample
+
+    sde = VPSDE()
+    loose = sample("ode-rk45", sde, gaussian_score(sde), (2000, 4), generator=rng)
+    assert float(loose.samples.std()) == pytest.approx(S0, rel=0.05)
+    # The probability-flow ODE of a Gaussian maps x_T to x_0 linearly: check it exactly.
+    x_init = torch.randn(8, 4, generator=rng)
+    res = ode_sampler(
+        sde, gaussian_score(sde), (8, 4), method="rk45", x_init=x_init, rtol=1e-7, atol=1e-7
+    )
+    m, s = sde.marginal_prob(torch.ones(1, 1), torch.tensor([1.0]))
+    var_T = float(m) ** 2 * S0**2 + float(s) ** 2
+    scale = (S0**2 / var_T) ** 0.5  # the flow rescales by the ratio of marginal std devs
+    eps_m, eps_s = sde.marginal_prob(torch.ones(1, 1), torch.tensor([1e-3]))
+    scale *= ((float(eps_m) ** 2 * S0**2 + float(eps_s) ** 2) / S0**2) ** 0.5
+    assert torch.allclose(res.samples, x_init * scale, rtol=1e-4, atol=1e-5)
+    assert res.nfe < 400
+
+
+def test_sampler_registry_refuses_bad_requests():
+    from models.sampling.registry import sample
+
+    sde = VPSDE()
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sample("ddpm++", sde, gaussian_score(sde), (2, 2))
+    with pytest.raises(ValueError, match="VE model"):
+        sample("ald", sde, gaussian_score(sde), (2, 2))
+    with pytest.raises(ValueError, match="deterministic"):
+        sample("ode", sde, gaussian_score(sde), (2, 2), consistency=lambda x, t: x)
