@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models import default_priors
 from models.baselines import METHODS, reconstruct_baseline
 from models.cli_prior import add_commands
 from models.io import load_image, save_png
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reference", help="reference image .npy for PSNR/SSIM")
     b.set_defaults(func=baseline)
     add_commands(sub)
+    default_priors.add_commands(sub)
     return parser
 
 

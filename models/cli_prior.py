@@ -11,14 +11,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.figures import grid
 from models.io import load_image, save_png
 from models.likelihood import bits_per_dim, log_likelihood
-from models.losses import ncsn_sigmas
+from models.losses import OBJECTIVES
 from models.nets.ncsnpp import build
-from models.registry import load_model, save_model, score_fn_of
-from models.sampling import annealed_langevin, ode_sampler, pc_sampler
+from models.registry import load_model, score_fn_of
+from models.sampling.registry import SAMPLERS, sample
 from models.sde import SDES, VESDE, sigma_max_from_data
-from models.training import TrainConfig, train
+from models.training import TrainConfig, fit_prior
 
 IMAGE_SUFFIXES = {".npy", ".png", ".dcm", ".dicom"}
 
@@ -54,14 +55,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         sde.sigma if ve else None,
         **({} if ve else {"embedding": "positional", "scale_by_sigma": False}),
     )
-    out = Path(args.out)
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        weighting="likelihood" if args.objective == "likelihood" else "sigma2",
+        objective=args.objective,
         importance_sampling=args.objective == "likelihood",
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
     )
+    card = {
+        "name": Path(args.out).name,
+        "image_size": args.image_size,
+        "intensity": "[0, 1]; CT: (HU + 1000) / 4000",
+        "training_data": str(args.data),
+        "n_images": len(data),
+    }
     bar = tqdm(total=cfg.steps, desc="train", unit="step")
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -69,86 +78,41 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.set_postfix(loss=f"{loss:.4g}")
         bar.refresh()
 
-    ckpt = out / "checkpoint.safetensors"
-    if not args.resume and ckpt.exists():
-        ckpt.unlink()
-    result = train(net, sde, data, cfg, ckpt, progress)
+    fit_prior(
+        data, args.out, sde, net, cfg, card, args.resume, preview=args.preview, progress=progress
+    )
     bar.close()
-    card = {
-        "image_size": args.image_size,
-        "intensity": "[0, 1]; CT: (HU + 1000) / 4000",
-        "training_data": str(args.data),
-        "n_images": len(data),
-        "steps": result.step,
-        "objective": args.objective,
-        "loss_curve": result.losses,
-        "weights": "ema",
-    }
-    save_model(out, result.ema, sde, card)
-    print(f"model written to {out}")
+    print(f"model written to {args.out}")
     return 0
-
-
-def _grid(samples: torch.Tensor) -> np.ndarray:
-    n = samples.shape[0]
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    h, w = samples.shape[-2:]
-    grid = np.zeros((rows * h, cols * w), dtype=np.float32)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = samples[i, 0].clamp(0, 1).numpy()
-    return grid
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     net, sde, card = load_model(args.model)
-    score = score_fn_of(net)
     size = card["image_size"]
-    shape = (args.n, 1, size, size)
     gen = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(desc="sample", unit="step")
+    bar = tqdm(desc=f"sample ({args.sampler})", unit="step")
 
     def progress(i: int, n: int) -> None:
         bar.total = n
         bar.n = i
         bar.refresh()
 
-    if args.sampler in ("pc", "em"):
-        res = pc_sampler(
-            sde,
-            score,
-            shape,
-            "reverse_diffusion" if args.sampler == "pc" else "euler_maruyama",
-            "langevin" if args.sampler == "pc" else "none",
-            n_steps=args.steps,
-            generator=gen,
-            progress=progress,
-        )
-    elif args.sampler == "ode":
-        res = ode_sampler(sde, score, shape, n_steps=args.steps, generator=gen, progress=progress)
-    else:
-        if not isinstance(sde, VESDE):
-            raise ValueError("--sampler ald needs a VE model (noise-conditional on σ)")
-        sigmas = ncsn_sigmas(sde, args.steps)
-        res = annealed_langevin(
-            lambda x, s: score(x, _t_of_sigma(sde, s)),
-            sigmas,
-            shape,
-            generator=gen,
-            progress=progress,
-        )
+    res = sample(
+        args.sampler,
+        sde,
+        score_fn_of(net),
+        (args.n, 1, size, size),
+        args.steps,
+        generator=gen,
+        progress=progress,
+    )
     bar.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_png(out, _grid(res.samples))
+    save_png(out, grid(res.samples))
     np.save(out.with_suffix(".npy"), res.samples.numpy())
     print(json.dumps({"samples": args.n, "nfe": res.nfe, "grid": str(out)}))
     return 0
-
-
-def _t_of_sigma(sde: VESDE, sigma: torch.Tensor) -> torch.Tensor:
-    return torch.log(sigma / sde.sigma_min) / math.log(sde.sigma_max / sde.sigma_min)
 
 
 def cmd_likelihood(args: argparse.Namespace) -> int:
@@ -172,14 +136,17 @@ def add_commands(sub) -> None:
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--objective", default="dsm", choices=["dsm", "likelihood"])
+    t.add_argument("--objective", default="dsm", choices=OBJECTIVES)
+    t.add_argument("--checkpoint-every", type=int, default=200)
+    t.add_argument("--preview", type=int, default=4, help="samples drawn at each checkpoint")
+    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--sde", default="ve", choices=sorted(SDES))
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train)
     s = sub.add_parser("sample", help="generate samples from a prior")
-    s.add_argument("--model", required=True, help="model directory")
+    s.add_argument("--model", required=True, help="model directory or bundled prior name")
     s.add_argument("--n", type=int, default=16)
-    s.add_argument("--sampler", default="pc", choices=["pc", "ald", "em", "ode"])
+    s.add_argument("--sampler", default="pc", choices=SAMPLERS)
     s.add_argument("--steps", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="grid PNG (samples also written as .npy)")

@@ -18,6 +18,7 @@ from models.nets.ncsnpp import NCSNpp, NetConfig
 from models.sde import SDE, SDES
 
 WEIGHTS, CARD = "weights.safetensors", "card.json"
+BUNDLED = Path(__file__).resolve().parent / "priors"  # the default priors that ship
 
 
 class ModelError(ValueError):
@@ -63,16 +64,31 @@ def save_model(directory: str | Path, net: NCSNpp, sde: SDE, card: dict) -> Path
     return directory
 
 
+def bundled_models() -> list[str]:
+    """Names of the priors shipped with the project (``ct-default``, ``mri-default``)."""
+    return sorted(p.parent.name for p in BUNDLED.glob(f"*/{CARD}"))
+
+
+def resolve(model: str | Path) -> Path:
+    """A model directory from a path, or from the name of a bundled prior."""
+    path = Path(model)
+    if (path / CARD).exists():
+        return path
+    if isinstance(model, str) and "/" not in model and (BUNDLED / model / CARD).exists():
+        return BUNDLED / model
+    names = ", ".join(bundled_models()) or "none"
+    raise ModelError(
+        f"model '{model}': not a model directory (with {CARD}) nor a bundled prior ({names})"
+    )
+
+
 def load_card(directory: str | Path) -> dict:
-    path = Path(directory) / CARD
-    if not path.exists():
-        raise ModelError(f"{directory}: no {CARD}; a model directory needs {WEIGHTS} and {CARD}")
-    return json.loads(path.read_text())
+    return json.loads((resolve(directory) / CARD).read_text())
 
 
 def load_model(directory: str | Path, device=None) -> tuple[NCSNpp, SDE, dict]:
-    """Load a model directory, verifying the weights' sha256 against the card."""
-    directory = Path(directory)
+    """Load a model (directory or bundled name), verifying the weights' sha256 against the card."""
+    directory = resolve(directory)
     card = load_card(directory)
     wpath = directory / WEIGHTS
     if not wpath.exists():

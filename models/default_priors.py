@@ -1,0 +1,160 @@
+"""Training the priors that ship with the project (``models/priors/<name>/``).
+
+``scorerecon train-default ct-default --hours 2`` trains (or continues training) a bundled
+prior in the background-friendly way the CPU budget requires: the exact training state is
+checkpointed under ``runs/<name>/`` every few minutes and a run stopped by ``--hours``, by
+Ctrl-C or by a crash resumes from it; at every checkpoint the EMA weights, the card, the loss
+curve and a sample grid are refreshed, so the shipped prior is always the latest usable one.
+Where no checkpoint exists (a fresh clone) but the bundled prior does, training warm-starts
+from the bundled weights with a fresh optimiser, and the card's step count adds up.
+
+Training data (DESIGN.md, Data): CT uses the procedural phantoms of :mod:`models.phantoms`
+(thorax, abdomen and head; no real CT training set is reachable offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from models.io import HUMapping
+from models.nets.ncsnpp import build
+from models.phantoms import ct_phantoms
+from models.registry import BUNDLED, WEIGHTS, load_card
+from models.sde import VESDE, sigma_max_from_data
+from models.training import Cancelled, TrainConfig, fit_prior
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class PriorRecipe:
+    """What a bundled prior is trained on and how."""
+
+    name: str
+    image_size: int
+    n_train: int
+    preset: str
+    intensity: str
+    data: list[dict]
+
+    def training_data(self, seed: int) -> torch.Tensor:
+        if self.name == "ct-default":
+            return ct_phantoms(self.n_train, self.image_size, seed=seed, progress=True)
+        raise ValueError(f"no training data recipe for {self.name!r}")
+
+
+HU = HUMapping()
+RECIPES = {
+    "ct-default": PriorRecipe(
+        name="ct-default",
+        image_size=128,
+        n_train=20_000,
+        preset="small",
+        intensity=f"x = clip((HU - ({HU.hu_air:g})) / ({HU.hu_max:g} - ({HU.hu_air:g})), 0, 1)",
+        data=[
+            {
+                "source": "models/phantoms.py: ct_phantoms(kinds=thorax, abdomen, head)",
+                "files": "none (generated procedurally at training time, seed 0)",
+                "licence": "project code (same licence as scorerecon)",
+            }
+        ],
+    ),
+}
+
+
+def train_default(
+    name: str,
+    steps: int,
+    hours: float | None = None,
+    batch_size: int = 8,
+    lr: float = 2e-4,
+    checkpoint_every: int = 250,
+    runs: Path = ROOT / "runs",
+    out: Path = BUNDLED,
+    figures: Path = ROOT / "docs" / "models",
+) -> int:
+    """Train ``name`` until ``steps`` (total, this run's) or ``hours`` of wall time."""
+    recipe = RECIPES[name]
+    data = recipe.training_data(seed=0)
+    ckpt = runs / name / "checkpoint.safetensors"
+    model_dir = out / name
+    previous_steps = 0
+    if (model_dir / "card.json").exists():
+        card = load_card(model_dir)
+        sde = VESDE(card["sde"]["sigma_min"], card["sde"]["sigma_max"], card["sde"]["N"])
+        previous_steps = 0 if ckpt.exists() else card.get("total_steps", card["steps"])
+    else:
+        sde = VESDE(0.01, sigma_max_from_data(data))
+    net = build(recipe.preset, sde.sigma)
+    if not ckpt.exists() and (model_dir / WEIGHTS).exists():
+        net.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+        print(f"warm start from the bundled {name} ({previous_steps} steps)")
+    elif ckpt.exists():
+        previous_steps = int(load_card(model_dir).get("steps_before_run", 0))
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        checkpoint_every=checkpoint_every,
+        warmup=100 if previous_steps == 0 else 20,
+    )
+    card = {
+        "name": name,
+        "image_size": recipe.image_size,
+        "intensity": recipe.intensity,
+        "training_data": recipe.data,
+        "n_images": len(data),
+        "steps_before_run": previous_steps,
+        "sigma_max_rule": "NCSNv2 technique 1: max pairwise Euclidean distance of training data",
+    }
+    deadline = time.monotonic() + hours * 3600 if hours else None
+    bar = tqdm(total=steps, desc=f"train {name}", unit="step")
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4g}")
+        bar.refresh()
+
+    def cancel() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
+    try:
+        fit_prior(
+            data,
+            model_dir,
+            sde,
+            net,
+            cfg,
+            card,
+            checkpoint=ckpt,
+            figures=figures,
+            progress=progress,
+            cancel=cancel,
+        )
+    except Cancelled as exc:
+        print(f"stopped: {exc}; resume with the same command")
+    bar.close()
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train-default", help="train or continue a bundled default prior")
+    p.add_argument("name", choices=sorted(RECIPES))
+    p.add_argument("--steps", type=int, default=20_000, help="steps of this run (resumable)")
+    p.add_argument("--hours", type=float, default=None, help="stop after this wall time")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return train_default(args.name, args.steps, args.hours, args.batch_size)
