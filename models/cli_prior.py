@@ -16,7 +16,7 @@ from models.io import load_image, save_png
 from models.likelihood import bits_per_dim, log_likelihood
 from models.losses import OBJECTIVES
 from models.nets.ncsnpp import build
-from models.registry import load_model, score_fn_of
+from models.registry import load_model, score_fn_of, time_conditioned
 from models.sampling.registry import SAMPLERS, sample
 from models.sde import SDES, VESDE, sigma_max_from_data
 from models.training import TrainConfig, fit_prior
@@ -100,7 +100,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     res = sample(
         args.sampler,
         sde,
-        score_fn_of(net),
+        score_fn_of(net, sde),
         (args.n, 1, size, size),
         args.steps,
         generator=gen,
@@ -120,7 +120,7 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     data = load_folder(args.data, card["image_size"])
     gen = torch.Generator().manual_seed(args.seed)
     # The divergence needs gradients through the network, so no inference mode here.
-    logp = log_likelihood(sde, net.eval(), data, args.steps, generator=gen)
+    logp = log_likelihood(sde, time_conditioned(net.eval(), sde), data, args.steps, generator=gen)
     bpd = bits_per_dim(logp, data[0].numel())
     stderr = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
     print(json.dumps({"bits_per_dim": float(bpd.mean()), "stderr": stderr, "n": len(bpd)}))

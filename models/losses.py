@@ -117,7 +117,7 @@ def sliced_score_matching(
     return total / n_projections
 
 
-OBJECTIVES = ("dsm", "likelihood", "ssm", "ssm-vr")
+OBJECTIVES = ("dsm", "likelihood", "ssm", "ssm-vr", "ncsn")
 
 
 def objective_loss(
@@ -135,8 +135,16 @@ def objective_loss(
     :class:`ImportanceSampler` is given; ``ssm`` / ``ssm-vr``: sliced score matching of the
     perturbed marginal p_t (seed 001) with λ = σ²(t), Rademacher projections. The SSM losses
     equal DSM up to a constant independent of the network (seed 001, Eq. 4 vs. Eq. 8), so
-    curves are comparable in shape, not in level.
+    curves are comparable in shape, not in level. ``ncsn``: the multi-σ objective for a
+    noise-conditional network that carries its levels as ``score_fn.sigmas``.
     """
+    if objective == "ncsn":
+        sigmas = getattr(score_fn, "sigmas", None)
+        if sigmas is None:
+            raise ValueError(
+                "objective 'ncsn' needs a noise-conditional network (models.nets.ncsn)"
+            )
+        return ncsn_loss(score_fn, x0, sigmas, generator)
     if objective in ("dsm", "likelihood"):
         weighting = "sigma2" if objective == "dsm" else "likelihood"
         return dsm_loss(score_fn, sde, x0, weighting, importance, eps, generator)

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.losses import ncsn_sigmas
+from models.nets.ncsn import NCSN
 from models.nets.ncsnpp import NCSNpp, NetConfig
-from models.sde import SDE, SDES
+from models.sde import SDE, SDES, VESDE, ScoreFn
 
 WEIGHTS, CARD = "weights.safetensors", "card.json"
 BUNDLED = Path(__file__).resolve().parent / "priors"  # the default priors that ship
@@ -44,6 +46,21 @@ def sde_from_dict(d: dict) -> SDE:
     return SDES[params.pop("kind")](**params)
 
 
+def _architecture(net: NCSNpp | NCSN) -> dict:
+    if isinstance(net, NCSN):
+        return {"name": "ncsn", "n_sigmas": len(net.sigmas), **net.config.to_dict()}
+    return {"name": "ncsnpp", **net.config.to_dict()}
+
+
+def time_conditioned(net: NCSNpp | NCSN, sde: SDE) -> ScoreFn:
+    """The model as s(x, t) (differentiable): a noise-conditional NCSN is queried at σ(t)."""
+    if isinstance(net, NCSN):
+        if not isinstance(sde, VESDE):
+            raise ModelError("a noise-conditional NCSN pairs with a VE SDE only")
+        return lambda x, t: net(x, sde.sigma(t))
+    return net
+
+
 def save_model(directory: str | Path, net: NCSNpp, sde: SDE, card: dict) -> Path:
     """Write weights and card atomically (temporary names, then rename)."""
     directory = Path(directory)
@@ -53,7 +70,7 @@ def save_model(directory: str | Path, net: NCSNpp, sde: SDE, card: dict) -> Path
     save_file(state, str(tmp_w))
     full = {
         **card,
-        "architecture": {"name": "ncsnpp", **net.config.to_dict()},
+        "architecture": _architecture(net),
         "sde": sde_to_dict(sde),
         "weights_sha256": sha256_file(tmp_w),
     }
@@ -86,7 +103,7 @@ def load_card(directory: str | Path) -> dict:
     return json.loads((resolve(directory) / CARD).read_text())
 
 
-def load_model(directory: str | Path, device=None) -> tuple[NCSNpp, SDE, dict]:
+def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN, SDE, dict]:
     """Load a model (directory or bundled name), verifying the weights' sha256 against the card."""
     directory = resolve(directory)
     card = load_card(directory)
@@ -96,11 +113,15 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp, SDE, dict]:
     if sha256_file(wpath) != card.get("weights_sha256"):
         raise ModelError(f"{directory}: weights do not match the sha256 in {CARD}; re-export")
     sde = sde_from_dict(card["sde"])
-    arch = {k: v for k, v in card["architecture"].items() if k != "name"}
+    arch = {k: v for k, v in card["architecture"].items() if k not in ("name", "n_sigmas")}
     for key in ("channel_mult", "attention_levels"):
         arch[key] = tuple(arch[key])
-    sigma_fn = getattr(sde, "sigma", None) if arch.get("embedding") == "fourier" else None
-    net = NCSNpp(NetConfig(**arch), sigma_fn)
+    if card["architecture"].get("name") == "ncsn":
+        n = card["architecture"]["n_sigmas"]
+        net = NCSN(NetConfig(**arch), ncsn_sigmas(sde, n))
+    else:
+        sigma_fn = getattr(sde, "sigma", None) if arch.get("embedding") == "fourier" else None
+        net = NCSNpp(NetConfig(**arch), sigma_fn)
     net.load_state_dict(load_file(str(wpath), device="cpu"))
     net.eval()
     if device is not None:
@@ -108,19 +129,22 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp, SDE, dict]:
     return net, sde, card
 
 
-def score_fn_of(net: NCSNpp, channels_last: bool = True, bf16: bool = False):
+def score_fn_of(
+    net: NCSNpp | NCSN, sde: SDE | None = None, channels_last: bool = True, bf16: bool = False
+) -> ScoreFn:
     """The network as a score function s(x, t) for sampling: inference mode, optionally
     channels-last memory layout and bf16 autocast (faster on CPUs with AVX-512 BF16 / AMX,
-    and on GPUs); outputs are returned in float32.
+    and on GPUs); outputs are returned in float32. ``sde`` is needed for an NCSN.
     """
     net.eval()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    model = time_conditioned(net, sde) if sde is not None else net
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
-            return net(x, t).float().contiguous()
+            return model(x, t).float().contiguous()
 
     return score

@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from models.figures import grid, loss_curve
 from models.io import save_png
 from models.losses import ImportanceSampler, objective_loss
+from models.nets.ncsn import NCSN
 from models.nets.ncsnpp import NCSNpp
-from models.registry import save_model, score_fn_of
+from models.registry import save_model, score_fn_of, time_conditioned
 from models.sampling.registry import sample
 from models.sde import SDE
 
@@ -105,7 +106,7 @@ def load_checkpoint(path: Path, net, ema, opt) -> tuple[int, list]:
 
 
 def train(
-    net: NCSNpp,
+    net: NCSNpp | NCSN,
     sde: SDE,
     data: torch.Tensor,
     config: TrainConfig,
@@ -129,6 +130,8 @@ def train(
     if ckpt is not None and ckpt.exists():
         step, losses = load_checkpoint(ckpt, net, ema, opt)
     sampler = ImportanceSampler(sde) if config.importance_sampling else None
+    # The NCSN objective conditions on σ directly; every other objective on t.
+    model = net if config.objective == "ncsn" else time_conditioned(net, sde)
     net.train()
     running = 0.0
     while step < config.steps:
@@ -143,7 +146,7 @@ def train(
         batch = data[idx]
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-        loss = objective_loss(net, sde, batch, config.objective, sampler, generator=gen)
+        loss = objective_loss(model, sde, batch, config.objective, sampler, generator=gen)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}; lower lr")
@@ -178,7 +181,7 @@ def fit_prior(
     data: torch.Tensor,
     out: str | Path,
     sde: SDE,
-    net: NCSNpp,
+    net: NCSNpp | NCSN,
     config: TrainConfig,
     card: dict,
     resume: bool = True,
@@ -226,7 +229,12 @@ def fit_prior(
             size = card["image_size"]
             gen = torch.Generator().manual_seed(0)
             res = sample(
-                "pc", sde, score_fn_of(ema), (preview, 1, size, size), preview_steps, generator=gen
+                "pc",
+                sde,
+                score_fn_of(ema, sde),
+                (preview, 1, size, size),
+                preview_steps,
+                generator=gen,
             )
             save_png(figures / f"{name}_samples.png", grid(res.samples))
             ema.to(memory_format=torch.contiguous_format)
