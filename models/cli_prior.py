@@ -19,7 +19,7 @@ from models.nets.ncsnpp import build
 from models.registry import load_model, score_fn_of, time_conditioned
 from models.sampling.registry import SAMPLERS, sample
 from models.sde import SDES, VESDE, sigma_max_from_data
-from models.training import TrainConfig, fit_prior
+from models.training import TrainConfig, fit_prior, init_distributed
 
 IMAGE_SUFFIXES = {".npy", ".png", ".dcm", ".dicom"}
 
@@ -47,6 +47,7 @@ def _sde_for(kind: str, data: torch.Tensor):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    rank, world = init_distributed()  # data parallel when launched by torchrun
     data = load_folder(args.data, args.image_size)
     sde = _sde_for(args.sde, data)
     ve = args.sde == "ve"
@@ -71,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "training_data": str(args.data),
         "n_images": len(data),
     }
-    bar = tqdm(total=cfg.steps, desc="train", unit="step")
+    bar = tqdm(total=cfg.steps, desc="train", unit="step", disable=rank != 0)
 
     def progress(step: int, total: int, loss: float) -> None:
         bar.n = step
@@ -82,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         data, args.out, sde, net, cfg, card, args.resume, preview=args.preview, progress=progress
     )
     bar.close()
-    print(f"model written to {args.out}")
+    if rank == 0:
+        print(f"model written to {args.out} ({world} process{'es' if world > 1 else ''})")
     return 0
 
 

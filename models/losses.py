@@ -51,12 +51,16 @@ def dsm_loss(
     importance: ImportanceSampler | None = None,
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """Continuous-time DSM (Eq. 7.7): E_t λ(t) E ||s(x_t, t) − ∇ log p_{0t}(x_t | x_0)||² / 2.
 
     :param weighting: ``sigma2`` (λ = σ², the sample-quality default) or ``likelihood``
         (λ = g², which bounds the negative log-likelihood, ch. 9.4).
     :param importance: an :class:`ImportanceSampler` for ``likelihood`` weighting.
+    :param shard: ``(rank, world)``: t and z are drawn for the whole batch, then this process
+        keeps samples ``rank::world``, so data-parallel ranks together reproduce exactly the
+        loss one process computes on the whole batch.
     """
     b = x0.shape[0]
     if importance is not None:
@@ -66,6 +70,8 @@ def dsm_loss(
     else:
         t = torch.rand(b, generator=generator, device=x0.device) * (sde.T - eps) + eps
     z = torch.randn(x0.shape, generator=generator, device=x0.device)
+    rank, world = shard
+    x0, t, z = x0[rank::world], t[rank::world], z[rank::world]
     mean, std = sde.marginal_prob(x0, t)
     xt = mean + per_sample(std, x0) * z
     score = score_fn(xt, t)
@@ -128,6 +134,7 @@ def objective_loss(
     importance: ImportanceSampler | None = None,
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """The training loss by name, for a time-conditioned score network.
 
@@ -136,8 +143,11 @@ def objective_loss(
     perturbed marginal p_t (seed 001) with λ = σ²(t), Rademacher projections. The SSM losses
     equal DSM up to a constant independent of the network (seed 001, Eq. 4 vs. Eq. 8), so
     curves are comparable in shape, not in level. ``ncsn``: the multi-σ objective for a
-    noise-conditional network that carries its levels as ``score_fn.sigmas``.
+    noise-conditional network that carries its levels as ``score_fn.sigmas``. ``shard``
+    (data parallelism, see :func:`dsm_loss`) splits the batch after the noise is drawn.
     """
+    if shard[1] > 1 and objective not in ("dsm", "likelihood"):
+        x0 = x0[shard[0] :: shard[1]]  # SSM/NCSN noise is drawn per shard
     if objective == "ncsn":
         sigmas = getattr(score_fn, "sigmas", None)
         if sigmas is None:
@@ -147,7 +157,7 @@ def objective_loss(
         return ncsn_loss(score_fn, x0, sigmas, generator)
     if objective in ("dsm", "likelihood"):
         weighting = "sigma2" if objective == "dsm" else "likelihood"
-        return dsm_loss(score_fn, sde, x0, weighting, importance, eps, generator)
+        return dsm_loss(score_fn, sde, x0, weighting, importance, eps, generator, shard)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     b = x0.shape[0]

@@ -54,7 +54,7 @@ def _architecture(net: NCSNpp | NCSN) -> dict:
 
 def time_conditioned(net: NCSNpp | NCSN, sde: SDE) -> ScoreFn:
     """The model as s(x, t) (differentiable): a noise-conditional NCSN is queried at σ(t)."""
-    if isinstance(net, NCSN):
+    if isinstance(getattr(net, "module", net), NCSN):  # also through a DDP wrapper
         if not isinstance(sde, VESDE):
             raise ModelError("a noise-conditional NCSN pairs with a VE SDE only")
         return lambda x, t: net(x, sde.sigma(t))

@@ -64,6 +64,34 @@ class Cancelled(RuntimeError):
     """Training was asked to stop; the last checkpoint is kept."""
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside ``torch.distributed``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): NCCL on GPUs,
+    gloo on CPUs. Each rank keeps the same seed, so batches agree across ranks."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return distributed_rank()
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    return float(value)
+
+
 def ema_decay_at(step: int, decay: float) -> float:
     """EMA decay warm-up min(decay, (1 + n) / (10 + n)): early averages forget the random
     initialisation quickly instead of dragging it along for ~1/(1 − decay) steps."""
@@ -130,13 +158,22 @@ def train(
     if ckpt is not None and ckpt.exists():
         step, losses = load_checkpoint(ckpt, net, ema, opt)
     sampler = ImportanceSampler(sde) if config.importance_sampling else None
+    rank, world = distributed_rank()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must divide among {world} processes")
+    trained = net
+    if world > 1:
+        # Every rank draws the same global batch and noise, keeps its shard, and DDP
+        # averages the gradients: the update equals one process on the whole batch.
+        trained = torch.nn.parallel.DistributedDataParallel(net)
     # The NCSN objective conditions on σ directly; every other objective on t.
-    model = net if config.objective == "ncsn" else time_conditioned(net, sde)
+    model = trained if config.objective == "ncsn" else time_conditioned(trained, sde)
+    lead = rank == 0
     net.train()
     running = 0.0
     while step < config.steps:
         if cancel is not None and cancel():
-            if ckpt is not None:
+            if ckpt is not None and lead:
                 save_checkpoint(ckpt, net, ema, opt, step, losses)
                 if on_checkpoint is not None:
                     on_checkpoint(step, ema, losses)
@@ -146,8 +183,10 @@ def train(
         batch = data[idx]
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-        loss = objective_loss(model, sde, batch, config.objective, sampler, generator=gen)
-        value = float(loss.detach())
+        loss = objective_loss(
+            model, sde, batch, config.objective, sampler, generator=gen, shard=(rank, world)
+        )
+        value = _global_mean(loss.detach(), world)
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}; lower lr")
         opt.zero_grad(set_to_none=True)
@@ -165,9 +204,13 @@ def train(
             )
             losses.append((step, running / n))
             running = 0.0
-        if progress is not None:
+        if progress is not None and lead:
             progress(step, config.steps, value)
-        if ckpt is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+        if (
+            ckpt is not None
+            and lead
+            and (step % config.checkpoint_every == 0 or step == config.steps)
+        ):
             save_checkpoint(ckpt, net, ema, opt, step, losses)
             if on_checkpoint is not None:
                 on_checkpoint(step, ema, losses)
