@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.data import load_dataset, scan, to_unit
 from models.figures import grid
-from models.io import load_image, save_png
+from models.io import fit_square, save_png
 from models.likelihood import bits_per_dim, log_likelihood
 from models.losses import OBJECTIVES
 from models.nets.ncsnpp import build
@@ -21,23 +22,12 @@ from models.sampling.registry import SAMPLERS, sample
 from models.sde import SDES, VESDE, sigma_max_from_data
 from models.training import TrainConfig, fit_prior, init_distributed
 
-IMAGE_SUFFIXES = {".npy", ".png", ".dcm", ".dicom"}
 
-
-def load_folder(directory: str | Path, size: int) -> torch.Tensor:
-    """Every readable image in a folder, as ``(N, 1, size, size)``; unreadable files are skipped."""
-    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    images, skipped = [], 0
-    for f in files:
-        try:
-            images.append(load_image(f, size))
-        except (ValueError, OSError) as exc:
-            skipped += 1
-            print(f"skipped {f.name}: {exc}")
-    if not images:
-        raise ValueError(f"--data: no readable .npy/.png/.dcm images in '{directory}'")
-    print(f"{len(images)} images loaded, {skipped} skipped")
-    return torch.cat(images)
+def load_folder(directory: str | Path, size: int, axes: tuple[int, ...] = (0,)) -> torch.Tensor:
+    """Every slice of every volume in a folder (DICOM, NIfTI, NPY, PNG) as (N, 1, size, size)."""
+    ds = load_dataset(directory, size, axes, val_fraction=0.0)
+    print(ds.report.summary())
+    return ds.train
 
 
 def _sde_for(kind: str, data: torch.Tensor):
@@ -48,7 +38,12 @@ def _sde_for(kind: str, data: torch.Tensor):
 
 def cmd_train(args: argparse.Namespace) -> int:
     rank, world = init_distributed()  # data parallel when launched by torchrun
-    data = load_folder(args.data, args.image_size)
+    axes = tuple(int(a) for a in args.axes.split(","))
+    ds = load_dataset(args.data, args.image_size, axes, args.val_fraction, args.seed)
+    if rank == 0:
+        print(ds.report.summary())
+        print(f"{len(ds.train)} training / {len(ds.val)} validation slices")
+    data = ds.train
     sde = _sde_for(args.sde, data)
     ve = args.sde == "ve"
     net = build(
@@ -64,12 +59,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         importance_sampling=args.objective == "likelihood",
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        augment=args.augment,
     )
     card = {
         "name": Path(args.out).name,
         "image_size": args.image_size,
         "intensity": "[0, 1]; CT: (HU + 1000) / 4000",
-        "training_data": str(args.data),
+        "training_data": {
+            "directory": str(args.data),
+            "train_volumes": ds.train_volumes,
+            "validation_volumes": ds.val_volumes,
+            "skipped_files": len(ds.report.skipped),
+            "axes": list(axes),
+            "augmentation": args.augment,
+        },
         "n_images": len(data),
     }
     bar = tqdm(total=cfg.steps, desc="train", unit="step", disable=rank != 0)
@@ -129,7 +132,27 @@ def cmd_likelihood(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    report = scan(args.dir)
+    print(report.summary())
+    if report.volumes:
+        picks = []
+        for vol in report.volumes[:16]:
+            unit = to_unit(vol)
+            picks.append(fit_square(unit[len(unit) // 2].astype(np.float64), 128))
+        out = Path(args.montage)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_png(out, grid(np.stack(picks)))
+        print(f"montage of the middle slice of each volume: {out}")
+    return 0 if report.volumes else 1
+
+
 def add_commands(sub) -> None:
+    d = sub.add_parser("data", help="inspect training data").add_subparsers(dest="data_cmd")
+    di = d.add_parser("inspect", help="list the series/volumes in a folder and write a montage")
+    di.add_argument("dir")
+    di.add_argument("--montage", default="montage.png")
+    di.set_defaults(func=cmd_data_inspect)
     t = sub.add_parser("train", help="train a score prior on a folder of images")
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True, help="model directory to write")
@@ -142,6 +165,9 @@ def add_commands(sub) -> None:
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--preview", type=int, default=4, help="samples drawn at each checkpoint")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--axes", default="0", help="slice volumes along these axes, e.g. 0,1,2")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="volumes held out")
+    t.add_argument("--augment", action="store_true", help="flips, rotations, scalings, gain")
     t.add_argument("--sde", default="ve", choices=sorted(SDES))
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train)

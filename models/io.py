@@ -72,13 +72,19 @@ def load_image(
     if arr.ndim != 2:
         raise ValueError(f"image must be 2D, got shape {arr.shape} from '{path.name}'")
     if size is not None:
-        if arr.shape[0] != arr.shape[1]:
-            side = min(arr.shape)
-            r0, c0 = (arr.shape[0] - side) // 2, (arr.shape[1] - side) // 2
-            arr = arr[r0 : r0 + side, c0 : c0 + side]
-        if arr.shape != (size, size):
-            arr = np.clip(resize(arr, (size, size), anti_aliasing=True), 0, 1)
+        arr = fit_square(arr, size)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+
+
+def fit_square(arr: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop a 2-D [0, 1] image to a square, then resize (anti-aliased) to ``size``²."""
+    if arr.shape[0] != arr.shape[1]:
+        side = min(arr.shape)
+        r0, c0 = (arr.shape[0] - side) // 2, (arr.shape[1] - side) // 2
+        arr = arr[r0 : r0 + side, c0 : c0 + side]
+    if arr.shape != (size, size):
+        arr = np.clip(resize(arr, (size, size), anti_aliasing=True), 0, 1)
+    return arr
 
 
 def save_png(path: str | Path, image, vmin: float = 0.0, vmax: float = 1.0) -> None:

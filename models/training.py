@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.data import augment
 from models.figures import grid, loss_curve
 from models.io import save_png
 from models.losses import ImportanceSampler, objective_loss
@@ -45,7 +46,8 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    objective: str = "dsm"  # dsm | likelihood | ssm | ssm-vr (see losses.objective_loss)
+    objective: str = "dsm"  # dsm | likelihood | ssm | ssm-vr | ncsn (losses.objective_loss)
+    augment: bool = False  # flips, small rotations/scalings, intensity jitter (data.augment)
     importance_sampling: bool = False
     checkpoint_every: int = 200
     seed: int = 0
@@ -181,6 +183,8 @@ def train(
         gen.manual_seed(config.seed * 1_000_003 + step)
         idx = torch.randint(len(data), (config.batch_size,), generator=gen)
         batch = data[idx]
+        if config.augment:
+            batch = augment(batch, gen)
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
         loss = objective_loss(

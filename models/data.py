@@ -1,0 +1,355 @@
+"""Training data from hospital archives: DICOM series, NIfTI volumes, NPY and PNG stacks.
+
+A folder is scanned into :class:`Volume` objects (one per DICOM series, NIfTI file or NPY
+stack), each a ``(Z, H, W)`` array with its modality and voxel spacing. Volumes are split
+into training and validation sets *by volume* (never by slice, so neighbouring slices of one
+patient cannot leak across), sliced along a chosen axis, mapped to the model's [0, 1] range
+and fitted to the model size:
+
+- CT (DICOM Modality CT, or a NIfTI/NPY volume whose values reach below −500, i.e. HU):
+  HU from RescaleSlope/Intercept, then :class:`models.io.HUMapping`, x = (HU + 1000) / 4000.
+- MR and other magnitudes: divided by the volume's 99.5th percentile (of voxels above 1 % of
+  its maximum, so the background does not set the scale), clipped to [0, 1].
+- Images already in [0, 1] (NPY) are kept; other NPY/PNG ranges are min-max scaled.
+
+Unreadable or inconsistent files are skipped with a logged reason and counted in the
+:class:`ScanReport`; nothing in a folder makes the scan fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+
+from models.io import HUMapping, fit_square
+
+log = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MR_PERCENTILE = 99.5
+HU = HUMapping()
+
+
+@dataclass
+class Volume:
+    """One series or volume: ``data`` is (Z, H, W), HU for CT, raw magnitude otherwise."""
+
+    id: str
+    source: str
+    modality: str
+    data: np.ndarray
+    spacing: tuple[float, float, float]  # (z, y, x) in mm; nan where unknown
+    files: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        z, h, w = self.data.shape
+        sp = ", ".join("?" if math.isnan(s) else f"{s:.2f}" for s in self.spacing)
+        rng = f"{float(self.data.min()):.0f}..{float(self.data.max()):.0f}"
+        unit = "HU" if self.modality == "CT" else "a.u."
+        return (
+            f"{self.source:5s} {self.modality:2s} {z}x{h}x{w} spacing ({sp}) mm "
+            f"range {rng} {unit}  {self.id}"
+        )
+
+
+@dataclass
+class ScanReport:
+    volumes: list[Volume]
+    skipped: list[tuple[str, str]]  # (file, reason)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.volumes)} volume(s), {len(self.skipped)} file(s) skipped"]
+        lines += ["  " + v.describe() for v in self.volumes]
+        lines += [f"  skipped {f}: {why}" for f, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def scan(directory: str | Path) -> ScanReport:
+    """Every volume under ``directory`` (recursively), with the files that were skipped."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"--data: '{directory}' is not a directory")
+    volumes: list[Volume] = []
+    skipped: list[tuple[str, str]] = []
+    dicom_files: list[Path] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        suffix = path.suffix.lower()
+        try:
+            if _is_nifti(path):
+                volumes.append(read_nifti(path))
+            elif suffix == ".npy":
+                volumes.append(_read_npy(path))
+            elif suffix == ".png":
+                volumes.append(_read_png(path))
+            elif suffix in DICOM_SUFFIXES:
+                dicom_files.append(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, not fatal
+            skipped.append((str(path), f"{type(exc).__name__}: {exc}"))
+    series, bad = read_dicom_series(dicom_files)
+    volumes += series
+    skipped += bad
+    for f, why in skipped:
+        log.warning("skipped %s: %s", f, why)
+    return ScanReport(volumes, skipped)
+
+
+def _position(ds) -> float | None:
+    """Slice position along the normal of the image plane (for sorting a series)."""
+    pos, iop = (
+        getattr(ds, "ImagePositionPatient", None),
+        getattr(ds, "ImageOrientationPatient", None),
+    )
+    if pos is None or iop is None:
+        return None
+    normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
+    return float(np.dot(normal, np.array(pos, float)))
+
+
+def read_dicom_series(files: list[Path]) -> tuple[list[Volume], list[tuple[str, str]]]:
+    """Group DICOM files by SeriesInstanceUID, sort by position, convert to HU.
+
+    Files that are not DICOM, have no pixel data or no series UID, or whose size differs
+    from the rest of their series, are skipped with the reason. A missing RescaleSlope or
+    RescaleIntercept is taken as 1 or 0 (stored values are then HU).
+    """
+    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    skipped: list[tuple[str, str]] = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(str(path))
+        except Exception as exc:  # noqa: BLE001
+            skipped.append((str(path), f"not readable as DICOM ({type(exc).__name__})"))
+            continue
+        if "PixelData" not in ds:
+            skipped.append((str(path), "no pixel data"))
+            continue
+        uid = getattr(ds, "SeriesInstanceUID", None)
+        if not uid:
+            skipped.append((str(path), "no SeriesInstanceUID"))
+            continue
+        groups[str(uid)].append((path, ds))
+    volumes = []
+    for uid, members in groups.items():
+        shapes = [(int(ds.Rows), int(ds.Columns)) for _, ds in members]
+        common = max(set(shapes), key=shapes.count)
+        kept = []
+        for (path, ds), shape in zip(members, shapes, strict=True):
+            if shape != common:
+                skipped.append((str(path), f"size {shape} differs from its series' {common}"))
+            else:
+                kept.append((path, ds))
+        positions = [_position(ds) for _, ds in kept]
+        if all(p is not None for p in positions):
+            order = np.argsort(positions)
+        else:
+            order = np.argsort([int(getattr(ds, "InstanceNumber", 0) or 0) for _, ds in kept])
+        kept = [kept[i] for i in order]
+        slices, paths = [], []
+        for path, ds in kept:
+            try:
+                arr = ds.pixel_array.astype(np.float32)
+            except Exception as exc:  # noqa: BLE001 - e.g. a codec that is not installed
+                skipped.append((str(path), f"pixel data not decodable ({exc})"))
+                continue
+            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+            arr = arr * slope + intercept
+            slices.extend(arr if arr.ndim == 3 else [arr])
+            paths.append(str(path))
+        if not slices:
+            continue
+        first = kept[0][1]
+        pixel = [float(v) for v in getattr(first, "PixelSpacing", [math.nan, math.nan])]
+        ordered = sorted(p for p in positions if p is not None)
+        dz = (
+            float(np.median(np.diff(ordered)))
+            if len(ordered) > 1
+            else float(getattr(first, "SliceThickness", math.nan) or math.nan)
+        )
+        volumes.append(
+            Volume(
+                id=uid,
+                source="dicom",
+                modality=str(getattr(first, "Modality", "OT")),
+                data=np.stack(slices),
+                spacing=(dz, pixel[0], pixel[1]),
+                files=paths,
+            )
+        )
+    return volumes, skipped
+
+
+def _guess_modality(data: np.ndarray) -> str:
+    return "CT" if float(data.min()) < -500 else "MR"
+
+
+def read_nifti(path: str | Path) -> Volume:
+    """A NIfTI volume as (Z, Y, X) with the header's voxel sizes (nibabel)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    if data.ndim == 4:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3-D volume, got shape {data.shape}")
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    vol = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, :])  # (k, j, i), j up
+    return Volume(
+        str(path), "nifti", _guess_modality(vol), vol, (zooms[2], zooms[1], zooms[0]), [str(path)]
+    )
+
+
+def _read_npy(path: Path) -> Volume:
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"expected a real 2-D image or 3-D stack, got {arr.dtype} {arr.shape}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError("contains NaN or Inf")
+    modality = "CT" if float(arr.min()) < -500 else "OT"
+    nan = math.nan
+    return Volume(str(path), "npy", modality, arr, (nan, nan, nan), [str(path)])
+
+
+def _read_png(path: Path) -> Volume:
+    from PIL import Image
+
+    arr = np.asarray(Image.open(path).convert("L"), dtype=np.float32)[None]
+    nan = math.nan
+    return Volume(str(path), "png", "OT", arr, (nan, nan, nan), [str(path)])
+
+
+def to_unit(volume: Volume, hu: HUMapping = HU) -> np.ndarray:
+    """The volume in the model's [0, 1] range (see the module docstring for each modality)."""
+    data = volume.data
+    if volume.modality == "CT":
+        return hu.to_unit(data).astype(np.float32)
+    if volume.modality == "MR":
+        fg = data[data > 0.01 * float(data.max())]
+        scale = float(np.percentile(fg, MR_PERCENTILE)) if fg.size else 1.0
+        return np.clip(data / max(scale, 1e-12), 0, 1).astype(np.float32)
+    lo, hi = float(data.min()), float(data.max())
+    if lo >= 0 and hi <= 1:
+        return data.astype(np.float32)
+    return ((data - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+
+
+def slices(volume: np.ndarray, axis: int = 0) -> np.ndarray:
+    """2-D slices of a (Z, H, W) array along ``axis`` (0 axial, 1 coronal, 2 sagittal for
+    the usual orientation), displayed with the first remaining axis pointing up."""
+    if axis not in (0, 1, 2):
+        raise ValueError("axis must be 0, 1 or 2")
+    moved = np.moveaxis(volume, axis, 0)
+    return moved if axis == 0 else moved[:, ::-1, :]
+
+
+def split_by_volume(
+    volumes: list[Volume], val_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[Volume], list[Volume]]:
+    """Whole volumes go to validation (at least one when there are two or more)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError("val_fraction must be in [0, 1)")
+    ids = sorted(range(len(volumes)), key=lambda i: volumes[i].id)
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = 0 if len(volumes) < 2 else max(1, round(val_fraction * len(volumes)))
+    val_idx = {ids[p] for p in perm[:n_val]}
+    train = [v for i, v in enumerate(volumes) if i not in val_idx]
+    val = [v for i, v in enumerate(volumes) if i in val_idx]
+    return train, val
+
+
+def _to_tensor(
+    volumes: list[Volume], size: int, axes: tuple[int, ...], min_fg: float
+) -> torch.Tensor:
+    out = []
+    for vol in volumes:
+        unit = to_unit(vol)
+        for axis in axes:
+            if unit.shape[axis] < 1 or (axis and unit.shape[0] == 1):
+                continue  # a single 2-D image has no coronal/sagittal slices
+            for sl in slices(unit, axis):
+                if float((sl > 0.05).mean()) < min_fg:
+                    continue  # (almost) empty slice: the ends of a volume
+                out.append(fit_square(sl.astype(np.float64), size))
+    if not out:
+        return torch.empty(0, 1, size, size)
+    return torch.from_numpy(np.stack(out).astype(np.float32))[:, None]
+
+
+@dataclass
+class Dataset:
+    train: torch.Tensor  # (N, 1, size, size) in [0, 1]
+    val: torch.Tensor
+    report: ScanReport
+    train_volumes: list[str]
+    val_volumes: list[str]
+
+
+def load_dataset(
+    directory: str | Path,
+    size: int,
+    axes: tuple[int, ...] = (0,),
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    min_foreground: float = 0.02,
+) -> Dataset:
+    """Scan, split by volume, slice, normalise and resize: the training set of a folder."""
+    report = scan(directory)
+    if not report.volumes:
+        raise ValueError(
+            f"--data: no readable DICOM, NIfTI, NPY or PNG images in '{directory}' "
+            f"({len(report.skipped)} file(s) skipped)"
+        )
+    train, val = split_by_volume(report.volumes, val_fraction, seed)
+    return Dataset(
+        _to_tensor(train, size, axes, min_foreground),
+        _to_tensor(val, size, axes, min_foreground),
+        report,
+        [v.id for v in train],
+        [v.id for v in val],
+    )
+
+
+def augment(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    flip: bool = True,
+    max_rotation_deg: float = 10.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    intensity: float = 0.05,
+) -> torch.Tensor:
+    """Random left-right flips, small rotations and scalings (zero, i.e. air, outside), and a
+    multiplicative intensity jitter of ±``intensity``; one draw per image."""
+    b = x.shape[0]
+    u = torch.rand(b, 4, generator=generator)
+    angle = (2 * u[:, 0] - 1) * math.radians(max_rotation_deg)
+    s = scale[0] + (scale[1] - scale[0]) * u[:, 1]
+    sign = torch.where((u[:, 2] < 0.5) & flip, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack(
+        [
+            torch.stack([cos * sign, -sin, torch.zeros(b)], 1),
+            torch.stack([sin * sign, cos, torch.zeros(b)], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = 1 + intensity * (2 * u[:, 3] - 1)
+    return (out * gain[:, None, None, None]).clamp(0, 1)

@@ -1,0 +1,122 @@
+"""Training data: DICOM series assembly, HU mapping, NIfTI slicing, split by volume."""
+
+import random
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from models.data import augment, load_dataset, read_nifti, scan, slices, split_by_volume, to_unit
+from models.io import HUMapping
+
+
+def _write_series(folder, uid, n, intercept=-1024.0, rows=None, drop_rescale=False, tag=0):
+    """n slices of CT_small.dcm re-labelled as one series; slice k holds the value 100k + tag
+    (in HU) everywhere, at z = 2.5 k mm."""
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    names = []
+    for k in range(n):
+        ds = template.copy()
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = n - k  # deliberately disagrees with the geometric order
+        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        r = rows or ds.Rows
+        ds.Rows = r
+        hu = 100.0 * k + tag
+        if drop_rescale:
+            for keyword in ("RescaleSlope", "RescaleIntercept"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+            stored = hu
+        else:
+            ds.RescaleSlope, ds.RescaleIntercept = 1, intercept
+            stored = hu - intercept
+        ds.PixelData = np.full((r, ds.Columns), stored, dtype=np.int16).tobytes()
+        name = folder / f"{random.random():.12f}.dcm"  # shuffled file names
+        ds.save_as(name)
+        names.append(name)
+    return names
+
+
+def test_dicom_series_are_grouped_sorted_and_converted(tmp_path):
+    random.seed(0)
+    a, b = generate_uid(), generate_uid()
+    _write_series(tmp_path, a, 5)
+    _write_series(tmp_path, b, 3, drop_rescale=True, tag=7)
+    (tmp_path / "corrupt.dcm").write_bytes(b"\x00garbage" * 50)
+    _write_series(tmp_path, a, 1, rows=64)  # wrong size for series a
+    (tmp_path / "notes.txt").write_text("ignored")
+    report = scan(tmp_path)
+    by_uid = {v.id: v for v in report.volumes}
+    assert set(by_uid) == {a, b}
+    va = by_uid[a]
+    assert va.data.shape[0] == 5 and va.modality == "CT"
+    assert [float(s.mean()) for s in va.data] == [0.0, 100.0, 200.0, 300.0, 400.0]
+    assert va.spacing[0] == pytest.approx(2.5)
+    vb = by_uid[b]
+    assert [float(s.mean()) for s in vb.data] == [7.0, 107.0, 207.0]  # stored values are HU
+    reasons = " ".join(r for _, r in report.skipped)
+    assert len(report.skipped) == 2 and "not readable as DICOM" in reasons and "differs" in reasons
+    assert "corrupt.dcm" in report.summary()
+
+
+def test_hu_mapping_round_trip():
+    m = HUMapping()
+    hu = np.array([-1000.0, -500.0, 0.0, 40.0, 1000.0, 3000.0])
+    assert np.allclose(m.to_hu(m.to_unit(hu)), hu)
+    assert m.to_unit(np.array([-2000.0, 5000.0])).tolist() == [0.0, 1.0]
+
+
+def test_nifti_volumes_slice_along_each_axis(tmp_path):
+    vol = np.zeros((10, 12, 14), np.float32)  # (i, j, k)
+    vol[2:8, 3:9, 4:10] = 100.0
+    img = nib.Nifti1Image(vol, np.diag([1.0, 1.5, 2.0, 1.0]))
+    nib.save(img, tmp_path / "brain.nii.gz")
+    v = read_nifti(tmp_path / "brain.nii.gz")
+    assert v.data.shape == (14, 12, 10) and v.spacing == (2.0, 1.5, 1.0) and v.modality == "MR"
+    assert slices(v.data, 0).shape == (14, 12, 10)
+    assert slices(v.data, 1).shape == (12, 14, 10)
+    assert slices(v.data, 2).shape == (10, 14, 12)
+    unit = to_unit(v)
+    assert unit.max() == pytest.approx(1.0) and unit.min() == 0.0
+    ds = load_dataset(tmp_path, 16, axes=(0, 1, 2), val_fraction=0.0)
+    assert ds.train.shape[1:] == (1, 16, 16) and len(ds.train) == 6 + 6 + 6  # non-empty slices
+
+
+def test_split_is_by_volume_never_by_slice(tmp_path):
+    for i in range(10):
+        np.save(tmp_path / f"vol{i}.npy", np.full((4, 8, 8), i / 10, np.float32))
+    ds = load_dataset(tmp_path, 8, val_fraction=0.2, seed=3, min_foreground=0.0)
+    assert len(ds.val_volumes) == 2 and not set(ds.val_volumes) & set(ds.train_volumes)
+    val_values = {round(float(x.mean()), 3) for x in ds.val}
+    train_values = {round(float(x.mean()), 3) for x in ds.train}
+    assert not val_values & train_values
+    assert len(ds.val) == 8 and len(ds.train) == 32
+    report = scan(tmp_path)
+    again = split_by_volume(report.volumes, 0.2, seed=3)[1]
+    assert [v.id for v in again] == ds.val_volumes
+
+
+def test_bad_files_are_skipped_not_fatal(tmp_path):
+    np.save(tmp_path / "nan.npy", np.array([[np.nan, 1.0]]))
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ValueError, match="no readable"):
+        load_dataset(tmp_path, 16)
+    assert len(scan(tmp_path).skipped) == 3
+
+
+def test_augment_keeps_range_and_shape():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 8:24, 8:24] = 0.5
+    y = augment(x, g)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert not torch.equal(x, y)
+    assert float(y.sum()) == pytest.approx(float(x.sum()), rel=0.3)
