@@ -7,7 +7,9 @@
 - ``ancestral``: ancestral-sampling predictor + Langevin corrector;
 - ``ode``: probability-flow ODE, Heun steps; ``ode-rk45``: adaptive RK45 to a tolerance;
 - ``ald``: annealed Langevin dynamics (NCSN) on the VE noise scales, a time-conditioned
-  network serving as s(x, σ) through t(σ).
+  network serving as s(x, σ) through t(σ);
+- ``fast``: the DDIM-type Tweedie sampler of :mod:`models.sampling.ddim` (1 NFE per step),
+  whose hook ``project(x0, t)`` acts on the clean estimate instead.
 
 Every sampler takes the same ``consistency(x, t)`` hook (the data-consistency step of the
 inverse solver) except the ODE ones, whose deterministic flow it would break.
@@ -21,10 +23,11 @@ import torch
 
 from models.losses import ncsn_sigmas
 from models.sampling.ald import annealed_langevin
+from models.sampling.ddim import Project, tweedie_sampler
 from models.sampling.pc import Consistency, Progress, SampleResult, ode_sampler, pc_sampler
 from models.sde import SDE, VESDE, ScoreFn
 
-SAMPLERS = ("pc", "em", "ancestral", "ode", "ode-rk45", "ald")
+SAMPLERS = ("pc", "em", "ancestral", "ode", "ode-rk45", "ald", "fast")
 
 
 def sample(
@@ -39,12 +42,21 @@ def sample(
     device=None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    project: Project | None = None,
+    eta: float = 0.0,
 ) -> SampleResult:
     """Draw ``shape[0]`` samples with the named sampler; ``n_steps`` is its step count
-    (noise levels for ALD, ignored by ``ode-rk45``)."""
+    (noise levels for ALD, ignored by ``ode-rk45``). ``project`` and ``eta`` are the fast
+    sampler's clean-estimate hook and stochasticity."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
     common = {"generator": generator, "device": device, "progress": progress}
+    if name == "fast":
+        if consistency is not None:
+            raise ValueError("sampler 'fast' takes a project(x0, t) hook, not consistency")
+        return tweedie_sampler(
+            sde, score_fn, shape, n_steps, eta, project=project, cancel=cancel, **common
+        )
     if name in ("pc", "em", "ancestral"):
         predictor = {"pc": "reverse_diffusion", "em": "euler_maruyama", "ancestral": "ancestral"}
         return pc_sampler(
