@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import default_priors
+from models import cli_recon, default_priors
 from models.baselines import METHODS, reconstruct_baseline
 from models.cli_prior import add_commands
-from models.io import load_image, save_png
+from models.io import load_image, load_measurement, save_png
 from models.metrics import data_residual, psnr, ssim
 from models.physics import SpecError, from_spec, parse_spec
 
@@ -52,15 +52,7 @@ def baseline(args: argparse.Namespace) -> int:
     """Measurement + spec → reconstruction NPY, preview PNG and report.json."""
     spec = _read_spec(args.spec)
     op = from_spec(spec)
-    y = torch.from_numpy(np.load(args.input, allow_pickle=False))
-    expected = op.measurement_shape()
-    if y.ndim == len(expected):
-        y = y[None]
-    if tuple(y.shape[1:]) != expected:
-        raise SpecError(
-            f"--input: measurement shape {tuple(y.shape[1:])} does not match the spec, "
-            f"which expects {expected}"
-        )
+    y = load_measurement(args.input, op)
     start = time.perf_counter()
     x = reconstruct_baseline(op, y, args.method)
     seconds = time.perf_counter() - start
@@ -103,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reference", help="reference image .npy for PSNR/SSIM")
     b.set_defaults(func=baseline)
     add_commands(sub)
+    cli_recon.add_commands(sub)
     default_priors.add_commands(sub)
     return parser
 

@@ -262,12 +262,15 @@ def slices(volume: np.ndarray, axis: int = 0) -> np.ndarray:
 def split_by_volume(
     volumes: list[Volume], val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[Volume], list[Volume]]:
-    """Whole volumes go to validation (at least one when there are two or more)."""
+    """Whole volumes go to validation (at least one when there are two or more and
+    ``val_fraction`` > 0)."""
     if not 0 <= val_fraction < 1:
         raise ValueError("val_fraction must be in [0, 1)")
     ids = sorted(range(len(volumes)), key=lambda i: volumes[i].id)
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = 0 if len(volumes) < 2 else max(1, round(val_fraction * len(volumes)))
+    n_val = (
+        0 if len(volumes) < 2 or val_fraction == 0 else max(1, round(val_fraction * len(volumes)))
+    )
     val_idx = {ids[p] for p in perm[:n_val]}
     train = [v for i, v in enumerate(volumes) if i not in val_idx]
     val = [v for i, v in enumerate(volumes) if i in val_idx]

@@ -87,6 +87,27 @@ def fit_square(arr: np.ndarray, size: int) -> np.ndarray:
     return arr
 
 
+def load_measurement(path: str | Path, operator) -> torch.Tensor:
+    """A measurement ``.npy`` as (B, *shape), checked against the operator's shape."""
+    from models.physics.spec import SpecError
+
+    try:
+        y = torch.from_numpy(np.load(path, allow_pickle=False))
+    except ValueError as exc:
+        raise SpecError(f"--input: '{path}' is not a plain .npy array ({exc})") from None
+    expected = operator.measurement_shape()
+    if y.ndim == len(expected):
+        y = y[None]
+    if tuple(y.shape[1:]) != expected:
+        raise SpecError(
+            f"--input: measurement shape {tuple(y.shape[1:])} does not match the spec, "
+            f"which expects {expected}"
+        )
+    if not bool(torch.isfinite(y).all()):
+        raise SpecError("--input: the measurement contains NaN or Inf values")
+    return y
+
+
 def save_png(path: str | Path, image, vmin: float = 0.0, vmax: float = 1.0) -> None:
     """Write a 2D image (tensor or array) as an 8-bit greyscale PNG with the given window."""
     arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)

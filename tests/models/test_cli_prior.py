@@ -36,8 +36,10 @@ def test_train_sample_likelihood_end_to_end(tmp_path, capsys):
         == 0
     )
     card = json.loads((model / "card.json").read_text())
-    assert card["n_images"] == 6 and card["steps"] == 4 and card["sde"]["kind"] == "ve"
-    assert "skipped broken.npy" in capsys.readouterr().out
+    assert card["n_images"] == 5 and card["steps"] == 4 and card["sde"]["kind"] == "ve"
+    assert len(card["training_data"]["validation_volumes"]) == 1  # split by volume
+    out = capsys.readouterr().out
+    assert "skipped" in out and "broken.npy" in out and "pickled" in out
     for sampler in ("pc", "ode", "ald"):
         grid = tmp_path / f"{sampler}.png"
         assert (
