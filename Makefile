@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,test]'
+	$(PY) -m pip install -e '.[dev,test,priors]'
 	touch $(STAMP)
 
 demo: setup
@@ -23,6 +23,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/operators.py
 	$(PY) benchmarks/baselines.py
+	$(PY) benchmarks/training.py
 
 clean:
 	rm -rf $(VENV) out

@@ -9,28 +9,85 @@ Where no checkpoint exists (a fresh clone) but the bundled prior does, training 
 from the bundled weights with a fresh optimiser, and the card's step count adds up.
 
 Training data (DESIGN.md, Data): CT uses the procedural phantoms of :mod:`models.phantoms`
-(thorax, abdomen and head; no real CT training set is reachable offline).
+(thorax, abdomen and head; no real CT training set is reachable offline); MRI uses the
+MNI152 T1 template that nilearn ships, sliced along all three axes and augmented, mixed
+with MRI phantoms. Each recipe also names its validation data (never trained on).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models.io import HUMapping
 from models.nets.ncsnpp import build
-from models.phantoms import ct_phantoms
+from models.phantoms import ct_phantoms, mri_phantoms
 from models.registry import BUNDLED, WEIGHTS, load_card
 from models.sde import VESDE, sigma_max_from_data
 from models.training import Cancelled, TrainConfig, fit_prior
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ct_data(n: int, size: int, split: str) -> torch.Tensor:
+    # Training phantoms come from seed 0; validation from seed 1, so no slice is shared.
+    return ct_phantoms(n, size, seed=0 if split == "train" else 1, progress=split == "train")
+
+
+MNI_SLAB = (0.45, 0.55)  # held-out fraction of each axis for validation, with a guard gap
+MNI_GAP = 0.03
+
+
+def mni152_slices(size: int, split: str) -> torch.Tensor:
+    """Slices of nilearn's MNI152 T1 template (1 mm, skull-stripped) along all three axes.
+
+    One template cannot be split by volume, so validation is the central slab
+    ``MNI_SLAB`` of each axis and training keeps only slices at least ``MNI_GAP`` of the
+    axis away from it (no neighbouring slices on both sides of the split).
+    """
+    import nilearn
+    from nilearn.datasets import load_mni152_template
+
+    from models.data import Volume, slices, to_unit
+    from models.io import fit_square
+
+    img = load_mni152_template(resolution=1)
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    vol = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, :])
+    unit = to_unit(Volume(f"nilearn {nilearn.__version__} MNI152", "nifti", "MR", vol, (1, 1, 1)))
+    out = []
+    for axis in range(3):
+        stack = slices(unit, axis)
+        n = len(stack)
+        lo, hi = int(MNI_SLAB[0] * n), int(MNI_SLAB[1] * n)
+        gap = int(MNI_GAP * n)
+        for i, sl in enumerate(stack):
+            held = lo <= i < hi
+            near = lo - gap <= i < hi + gap
+            if (split == "val") != held or (split == "train" and near):
+                continue
+            if float((sl > 0.05).mean()) < 0.05:
+                continue
+            out.append(fit_square(np.ascontiguousarray(sl, dtype=np.float64), size))
+    return torch.from_numpy(np.stack(out).astype(np.float32))[:, None]
+
+
+def _mri_data(n: int, size: int, split: str) -> torch.Tensor:
+    """MNI152 slices (repeated to half of the set; augmentation varies them) + MRI phantoms."""
+    mni = mni152_slices(size, split)
+    if split == "val":
+        return torch.cat([mni, mri_phantoms(len(mni), size, seed=1)])
+    reps = max(1, (n // 2) // len(mni))
+    phantoms = mri_phantoms(n - reps * len(mni), size, seed=0, progress=True)
+    return torch.cat([mni.repeat(reps, 1, 1, 1), phantoms])
 
 
 @dataclass(frozen=True)
@@ -43,11 +100,12 @@ class PriorRecipe:
     preset: str
     intensity: str
     data: list[dict]
+    make_data: Callable[[int, int, str], torch.Tensor]
+    augment: bool = False
 
-    def training_data(self, seed: int) -> torch.Tensor:
-        if self.name == "ct-default":
-            return ct_phantoms(self.n_train, self.image_size, seed=seed, progress=True)
-        raise ValueError(f"no training data recipe for {self.name!r}")
+    def training_data(self, split: str = "train") -> torch.Tensor:
+        n = self.n_train if split == "train" else 256
+        return self.make_data(n, self.image_size, split)
 
 
 HU = HUMapping()
@@ -61,10 +119,36 @@ RECIPES = {
         data=[
             {
                 "source": "models/phantoms.py: ct_phantoms(kinds=thorax, abdomen, head)",
-                "files": "none (generated procedurally at training time, seed 0)",
+                "files": "none (generated procedurally at training time; train seed 0, "
+                "validation seed 1)",
                 "licence": "project code (same licence as scorerecon)",
             }
         ],
+        make_data=_ct_data,
+    ),
+    "mri-default": PriorRecipe(
+        name="mri-default",
+        image_size=128,
+        n_train=12_000,
+        preset="small",
+        intensity="magnitude / 99.5th percentile of the volume's foreground, clipped to [0, 1]",
+        data=[
+            {
+                "source": "nilearn.datasets.load_mni152_template(resolution=1), sliced along "
+                "all three axes, central 10 % slab of each axis held out for validation",
+                "files": "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                "licence": "MNI ICBM 2009a template, (c) 1993-2009 Louis Collins, McConnell "
+                "Brain Imaging Centre, MNI, McGill University: use, copy, modify and distribute "
+                "with the copyright notice (as redistributed by nilearn, BSD-3-Clause)",
+            },
+            {
+                "source": "models/phantoms.py: mri_phantoms(contrast=mixed), T1/T2-like brains",
+                "files": "none (generated procedurally; train seed 0, validation seed 1)",
+                "licence": "project code (same licence as scorerecon)",
+            },
+        ],
+        make_data=_mri_data,
+        augment=True,
     ),
 }
 
@@ -82,7 +166,7 @@ def train_default(
 ) -> int:
     """Train ``name`` until ``steps`` (total, this run's) or ``hours`` of wall time."""
     recipe = RECIPES[name]
-    data = recipe.training_data(seed=0)
+    data = recipe.training_data("train")
     ckpt = runs / name / "checkpoint.safetensors"
     model_dir = out / name
     previous_steps = 0
@@ -104,6 +188,7 @@ def train_default(
         lr=lr,
         checkpoint_every=checkpoint_every,
         warmup=100 if previous_steps == 0 else 20,
+        augment=recipe.augment,
     )
     card = {
         "name": name,
