@@ -72,7 +72,58 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.data import load_dataset
+    from models.evaluate import evaluate, figures, table
+    from models.phantoms import ct_phantoms, mri_phantoms
+
+    prior = Prior.load(args.model, bf16=args.bf16) if args.model else None
+    size = prior.image_size if prior else args.image_size
+    if args.data:
+        images = load_dataset(args.data, size, val_fraction=0.0).train
+    elif args.task.startswith("ct"):
+        images = ct_phantoms(args.n, size, seed=args.phantom_seed)
+    else:
+        images = mri_phantoms(args.n, size, seed=args.phantom_seed)
+    images = images[: args.n]
+    levels = [int(v) for v in (args.views if args.task.startswith("ct") else args.accel).split(",")]
+    methods = args.methods.split(",")
+    rows, examples = evaluate(
+        images, args.task, levels, methods, prior, args.nfe, args.samples, args.seed, args.noise_std
+    )
+    out = Path(args.out)
+    source = args.data or f"{len(images)} phantoms (seed {args.phantom_seed})"
+    title = f"{args.task} on {source}, model {prior.name if prior else '-'}"
+    paths = figures(rows, examples, images, args.task, out, title)
+    md = f"# {title}\n\n{table(rows, args.task)}\n\n" + "".join(
+        f"![{p.stem}]({p.name})\n\n" for p in paths
+    )
+    (out / f"{args.task}.md").write_text(md)
+    (out / f"{args.task}.json").write_text(json.dumps(rows, indent=2))
+    print(md)
+    return 0
+
+
 def add_commands(sub) -> None:
+    e = sub.add_parser("evaluate", help="compare score-based and classical reconstructions")
+    e.add_argument("--model", help="bundled prior name or model directory")
+    e.add_argument("--data", help="folder of images (default: held-out phantoms)")
+    e.add_argument(
+        "--task", default="ct-sparse", choices=("ct-sparse", "ct-fan", "mri", "mri-random")
+    )
+    e.add_argument("--views", default="10,20,23,45")
+    e.add_argument("--accel", default="4,8,24")
+    e.add_argument("--methods", default="fbp,fista-tv,score-pc,score-fast")
+    e.add_argument("--n", type=int, default=8, help="images to evaluate")
+    e.add_argument("--nfe", type=int, default=200)
+    e.add_argument("--samples", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--noise-std", type=float, default=0.0)
+    e.add_argument("--image-size", type=int, default=128, help="without --model")
+    e.add_argument("--phantom-seed", type=int, default=1, help="1: never trained on")
+    e.add_argument("--bf16", action="store_true")
+    e.add_argument("--out", default="out/evaluate")
+    e.set_defaults(func=cmd_evaluate)
     r = sub.add_parser("reconstruct", help="score-based reconstruction of a measurement")
     r.add_argument("--input", required=True, help="measurement .npy")
     r.add_argument("--spec", required=True, help="measurement spec JSON file")

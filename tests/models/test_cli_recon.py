@@ -85,3 +85,43 @@ def test_reconstruct_explains_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and ("image_size 64 differs" in err or "does not match" in err)
     assert main(base + ["--input", str(tmp_path / "bad.npy"), "--model", "nope"]) == 2
+
+
+def test_evaluate_writes_table_and_figures(tmp_path, capsys):
+    model = _model(tmp_path)
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--model",
+        str(model),
+        "--task",
+        "ct-sparse",
+        "--views",
+        "8,16",
+        "--methods",
+        "fbp,score-fast",
+        "--n",
+        "2",
+        "--nfe",
+        "6",
+        "--samples",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    rows = json.loads((out / "ct-sparse.json").read_text())
+    assert {(r["method"], r["level"]) for r in rows} == {
+        ("fbp", 8),
+        ("fbp", 16),
+        ("score-fast", 8),
+        ("score-fast", 16),
+    }
+    fbp8 = next(r for r in rows if r["method"] == "fbp" and r["level"] == 8)
+    fbp16 = next(r for r in rows if r["method"] == "fbp" and r["level"] == 16)
+    assert fbp16["psnr"] > fbp8["psnr"] and fbp8["n"] == 2
+    assert "coverage_2std" in next(r for r in rows if r["method"] == "score-fast")
+    assert (out / "ct-sparse_examples.png").exists() and (out / "ct-sparse_quality.png").exists()
+    assert "| fbp | 8 |" in (out / "ct-sparse.md").read_text()
+    assert main(args[:-2] + ["--methods", "magic", "--out", str(out)]) == 2
+    assert "method 'magic'" in capsys.readouterr().err
