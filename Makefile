@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,test,priors]'
+	$(PY) -m pip install -e '.[dev,test,priors,tune]'
 	touch $(STAMP)
 
 demo: setup

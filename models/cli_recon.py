@@ -17,6 +17,7 @@ from models.io import load_measurement, save_png
 from models.metrics import psnr, ssim
 from models.physics import from_spec, parse_spec
 from models.physics.mri import MRIOperator, MultiCoilMRIOperator
+from models.tuning import tuned_key
 
 
 def _baseline_name(op) -> str:
@@ -29,7 +30,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     y = load_measurement(args.input, op)
     prior = Prior.load(args.model, bf16=args.bf16)
     config = ReconConfig(sampler=args.sampler, method=args.method)
-    tuned = prior.card.get("tuned", {}).get(f"{spec.modality}-{args.sampler}", {})
+    tuned = prior.card.get("tuned", {}).get(tuned_key(spec.modality, args.sampler), {})
     for key in ("lam", "snr"):
         value = getattr(args, key)
         setattr(config, key, value if value is not None else tuned.get(key, getattr(config, key)))
@@ -104,7 +105,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from models.evaluate import task_spec
+    from models.phantoms import ct_phantoms, mri_phantoms
+    from models.registry import update_card
+    from models.tuning import tune
+
+    prior = Prior.load(args.model)
+    make = ct_phantoms if args.task.startswith("ct") else mri_phantoms
+    images = make(args.n, prior.image_size, seed=args.phantom_seed)
+    spec = task_spec(args.task, args.level, prior.image_size)
+    best = tune(prior, images, spec, args.sampler, args.nfe, args.trials, args.seed)
+    key = tuned_key(spec["modality"], args.sampler)
+    tuned = {**prior.card.get("tuned", {}), key: best}
+    path = update_card(args.model, {"tuned": tuned})
+    print(json.dumps({"key": key, **best, "card": str(path)}))
+    return 0
+
+
 def add_commands(sub) -> None:
+    t = sub.add_parser("tune", help="tune λ and r by Bayesian optimisation; saved in the card")
+    t.add_argument("--model", required=True)
+    t.add_argument(
+        "--task", default="ct-sparse", choices=("ct-sparse", "ct-fan", "mri", "mri-random")
+    )
+    t.add_argument("--level", type=int, default=23, help="views (CT) or acceleration (MRI)")
+    t.add_argument("--sampler", default="pc", choices=RECON_SAMPLERS)
+    t.add_argument("--trials", type=int, default=20)
+    t.add_argument("--n", type=int, default=4, help="validation images")
+    t.add_argument("--nfe", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--phantom-seed", type=int, default=2, help="validation phantoms (not 0)")
+    t.set_defaults(func=cmd_tune)
     e = sub.add_parser("evaluate", help="compare score-based and classical reconstructions")
     e.add_argument("--model", help="bundled prior name or model directory")
     e.add_argument("--data", help="folder of images (default: held-out phantoms)")

@@ -99,6 +99,16 @@ def resolve(model: str | Path) -> Path:
     )
 
 
+def update_card(model: str | Path, updates: dict) -> Path:
+    """Merge ``updates`` into a model's card (atomically); the weights are untouched."""
+    directory = resolve(model)
+    card = {**load_card(directory), **updates}
+    tmp = directory / (CARD + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2, default=list))
+    tmp.replace(directory / CARD)
+    return directory
+
+
 def load_card(directory: str | Path) -> dict:
     return json.loads((resolve(directory) / CARD).read_text())
 

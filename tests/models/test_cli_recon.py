@@ -125,3 +125,57 @@ def test_evaluate_writes_table_and_figures(tmp_path, capsys):
     assert "| fbp | 8 |" in (out / "ct-sparse.md").read_text()
     assert main(args[:-2] + ["--methods", "magic", "--out", str(out)]) == 2
     assert "method 'magic'" in capsys.readouterr().err
+
+
+def test_tune_writes_best_values_into_the_card_and_reconstruct_uses_them(tmp_path, capsys):
+    model = _model(tmp_path)
+    args = [
+        "tune",
+        "--model",
+        str(model),
+        "--task",
+        "ct-sparse",
+        "--level",
+        "8",
+        "--sampler",
+        "fast",
+        "--trials",
+        "3",
+        "--n",
+        "1",
+        "--nfe",
+        "4",
+    ]
+    assert main(args) == 0
+    card = json.loads((model / "card.json").read_text())
+    best = card["tuned"]["ct-fast"]
+    assert 0.05 <= best["lam"] <= 1.0 and best["trials"] == 3 and -1 <= best["ssim"] <= 1
+    from models.registry import load_model
+
+    load_model(model)  # the card changed, the weights (and their sha256) did not
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"modality": "ct", "image_size": 32, "n_views": 8}))
+    np.save(tmp_path / "y.npy", np.zeros((1, 8, 48), np.float32))
+    out = tmp_path / "r"
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--input",
+                str(tmp_path / "y.npy"),
+                "--spec",
+                str(spec),
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--sampler",
+                "fast",
+                "--nfe",
+                "3",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["provenance"]["config.lam"] == best["lam"]
