@@ -60,6 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         augment=args.augment,
+        bf16=args.bf16,
     )
     card = {
         "name": Path(args.out).name,
@@ -168,6 +169,7 @@ def add_commands(sub) -> None:
     t.add_argument("--axes", default="0", help="slice volumes along these axes, e.g. 0,1,2")
     t.add_argument("--val-fraction", type=float, default=0.1, help="volumes held out")
     t.add_argument("--augment", action="store_true", help="flips, rotations, scalings, gain")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (weights stay fp32)")
     t.add_argument("--sde", default="ve", choices=sorted(SDES))
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train)

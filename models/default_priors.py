@@ -160,6 +160,7 @@ def train_default(
     batch_size: int = 8,
     lr: float = 2e-4,
     checkpoint_every: int = 250,
+    bf16: bool = False,
     runs: Path = ROOT / "runs",
     out: Path = BUNDLED,
     figures: Path = ROOT / "docs" / "models",
@@ -189,6 +190,7 @@ def train_default(
         checkpoint_every=checkpoint_every,
         warmup=100 if previous_steps == 0 else 20,
         augment=recipe.augment,
+        bf16=bf16,
     )
     card = {
         "name": name,
@@ -236,10 +238,11 @@ def add_commands(sub) -> None:
     p.add_argument("--hours", type=float, default=None, help="stop after this wall time")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (~1.8x faster on CPU)")
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return train_default(args.name, args.steps, args.hours, args.batch_size)
+    return train_default(args.name, args.steps, args.hours, args.batch_size, bf16=args.bf16)

@@ -48,6 +48,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     objective: str = "dsm"  # dsm | likelihood | ssm | ssm-vr | ncsn (losses.objective_loss)
     augment: bool = False  # flips, small rotations/scalings, intensity jitter (data.augment)
+    bf16: bool = False  # bf16 autocast for forward/backward; weights and Adam stay fp32
     importance_sampling: bool = False
     checkpoint_every: int = 200
     seed: int = 0
@@ -187,9 +188,10 @@ def train(
             batch = augment(batch, gen)
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
-        loss = objective_loss(
-            model, sde, batch, config.objective, sampler, generator=gen, shard=(rank, world)
-        )
+        with torch.autocast(batch.device.type, torch.bfloat16, enabled=config.bf16):
+            loss = objective_loss(
+                model, sde, batch, config.objective, sampler, generator=gen, shard=(rank, world)
+            ).float()
         value = _global_mean(loss.detach(), world)
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}; lower lr")
