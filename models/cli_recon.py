@@ -16,6 +16,7 @@ from models.inverse import METHODS, RECON_SAMPLERS, Prior, ReconConfig, reconstr
 from models.io import load_measurement, save_png
 from models.metrics import psnr, ssim
 from models.physics import from_spec, parse_spec
+from models.physics.ct import remove_metal_trace
 from models.physics.mri import MRIOperator, MultiCoilMRIOperator
 from models.tuning import tuned_key
 
@@ -28,6 +29,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     spec = parse_spec(Path(args.spec).read_bytes())
     op = from_spec(spec)
     y = load_measurement(args.input, op)
+    base = reconstruct_baseline(op, y, _baseline_name(op))
+    metal = None
+    if spec.metal_threshold_hu is not None or args.metal_mask:
+        given = torch.from_numpy(np.load(args.metal_mask)).bool() if args.metal_mask else None
+        op, y, metal = remove_metal_trace(op, y, given, spec.metal_threshold_hu)
     prior = Prior.load(args.model, bf16=args.bf16)
     config = ReconConfig(sampler=args.sampler, method=args.method)
     tuned = prior.card.get("tuned", {}).get(tuned_key(spec.modality, args.sampler), {})
@@ -43,9 +49,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     rec = reconstruct(op, y, prior, config, args.samples, args.seed, spec.noise_std, progress)
     bar.close()
-    base = reconstruct_baseline(op, y, _baseline_name(op))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if metal is not None:
+        np.save(out / "metal_mask.npy", metal.numpy())
     np.save(out / "recon.npy", rec.mean.numpy())
     np.save(out / "std.npy", rec.std.numpy())
     std_scale = max(float(rec.std.max()), 1e-6)
@@ -170,4 +177,5 @@ def add_commands(sub) -> None:
     r.add_argument("--snr", type=float, help="corrector signal-to-noise ratio r")
     r.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
     r.add_argument("--reference", help="reference image .npy for PSNR/SSIM")
+    r.add_argument("--metal-mask", help="boolean image .npy: metal artifact removal")
     r.set_defaults(func=cmd_reconstruct)

@@ -323,6 +323,36 @@ def default_detectors(image_size: int, beam: str, geometry: dict) -> int:
     return int(math.ceil(width / spacing)) + 2
 
 
+def remove_metal_trace(
+    op: CTOperator,
+    y: torch.Tensor,
+    metal: torch.Tensor | None = None,
+    threshold_hu: float | None = None,
+) -> tuple[CTOperator, torch.Tensor, torch.Tensor]:
+    """Metal artifact removal as an inverse problem: drop the metal trace from the data.
+
+    ``y`` is a measurement of ``op`` (whose rows are all measured). The metal mask is given,
+    or found by thresholding the FBP of ``y`` at ``threshold_hu`` (HU, with the model's map
+    x = (HU + 1000) / 4000) and dilating by one pixel for partial volume; one mask serves
+    the whole batch (their union). Returns the operator that measures only the bins whose
+    rays miss the metal, those bins of ``y``, and the mask.
+    """
+    if op.measured_rows() is None or len(op.measured_rows()) != len(op.geometry.angles):
+        raise ValueError("metal trace removal needs a fully sampled sinogram (every view)")
+    full = op.pad(y)
+    if metal is None:
+        if threshold_hu is None:
+            raise ValueError("give a metal mask or metal_threshold_hu")
+        unit = (threshold_hu + 1000.0) / 4000.0
+        x = op.fbp(full)
+        found = (x > unit).any(dim=0, keepdim=True).float()
+        metal = torch.nn.functional.max_pool2d(found, 3, stride=1, padding=1)[0, 0] > 0
+    if tuple(metal.shape) != (op.image_size, op.image_size):
+        raise ValueError(f"metal mask must be {op.image_size}x{op.image_size}")
+    mar = metal_trace_operator(op, metal.bool())
+    return mar, mar.subsample(full), metal.bool()
+
+
 def metal_trace_operator(base: CTOperator, metal: torch.Tensor) -> CTOperator:
     """Metal artifact removal: Λ drops every bin whose ray crosses the metal mask.
 

@@ -76,6 +76,13 @@ class MeasurementSpec(BaseModel):
     pixel_size: float = Field(1.0, gt=0)
     source_distance: float | None = Field(None, gt=0)
     detector_distance: float | None = Field(None, ge=0)
+    metal_threshold_hu: float | None = Field(
+        None,
+        gt=0,
+        le=30000,
+        description="metal artifact removal: drop the bins whose rays cross pixels above this "
+        "HU in the FBP of the data (needs every view measured)",
+    )
     # MRI
     mask: MaskSpec | None = None
     coils: int | None = Field(None, ge=1, le=64)
@@ -85,6 +92,9 @@ class MeasurementSpec(BaseModel):
         if self.modality == "ct":
             if self.mask is not None or self.coils is not None:
                 raise ValueError("mask and coils apply to modality 'mri' only; remove them")
+            sparse = self.n_full_views is not None and self.n_full_views != self.n_views
+            if self.metal_threshold_hu is not None and sparse:
+                raise ValueError("metal_threshold_hu needs every view measured: drop n_full_views")
             if self.n_views is None and self.angles is None:
                 raise ValueError("CT needs n_views (e.g. 23) or angles (list of radians)")
             if self.angles is not None and len(self.angles) == 0:
@@ -109,6 +119,8 @@ class MeasurementSpec(BaseModel):
                 raise ValueError(f"mask.lines must be in [0, {self.image_size - 1}]")
             if self.n_views is not None or self.angles is not None:
                 raise ValueError("n_views and angles apply to modality 'ct' only; remove them")
+            if self.metal_threshold_hu is not None:
+                raise ValueError("metal_threshold_hu applies to modality 'ct' only; remove it")
         return self
 
 
@@ -143,10 +155,10 @@ def _ct(spec: MeasurementSpec) -> CTOperator:
         extra["source_distance"] = spec.source_distance
         extra["detector_distance"] = spec.detector_distance
     if spec.angles is None:
+        # Metal trace removal works on a fully measured sinogram: T's angles are the views.
+        full = spec.n_views if spec.metal_threshold_hu is not None else spec.n_full_views
         try:
-            return sparse_view(
-                spec.image_size, spec.n_views, spec.geometry, spec.n_full_views, **extra
-            )
+            return sparse_view(spec.image_size, spec.n_views, spec.geometry, full, **extra)
         except ValueError as exc:
             raise SpecError(f"n_full_views: {exc}") from None
     # Explicit angles: T runs on the union of a dense uniform set and the given angles.

@@ -119,3 +119,23 @@ def test_fbp_scales_with_physical_units(smooth_image, pixel_size, spacing):
         rec = op.fbp(op.T(smooth_image))
         assert float(rec.sum() / smooth_image.sum()) == pytest.approx(1.0, abs=0.01)
         assert (rec - smooth_image).norm() / smooth_image.norm() < 0.2
+
+
+def test_metal_trace_is_found_by_threshold_and_removed_from_the_data():
+    from models.physics import from_spec
+    from models.physics.ct import remove_metal_trace
+
+    op = from_spec({"modality": "ct", "image_size": 64, "n_views": 90, "metal_threshold_hu": 2500})
+    assert op.measured_rows() is not None and len(op.measured_rows()) == 90
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    body = (((xx - 31.5) / 26) ** 2 + ((yy - 31.5) / 20) ** 2 < 1).float() * 0.26
+    disk = (xx - 40) ** 2 + (yy - 30) ** 2 < 9
+    with_metal = torch.where(disk, torch.tensor(1.0), body)[None, None]
+    y = op.forward(with_metal)
+    mar, y_kept, mask = remove_metal_trace(op, y, threshold_hu=2500)
+    assert mask[disk].float().mean() > 0.95 and mask.sum() < 3 * disk.sum()
+    # The kept bins never see the metal: they are the data of the metal-free body.
+    assert torch.allclose(mar.forward(body[None, None]), y_kept, atol=1e-3)
+    assert y_kept.numel() < y.numel()
+    with pytest.raises(ValueError, match="fully sampled"):
+        remove_metal_trace(from_spec({"modality": "ct", "image_size": 64, "n_views": 10}), y)
