@@ -130,3 +130,34 @@ def test_comparison_methods_run_and_fit_the_data():
     ):
         rec = reconstruct(op, y, _prior(sde), cfg, n_samples=64, seed=0)
         assert rec.residual[0] < 0.05, (cfg.method, rec.residual)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {
+            "modality": "ct",
+            "image_size": 32,
+            "n_views": 12,
+            "geometry": "fan",
+            "source_distance": 60,
+            "detector_distance": 40,
+        },
+        {
+            "modality": "mri",
+            "image_size": 32,
+            "coils": 4,
+            "mask": {"kind": "equispaced", "acceleration": 4},
+        },
+    ],
+)
+def test_operators_without_exact_inverse_use_least_squares(spec):
+    op = from_spec(spec)
+    y = op.forward(torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    sde = VESDE(0.01, 5.0, N=10)
+    rec = reconstruct(op, y, _prior(sde, 32), ReconConfig(n_steps=10))
+    assert rec.provenance["method"] == "cg"
+    assert rec.residual[0] < 1e-2
+    if not op.has_decomposition:  # multi-coil: the proximal step is refused with the fix
+        with pytest.raises(ValueError, match="needs an operator A = P.*use 'cg'"):
+            reconstruct(op, y, _prior(sde, 32), ReconConfig(n_steps=2, method="proximal"))
