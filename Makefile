@@ -23,7 +23,10 @@ test: setup
 bench: setup
 	$(PY) benchmarks/operators.py
 	$(PY) benchmarks/baselines.py
+	$(PY) benchmarks/phantoms.py
 	$(PY) benchmarks/training.py
+	$(PY) benchmarks/priors.py
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) out

@@ -70,7 +70,9 @@ def page(name: str, n: int, steps: int) -> str:
         f"- training: {steps_total} steps in total ({card.get('steps')} in the last run, "
         f"{card.get('wall_time_s_this_run')} s wall time), objective {card.get('objective')}, "
         f"batch {card.get('train_config', {}).get('batch_size')}, final loss "
-        f"{card.get('final_loss'):.4g}" if card.get("final_loss") is not None else "",
+        f"{card.get('final_loss'):.4g}"
+        if card.get("final_loss") is not None
+        else "",
         f"- weights sha256 `{card['weights_sha256']}`",
         "",
         "## Training data",
