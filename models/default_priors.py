@@ -170,19 +170,21 @@ def train_default(
     data = recipe.training_data("train")
     ckpt = runs / name / "checkpoint.safetensors"
     model_dir = out / name
-    previous_steps = 0
+    previous_steps, previous_wall = 0, 0.0
     if (model_dir / "card.json").exists():
         card = load_card(model_dir)
         sde = VESDE(card["sde"]["sigma_min"], card["sde"]["sigma_max"], card["sde"]["N"])
-        previous_steps = 0 if ckpt.exists() else card.get("total_steps", card["steps"])
+        previous_wall = float(card.get("wall_time_s_total", card.get("wall_time_s_this_run", 0)))
+        # Resuming this lineage, steps continue from the checkpoint; without one (a fresh
+        # clone) training warm-starts from the shipped weights and counts on from them.
+        key = "steps_before_run" if ckpt.exists() else "total_steps"
+        previous_steps = int(card.get(key, 0))
     else:
         sde = VESDE(0.01, sigma_max_from_data(data))
     net = build(recipe.preset, sde.sigma)
     if not ckpt.exists() and (model_dir / WEIGHTS).exists():
         net.load_state_dict(load_file(str(model_dir / WEIGHTS)))
         print(f"warm start from the bundled {name} ({previous_steps} steps)")
-    elif ckpt.exists():
-        previous_steps = int(load_card(model_dir).get("steps_before_run", 0))
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -199,6 +201,7 @@ def train_default(
         "training_data": recipe.data,
         "n_images": len(data),
         "steps_before_run": previous_steps,
+        "wall_time_s_before_run": previous_wall,
         "sigma_max_rule": "NCSNv2 technique 1: max pairwise Euclidean distance of training data",
     }
     deadline = time.monotonic() + hours * 3600 if hours else None

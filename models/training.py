@@ -269,6 +269,9 @@ def fit_prior(
             "loss_curve": losses,
             "weights": "ema",
             "wall_time_s_this_run": round(time.monotonic() - start, 1),
+            "wall_time_s_total": round(
+                card.get("wall_time_s_before_run", 0.0) + time.monotonic() - start, 1
+            ),
             "loss_curve_png": str(figures / f"{name}_loss.png"),
             "sample_grid_png": str(figures / f"{name}_samples.png"),
         }
