@@ -115,6 +115,12 @@ METHODS: dict[str, Callable[[LinearOperator, torch.Tensor], torch.Tensor]] = {
 }
 
 
+def baseline_name(op: LinearOperator) -> str:
+    """The classical reconstruction shown beside a score-based one: zero-filled for MRI,
+    FBP for CT."""
+    return "zero-filled" if isinstance(op, MRIOperator | MultiCoilMRIOperator) else "fbp"
+
+
 def reconstruct_baseline(op: LinearOperator, y: torch.Tensor, method: str) -> torch.Tensor:
     """Run a classical method by name (see ``METHODS``) on measurements ``y``."""
     if method not in METHODS:

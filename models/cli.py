@@ -76,7 +76,9 @@ def baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extensions=()) -> argparse.ArgumentParser:
+    """The ``scorerecon`` parser; ``extensions`` add commands from outside the core
+    (the gateway's ``serve`` and ``keys``) without the core importing them."""
     parser = argparse.ArgumentParser(prog="scorerecon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("simulate", help="simulate a measurement from an image and a spec")
@@ -97,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     cli_recon.add_commands(sub)
     default_priors.add_commands(sub)
+    for extend in extensions:
+        extend(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extensions=()) -> int:
+    args = build_parser(extensions).parse_args(argv)
     try:
         return args.func(args)
     except (SpecError, ValueError, OSError, KeyError) as exc:

@@ -10,26 +10,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.baselines import reconstruct_baseline
-from models.figures import grid
+from models.baselines import baseline_name, reconstruct_baseline
+from models.figures import preview
 from models.inverse import METHODS, RECON_SAMPLERS, Prior, ReconConfig, reconstruct, steps_for_nfe
 from models.io import load_measurement, save_png
 from models.metrics import psnr, ssim
 from models.physics import from_spec, parse_spec
 from models.physics.ct import remove_metal_trace
-from models.physics.mri import MRIOperator, MultiCoilMRIOperator
 from models.tuning import tuned_key
-
-
-def _baseline_name(op) -> str:
-    return "zero-filled" if isinstance(op, MRIOperator | MultiCoilMRIOperator) else "fbp"
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     spec = parse_spec(Path(args.spec).read_bytes())
     op = from_spec(spec)
     y = load_measurement(args.input, op)
-    base = reconstruct_baseline(op, y, _baseline_name(op))
+    base = reconstruct_baseline(op, y, baseline_name(op))
     metal = None
     if spec.metal_threshold_hu is not None or args.metal_mask:
         given = torch.from_numpy(np.load(args.metal_mask)).bool() if args.metal_mask else None
@@ -55,16 +50,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         np.save(out / "metal_mask.npy", metal.numpy())
     np.save(out / "recon.npy", rec.mean.numpy())
     np.save(out / "std.npy", rec.std.numpy())
-    std_scale = max(float(rec.std.max()), 1e-6)
-    panels = [rec.mean[0, 0], rec.std[0, 0] / std_scale, base[0, 0].clamp(0, 1)]
-    save_png(out / "preview.png", grid(torch.stack(panels)[:, None], cols=3))
+    image, std_scale = preview(rec.mean[0], rec.std[0], base[0])
+    save_png(out / "preview.png", image)
     report = {
         "nfe": rec.nfe,
         "seconds": round(rec.seconds, 3),
         "residual": rec.residual,
         "provenance": {**rec.provenance, "spec": spec.model_dump(exclude_none=True)},
         "preview": "reconstruction | posterior std (scaled to its max "
-        f"{std_scale:.4g}) | {_baseline_name(op)}",
+        f"{std_scale:.4g}) | {baseline_name(op)}",
     }
     if args.reference:
         ref = torch.from_numpy(np.load(args.reference, allow_pickle=False)).float()

@@ -54,3 +54,13 @@ def loss_curve(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def preview(
+    mean: torch.Tensor, std: torch.Tensor, baseline: torch.Tensor
+) -> tuple[np.ndarray, float]:
+    """Reconstruction | posterior std (scaled to its maximum) | classical baseline, for one
+    slice; returns the image and the std scale."""
+    scale = max(float(std.max()), 1e-6)
+    panels = torch.stack([mean.squeeze(), std.squeeze() / scale, baseline.squeeze().clamp(0, 1)])
+    return grid(panels[:, None], cols=3), scale

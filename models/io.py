@@ -113,7 +113,7 @@ def save_png(path: str | Path, image, vmin: float = 0.0, vmax: float = 1.0) -> N
     arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     arr = np.abs(arr.squeeze()) if np.iscomplexobj(arr) else arr.squeeze()
     scaled = np.clip((arr - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    Image.fromarray((scaled * 255).round().astype(np.uint8)).save(path)
+    Image.fromarray((scaled * 255).round().astype(np.uint8)).save(path, format="PNG")
 
 
 def bundled_image() -> Path:

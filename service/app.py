@@ -1,0 +1,485 @@
+"""The FastAPI gateway: ``create_app(settings)``.
+
+A thin layer: it authenticates, validates a request with the core's own spec and operator
+(``models.physics``) and registry, stores the measurement, records the job, and hands the
+job id to the executor. Every refusal is an RFC 7807 ``application/problem+json`` body
+naming the field and the fix; nothing stored changes on a refused request.
+"""
+
+import hashlib
+import io
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from models.physics import SpecError, from_spec, parse_spec
+from models.registry import ModelError, bundled_models, load_card
+from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
+from service.db import FINAL, STATES, AuditEntry, Job, JobStore, new_id
+from service.executor import make_executor
+from service.migrate import upgrade
+from service.results import LocalResultStore
+from service.settings import Settings
+
+SAMPLERS = ("pc", "em", "ald", "fast")
+
+
+class Problem(Exception):
+    """An HTTP error rendered as problem+json."""
+
+    def __init__(self, status: int, title: str, detail: str, field: str | None = None, **extra):
+        self.status, self.title, self.detail, self.field, self.extra = (
+            status,
+            title,
+            detail,
+            field,
+            extra,
+        )
+
+    def response(self) -> JSONResponse:
+        body = {"type": "about:blank", "title": self.title, "status": self.status}
+        body["detail"] = self.detail
+        if self.field:
+            body["field"] = self.field
+        headers = {}
+        if "retry_after" in self.extra:
+            headers["Retry-After"] = str(self.extra["retry_after"])
+        return JSONResponse(
+            body, self.status, headers=headers, media_type="application/problem+json"
+        )
+
+
+class RateLimiter:
+    """A sliding one-minute window per key (per gateway process)."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self.hits: dict[str, deque] = defaultdict(deque)
+        self.lock = threading.Lock()
+
+    def check(self, key_id: str) -> None:
+        t = time.monotonic()
+        with self.lock:
+            q = self.hits[key_id]
+            while q and t - q[0] > 60:
+                q.popleft()
+            if len(q) >= self.per_minute:
+                raise Problem(
+                    429,
+                    "Too many requests",
+                    f"more than {self.per_minute} requests per minute with this key",
+                    retry_after=int(60 - (t - q[0])) + 1,
+                )
+            q.append(t)
+
+
+def job_json(job: Job) -> dict:
+    base = f"/v1/jobs/{job.id}"
+    links = {"self": base, "cancel": base}
+    if job.state == "succeeded":
+        links |= {f"result_{f}": f"{base}/result?format={f}" for f in ("npy", "png", "json")}
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "state": job.state,
+        "progress": {
+            "step": job.progress_step,
+            "total": job.progress_total,
+            "phase": job.phase,
+            "fraction": job.progress_step / job.progress_total if job.progress_total else 0.0,
+        },
+        "attempts": job.attempts,
+        "error": job.error,
+        "model": job.model,
+        "params": job.params,
+        "spec": job.spec,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "links": links,
+    }
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = (settings or Settings()).prepare()
+    upgrade(settings.db_url)
+    jobs = JobStore(settings.db_url)
+    results = LocalResultStore(settings.results)
+    executor = make_executor(settings, jobs, results)
+    limiter = RateLimiter(settings.rate_limit_per_minute)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        executor.shutdown()
+
+    app = FastAPI(
+        title="scorerecon",
+        version="0.1.0",
+        description="Score-based reconstruction of sparse-view CT and undersampled MRI.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.jobs, app.state.results = settings, jobs, results
+    app.state.executor = executor
+
+    @app.exception_handler(Problem)
+    async def _problem(_: Request, exc: Problem) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "header"))
+        return Problem(422, "Invalid request", f"{field}: {err['msg']}", field).response()
+
+    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <API key>'")
+        found = authenticate(jobs, authorization.removeprefix("Bearer ").strip())
+        if found is None:
+            raise Problem(401, "Unauthorized", "the API key is unknown or revoked")
+        limiter.check(found.key_id)
+        return found
+
+    def scope(name: str):
+        def check(p: Annotated[Principal, Depends(principal)]) -> Principal:
+            if name not in p.scopes and not p.is_admin:
+                jobs.audit("denied", f"missing scope {name}", p.key_id, p.owner)
+                raise Problem(403, "Forbidden", f"this key lacks the scope '{name}'")
+            return p
+
+        return check
+
+    def own_job(job_id: str, p: Principal) -> Job:
+        job = jobs.get(job_id) if len(job_id) == 32 else None
+        if job is None or (job.owner != p.owner and not p.is_admin):
+            raise Problem(404, "Not found", f"no job {job_id} for this key")
+        return job
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        checks = {}
+        for name, fn in (("database", jobs.ping), ("executor", executor.ping)):
+            try:
+                checks[name] = bool(fn())
+            except Exception as exc:  # noqa: BLE001 - report, never crash the probe
+                checks[name] = f"unreachable ({type(exc).__name__})"
+        ok = all(v is True for v in checks.values())
+        return JSONResponse({"ready": ok, "checks": checks}, 200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"])
+    def metrics() -> Response:
+        lines = ["# TYPE scorerecon_jobs gauge"]
+        lines += [f'scorerecon_jobs{{state="{s}"}} {n}' for s, n in jobs.count_by_state().items()]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/reconstructions", status_code=202, tags=["reconstructions"])
+    def submit(
+        p: Annotated[Principal, Depends(scope("recon:submit"))],
+        measurement: Annotated[UploadFile, File(description=".npy array (complex for k-space)")],
+        spec: Annotated[
+            str,
+            Form(
+                description="measurement spec JSON, e.g. "
+                '{"modality": "ct", "image_size": 128, "n_views": 23}'
+            ),
+        ],
+        model: Annotated[str, Form()] = "ct-default",
+        sampler: Annotated[str, Form()] = "pc",
+        nfe: Annotated[int, Form(ge=2, le=5000)] = 200,
+        samples: Annotated[int, Form(ge=1, le=64)] = 1,
+        seed: Annotated[int, Form(ge=0)] = 0,
+        idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    ) -> JSONResponse:
+        try:
+            parsed = parse_spec(spec)
+        except SpecError as exc:
+            raise Problem(422, "Invalid spec", str(exc), "spec") from None
+        if sampler not in SAMPLERS:
+            raise Problem(
+                422, "Invalid sampler", f"sampler must be one of {', '.join(SAMPLERS)}", "sampler"
+            )
+        raw = _read_limited(measurement, settings.max_upload_mb)
+        y = _parse_measurement(raw, parsed)
+        _check_model(model, parsed.image_size, settings)
+        queued = jobs.count_by_state()["queued"]
+        if queued >= settings.max_queue:
+            raise Problem(
+                429, "Queue full", f"{queued} jobs are queued; try again later", retry_after=30
+            )
+        params = {"sampler": sampler, "nfe": nfe, "samples": samples, "seed": seed}
+        digest = hashlib.sha256(
+            raw + json.dumps([parsed.model_dump(), model, params], sort_keys=True).encode()
+        ).hexdigest()
+        if idempotency_key:
+            with jobs.sessions() as s:
+                prior = s.scalars(
+                    select(Job).where(Job.owner == p.owner, Job.idempotency_key == idempotency_key)
+                ).first()
+            if prior is not None:
+                if prior.request_hash != digest:
+                    raise Problem(
+                        409,
+                        "Idempotency key reused",
+                        "this Idempotency-Key was used with a different request",
+                        "Idempotency-Key",
+                    )
+                return JSONResponse(
+                    job_json(prior), 200, headers={"Location": f"/v1/jobs/{prior.id}"}
+                )
+        job_id = new_id()
+        buf = io.BytesIO()
+        np.save(buf, y.numpy(), allow_pickle=False)
+        results.put(job_id, "measurement.npy", buf.getvalue())
+        job = Job(
+            id=job_id,
+            kind="reconstruction",
+            owner=p.owner,
+            spec=parsed.model_dump(exclude_none=True),
+            params=params,
+            model=model,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            result_keys=[],
+        )
+        try:
+            with jobs.session() as s:
+                s.add(job)
+        except IntegrityError:
+            results.delete(job_id)
+            raise Problem(
+                409,
+                "Idempotency key reused",
+                "a concurrent request used this Idempotency-Key",
+                "Idempotency-Key",
+            ) from None
+        jobs.audit("submit", "queued", p.key_id, p.owner, job_id)
+        body = job_json(jobs.get(job_id))  # as queued: the worker may claim it at once
+        executor.enqueue(job_id, "reconstruction")
+        return JSONResponse(body, 202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    def get_job(job_id: str, p: Annotated[Principal, Depends(scope("recon:read"))]) -> dict:
+        return job_json(own_job(job_id, p))
+
+    @app.get("/v1/jobs", tags=["jobs"])
+    def list_jobs(
+        p: Annotated[Principal, Depends(scope("recon:read"))],
+        state: Annotated[str | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict:
+        if state is not None and state not in STATES:
+            raise Problem(
+                422, "Invalid state", f"state must be one of {', '.join(STATES)}", "state"
+            )
+        q = select(Job)
+        if not p.is_admin:
+            q = q.where(Job.owner == p.owner)
+        if state:
+            q = q.where(Job.state == state)
+        with jobs.sessions() as s:
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            rows = s.scalars(
+                q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+            ).all()
+        nxt = offset + limit if offset + limit < total else None
+        return {"items": [job_json(j) for j in rows], "total": total, "next_offset": nxt}
+
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"])
+    def cancel_job(job_id: str, p: Annotated[Principal, Depends(scope("recon:submit"))]) -> dict:
+        job = own_job(job_id, p)
+        if job.state in FINAL:
+            raise Problem(409, "Already finished", f"job {job_id} is {job.state}")
+        jobs.set_fields(job_id, cancel_requested=True)
+        jobs.transition(job_id, ["queued"], "cancelled", phase="cancelled")
+        jobs.audit("cancel", "requested", p.key_id, p.owner, job_id)
+        return job_json(jobs.get(job_id))
+
+    @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
+    def result(
+        job_id: str,
+        p: Annotated[Principal, Depends(scope("recon:read"))],
+        format: Annotated[str, Query(pattern="^(npy|png|json)$")] = "npy",
+    ) -> Response:
+        job = own_job(job_id, p)
+        if job.state != "succeeded":
+            raise Problem(409, "No result", f"job {job_id} is {job.state}; poll until 'succeeded'")
+        name, media = {
+            "npy": ("recon.npy", "application/octet-stream"),
+            "png": ("preview.png", "image/png"),
+            "json": ("report.json", "application/json"),
+        }[format]
+        return Response(
+            results.get(job_id, name),
+            media_type=media,
+            headers={"Content-Disposition": f'attachment; filename="{job_id}-{name}"'},
+        )
+
+    @app.get("/v1/models", tags=["models"])
+    def models(_: Annotated[Principal, Depends(principal)]) -> dict:
+        return {"items": [_model_summary(n, settings) for n in _model_names(settings)]}
+
+    @app.get("/v1/models/{name}", tags=["models"])
+    def model_card(name: str, _: Annotated[Principal, Depends(principal)]) -> dict:
+        if name not in _model_names(settings):
+            raise Problem(404, "Not found", f"no model '{name}'; see GET /v1/models")
+        card = load_card(_model_path(name, settings))
+        return {k: v for k, v in card.items() if k != "loss_curve"}
+
+    @app.post("/v1/admin/api-keys", status_code=201, tags=["admin"])
+    def new_key(
+        p: Annotated[Principal, Depends(scope("admin"))],
+        body: dict,
+    ) -> dict:
+        try:
+            key_id, key = create_key(jobs, list(body.get("scopes", [])), str(body.get("owner", "")))
+        except ValueError as exc:
+            raise Problem(422, "Invalid key request", str(exc), "scopes") from None
+        jobs.audit("create-key", key_id, p.key_id, p.owner)
+        return {"id": key_id, "key": key, "note": "shown once; store it now"}
+
+    @app.delete("/v1/admin/api-keys/{key_id}", tags=["admin"])
+    def delete_key(key_id: str, p: Annotated[Principal, Depends(scope("admin"))]) -> dict:
+        if not revoke_key(jobs, key_id):
+            raise Problem(404, "Not found", f"no active key {key_id}")
+        jobs.audit("revoke-key", key_id, p.key_id, p.owner)
+        return {"id": key_id, "revoked": True}
+
+    @app.get("/v1/admin/api-keys", tags=["admin"])
+    def keys(_: Annotated[Principal, Depends(scope("admin"))]) -> dict:
+        return {"items": list_keys(jobs)}
+
+    @app.get("/v1/admin/audit", tags=["admin"])
+    def audit(
+        _: Annotated[Principal, Depends(scope("admin"))],
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict:
+        with jobs.sessions() as s:
+            rows = s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)).all()
+        return {
+            "items": [
+                {
+                    "at": r.at.isoformat(),
+                    "key_id": r.key_id,
+                    "owner": r.owner,
+                    "action": r.action,
+                    "job_id": r.job_id,
+                    "outcome": r.outcome,
+                }
+                for r in rows
+            ]
+        }
+
+    return app
+
+
+def _read_limited(upload: UploadFile, max_mb: float) -> bytes:
+    limit = int(max_mb * 1024 * 1024)
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise Problem(
+            413, "Measurement too large", f"the upload exceeds {max_mb:g} MB", "measurement"
+        )
+    return data
+
+
+def _parse_measurement(raw: bytes, spec) -> torch.Tensor:
+    """The uploaded .npy checked against the spec's operator: shape, dtype, finiteness."""
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception:  # noqa: BLE001 - any unreadable upload is the client's to fix
+        raise Problem(
+            422,
+            "Invalid measurement",
+            "measurement must be a .npy array (numpy.save), without pickled objects",
+            "measurement",
+        ) from None
+    if not (
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.complexfloating)
+        or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise Problem(
+            422, "Invalid measurement", f"dtype {arr.dtype} is not numeric", "measurement"
+        )
+    op = from_spec(spec)
+    expected = op.measurement_shape()
+    complex_expected = spec.modality == "mri"
+    if complex_expected and not np.iscomplexobj(arr) and arr.ndim >= 1 and arr.shape[-1] == 2:
+        arr = arr[..., 0] + 1j * arr[..., 1]  # real/imag pairs
+    if arr.ndim == len(expected):
+        arr = arr[None]
+    if tuple(arr.shape[1:]) != tuple(expected):
+        raise Problem(
+            422,
+            "Shape mismatch",
+            f"measurement shape {tuple(arr.shape[1:])} does not match the spec, "
+            f"which expects {tuple(expected)}",
+            "measurement",
+        )
+    if complex_expected and not np.iscomplexobj(arr):
+        raise Problem(
+            422,
+            "Invalid measurement",
+            "MRI k-space must be complex (or real/imag pairs in a last axis of 2)",
+            "measurement",
+        )
+    if not np.isfinite(arr).all():
+        raise Problem(422, "Invalid measurement", "measurement contains NaN or Inf", "measurement")
+    dtype = np.complex64 if complex_expected else np.float32
+    return torch.from_numpy(np.ascontiguousarray(arr.astype(dtype)))
+
+
+def _model_names(settings: Settings) -> list[str]:
+    own = [p.parent.name for p in settings.models.glob("*/card.json")]
+    return sorted(set(bundled_models()) | set(own))
+
+
+def _model_path(name: str, settings: Settings):
+    return name if name in bundled_models() else settings.models / name
+
+
+def _model_summary(name: str, settings: Settings) -> dict:
+    card = load_card(_model_path(name, settings))
+    return {
+        "id": name,
+        "image_size": card.get("image_size"),
+        "steps": card.get("total_steps", card.get("steps")),
+        "sde": card.get("sde", {}).get("kind"),
+        "links": {"self": f"/v1/models/{name}"},
+    }
+
+
+def _check_model(name: str, image_size: int, settings: Settings) -> None:
+    if name not in _model_names(settings):
+        raise Problem(
+            422, "Unknown model", f"model '{name}' not found; see GET /v1/models", "model"
+        )
+    try:
+        card = load_card(_model_path(name, settings))
+    except ModelError as exc:
+        raise Problem(422, "Unusable model", str(exc), "model") from None
+    if card.get("image_size") != image_size:
+        raise Problem(
+            422,
+            "Image size mismatch",
+            f"model '{name}' reconstructs {card.get('image_size')}² images; "
+            f"set the spec's image_size to {card.get('image_size')}",
+            "spec.image_size",
+        )

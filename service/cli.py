@@ -1,0 +1,77 @@
+"""The ``scorerecon`` console script: the core's commands plus ``serve`` and ``keys``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from models.cli import main as core_main
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings()
+    print(f"scorerecon gateway on http://{args.host}:{args.port} (data in {settings.home})")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _store():
+    from service.db import JobStore
+    from service.migrate import upgrade
+    from service.settings import Settings
+
+    settings = Settings().prepare()
+    upgrade(settings.db_url)
+    return JobStore(settings.db_url)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from service.auth import create_key, list_keys, revoke_key
+
+    store = _store()
+    if args.keys_cmd == "create":
+        key_id, key = create_key(store, args.scopes.split(","), args.owner)
+        store.audit("create-key", key_id, owner="cli")
+        print(json.dumps({"id": key_id, "key": key, "note": "shown once; store it now"}))
+    elif args.keys_cmd == "list":
+        print(json.dumps(list_keys(store), indent=2))
+    elif args.keys_cmd == "revoke":
+        if not revoke_key(store, args.id):
+            print(f"error: no active key {args.id}", file=sys.stderr)
+            return 2
+        store.audit("revoke-key", args.id, owner="cli")
+        print(json.dumps({"id": args.id, "revoked": True}))
+    else:
+        print("usage: scorerecon keys create|list|revoke", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("serve", help="run the HTTP gateway")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
+    k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_cmd")
+    c = k.add_parser("create", help="create a key (printed once)")
+    c.add_argument("--scopes", default="recon:submit,recon:read")
+    c.add_argument("--owner", default="default")
+    k.add_parser("list", help="list keys (never the keys themselves)")
+    r = k.add_parser("revoke", help="revoke a key by id")
+    r.add_argument("id")
+    for p in (c, r, k._name_parser_map["list"]):
+        p.set_defaults(func=cmd_keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return core_main(argv, extensions=(add_commands,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The durable job store: jobs, API keys and the audit trail (SQLAlchemy 2).
+
+SQLite by default, PostgreSQL in deployment; the schema is created and evolved by the
+Alembic migrations in ``service/migrations``. Job state changes only by compare-and-set
+(:meth:`JobStore.transition`), so two workers, or a worker and a cancelling client, can
+never both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_owner_idem"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # reconstruction | training | sampling
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    phase: Mapped[str] = mapped_column(String(32), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    spec: Mapped[dict] = mapped_column(JSON, default=dict)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    model: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result_keys: Mapped[list] = mapped_column(JSON, default=list)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    scopes: Mapped[str] = mapped_column(String(256))
+    hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
+    key_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(256))
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobStore:
+    """Sessions on one database, and the few operations every component needs."""
+
+    def __init__(self, url: str):
+        kwargs = (
+            {"connect_args": {"check_same_thread": False, "timeout": 30}}
+            if url.startswith("sqlite")
+            else {"pool_pre_ping": True}
+        )
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as s, s.begin():
+            yield s
+
+    def ping(self) -> bool:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+
+    def get(self, job_id: str) -> Job | None:
+        with self.sessions() as s:
+            return s.get(Job, job_id)
+
+    def transition(self, job_id: str, from_states: Iterable[str], to: str, **fields) -> bool:
+        """Compare-and-set: move the job to ``to`` only if it is in one of ``from_states``."""
+        with self.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state.in_(tuple(from_states)))
+                .values(state=to, **fields)
+            )
+            return res.rowcount == 1
+
+    def set_fields(self, job_id: str, **fields) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(**fields))
+
+    def audit(self, action: str, outcome: str, key_id=None, owner=None, job_id=None) -> None:
+        with self.session() as s:
+            s.add(
+                AuditEntry(
+                    action=action, outcome=outcome, key_id=key_id, owner=owner, job_id=job_id
+                )
+            )
+
+    def count_by_state(self) -> dict[str, int]:
+        from sqlalchemy import func
+
+        with self.sessions() as s:
+            rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
+
+
+def _sqlite_pragmas(conn, _record) -> None:
+    cur = conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()

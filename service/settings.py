@@ -1,0 +1,57 @@
+"""Gateway and worker settings, from ``SCORERECON_*`` environment variables.
+
+Everything defaults to one directory, ``SCORERECON_HOME`` (``~/.local/share/scorerecon``):
+the SQLite job database, the result store and admin-trained models, so that
+``scorerecon keys create`` and ``scorerecon serve`` on a fresh machine share them with no
+configuration. Deployments point ``SCORERECON_DATABASE_URL`` at PostgreSQL and
+``SCORERECON_EXECUTOR`` at ``celery``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "scorerecon"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCORERECON_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    database_url: str | None = None  # default: sqlite:///<home>/scorerecon.db
+    storage_dir: Path | None = None  # default: <home>/results
+    models_dir: Path | None = None  # default: <home>/models (admin-trained models)
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    executor: Literal["embedded", "celery"] = "embedded"
+    embedded_workers: int = Field(1, ge=1, le=16)
+    max_upload_mb: float = Field(256, gt=0)
+    max_queue: int = Field(1000, ge=1)
+    rate_limit_per_minute: int = Field(120, ge=1)
+    torch_threads: int | None = None
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'scorerecon.db'}"
+
+    @cached_property
+    def results(self) -> Path:
+        return self.storage_dir or self.home / "results"
+
+    @cached_property
+    def models(self) -> Path:
+        return self.models_dir or self.home / "models"
+
+    def prepare(self) -> Settings:
+        """Create the local directories the settings name."""
+        for path in (self.home, self.results, self.models):
+            path.mkdir(parents=True, exist_ok=True)
+        return self

@@ -1,0 +1,86 @@
+"""Gateway fixtures: a fresh database (SQLite file or a throwaway PostgreSQL database on
+127.0.0.1:5432), a tiny 32² model, keys for two owners and an admin."""
+
+import io
+import uuid
+
+import numpy as np
+import psycopg
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from models.nets.ncsnpp import build
+from models.registry import save_model
+from models.sde import VESDE
+from service.app import create_app
+from service.auth import create_key
+from service.settings import Settings
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/"
+
+
+def _postgres_db():
+    name = f"scorerecon_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def _drop_postgres_db(name):
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+        return
+    name = _postgres_db()
+    yield PG + name
+    _drop_postgres_db(name)
+
+
+def tiny_model(models_dir):
+    sde = VESDE(0.01, 20.0)
+    torch.manual_seed(0)
+    return save_model(models_dir / "tiny32", build("tiny", sde.sigma), sde, {"image_size": 32})
+
+
+@pytest.fixture
+def settings(tmp_path, db_url):
+    s = Settings(home=tmp_path / "home", database_url=db_url, rate_limit_per_minute=10_000)
+    s.prepare()
+    tiny_model(s.models)
+    return s
+
+
+@pytest.fixture
+def gateway(settings):
+    app = create_app(settings)
+    jobs = app.state.jobs
+    keys = {
+        "alice": create_key(jobs, ["recon:submit", "recon:read"], "alice")[1],
+        "bob": create_key(jobs, ["recon:submit", "recon:read"], "bob")[1],
+        "reader": create_key(jobs, ["recon:read"], "alice")[1],
+        "admin": create_key(jobs, ["admin"], "ops")[1],
+    }
+    with TestClient(app) as client:
+        yield client, keys, app
+    jobs.engine.dispose()
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+CT_SPEC = '{"modality": "ct", "image_size": 32, "n_views": 8}'
+
+
+def ct_measurement(shape=(1, 8, 48), value=None) -> bytes:
+    g = np.random.default_rng(0)
+    arr = g.random(shape).astype(np.float32) if value is None else np.full(shape, value, np.float32)
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()

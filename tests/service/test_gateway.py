@@ -1,0 +1,205 @@
+"""The gateway through HTTP on SQLite and PostgreSQL: job life, validation, idempotency,
+pagination, cancellation, the auth matrix and the audit trail."""
+
+import io
+import time
+
+import numpy as np
+import pytest
+
+from tests.service.conftest import CT_SPEC, auth, ct_measurement
+
+
+def submit(client, key, data=None, spec=CT_SPEC, headers=None, **form):
+    files = {"measurement": ("y.npy", data if data is not None else ct_measurement())}
+    fields = {"spec": spec, "model": "tiny32", "nfe": "6", "sampler": "fast", **form}
+    return client.post(
+        "/v1/reconstructions", files=files, data=fields, headers={**auth(key), **(headers or {})}
+    )
+
+
+def wait(client, key, job_id, timeout=60):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_job_life_from_submit_to_results(gateway):
+    client, keys, _ = gateway
+    r = submit(client, keys["alice"], samples="2")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "queued" and r.headers["Location"] == f"/v1/jobs/{job['id']}"
+    done = wait(client, keys["alice"], job["id"])
+    assert done["state"] == "succeeded", done
+    assert done["progress"]["fraction"] == 1.0 and done["attempts"] == 1
+    npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"]))
+    assert np.load(io.BytesIO(npy.content)).shape == (1, 1, 32, 32)
+    png = client.get(done["links"]["result_png"], headers=auth(keys["alice"]))
+    assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
+    assert report["nfe"] == 6 and report["provenance"]["samples"] == 2
+    assert client.get(done["links"]["result_npy"], headers=auth(keys["bob"])).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "kwargs,status,field,message",
+    [
+        ({"spec": '{"modality": "ct", "image_size": 32}'}, 422, "spec", "n_views"),
+        ({"spec": "not json"}, 422, "spec", ""),
+        ({"data": ct_measurement((1, 7, 48))}, 422, "measurement", "expects (1, 8, 48)"),
+        ({"data": ct_measurement(value=np.nan)}, 422, "measurement", "NaN"),
+        ({"data": b"\x93NUMPY garbage"}, 422, "measurement", ".npy"),
+        ({"model": "nope"}, 422, "model", "not found"),
+        ({"sampler": "magic"}, 422, "sampler", "one of"),
+        (
+            {
+                "spec": '{"modality": "ct", "image_size": 64, "n_views": 8}',
+                "data": ct_measurement((1, 8, 93)),
+            },
+            422,
+            "spec.image_size",
+            "set the spec's image_size",
+        ),
+    ],
+)
+def test_bad_requests_are_refused_with_the_field_and_a_hint(
+    gateway, kwargs, status, field, message
+):
+    client, keys, app = gateway
+    r = submit(client, keys["alice"], **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert body["field"] == field and message in body["detail"]
+    assert app.state.jobs.count_by_state()["queued"] == 0  # nothing stored
+
+
+def test_pickled_npy_and_oversized_uploads_are_refused(gateway, settings):
+    client, keys, _ = gateway
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert submit(client, keys["alice"], data=buf.getvalue()).status_code == 422
+    settings.max_upload_mb = 0.001
+    r = submit(client, keys["alice"], data=ct_measurement((1, 8, 48)))
+    assert r.status_code == 413 and r.json()["field"] == "measurement"
+
+
+def test_idempotency_key(gateway):
+    client, keys, _ = gateway
+    h = {"Idempotency-Key": "study-42"}
+    first = submit(client, keys["alice"], headers=h)
+    again = submit(client, keys["alice"], headers=h)
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    other = submit(client, keys["alice"], headers=h, seed="7")
+    assert other.status_code == 409 and other.json()["field"] == "Idempotency-Key"
+    # Another owner may use the same key for its own job.
+    assert submit(client, keys["bob"], headers=h).status_code == 202
+
+
+def test_listing_is_paginated_filtered_and_private(gateway):
+    client, keys, _ = gateway
+    ids = [submit(client, keys["alice"]).json()["id"] for _ in range(3)]
+    submit(client, keys["bob"])
+    for i in ids:
+        wait(client, keys["alice"], i)
+    page = client.get("/v1/jobs?limit=2", headers=auth(keys["alice"])).json()
+    assert page["total"] == 3 and len(page["items"]) == 2 and page["next_offset"] == 2
+    rest = client.get("/v1/jobs?limit=2&offset=2", headers=auth(keys["alice"])).json()
+    assert len(rest["items"]) == 1 and rest["next_offset"] is None
+    seen = {j["id"] for j in page["items"] + rest["items"]}
+    assert seen == set(ids)
+    done = client.get("/v1/jobs?state=succeeded", headers=auth(keys["alice"])).json()
+    assert done["total"] == 3
+    bad = client.get("/v1/jobs?state=lost", headers=auth(keys["alice"]))
+    assert bad.status_code == 422 and bad.json()["field"] == "state"
+
+
+def test_cancellation_of_queued_and_running_jobs(gateway):
+    client, keys, _ = gateway
+    slow = submit(client, keys["alice"], nfe="4000", sampler="pc").json()
+    queued = submit(client, keys["alice"]).json()  # one embedded worker: this one waits
+    r = client.delete(f"/v1/jobs/{queued['id']}", headers=auth(keys["alice"]))
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    time.sleep(0.5)
+    client.delete(f"/v1/jobs/{slow['id']}", headers=auth(keys["alice"]))
+    assert wait(client, keys["alice"], slow["id"])["state"] == "cancelled"
+    assert wait(client, keys["alice"], queued["id"])["state"] == "cancelled"
+    again = client.delete(f"/v1/jobs/{slow['id']}", headers=auth(keys["alice"]))
+    assert again.status_code == 409
+
+
+ENDPOINTS = [
+    ("get", "/v1/jobs", "recon:read"),
+    ("get", "/v1/models", None),
+    ("get", "/v1/models/tiny32", None),
+    ("get", "/v1/admin/api-keys", "admin"),
+    ("get", "/v1/admin/audit", "admin"),
+    ("delete", "/v1/admin/api-keys/000000000000", "admin"),
+]
+
+
+@pytest.mark.parametrize("method,path,needed", ENDPOINTS)
+def test_auth_matrix(gateway, method, path, needed):
+    client, keys, _ = gateway
+    call = getattr(client, method)
+    assert call(path).status_code == 401
+    assert call(path, headers=auth("sr_bad_key")).status_code == 401
+    if needed == "admin":
+        assert call(path, headers=auth(keys["alice"])).status_code == 403
+    if needed == "recon:read":
+        assert call(path, headers=auth(keys["reader"])).status_code == 200
+    ok = call(path, headers=auth(keys["admin"]))
+    assert ok.status_code in (200, 404), ok.text  # 404: the key id in the path does not exist
+
+
+def test_submit_needs_the_submit_scope_and_others_jobs_are_404(gateway):
+    client, keys, _ = gateway
+    assert submit(client, keys["reader"]).status_code == 403
+    job = submit(client, keys["alice"]).json()
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth(keys["bob"])).status_code == 404
+    assert client.delete(f"/v1/jobs/{job['id']}", headers=auth(keys["bob"])).status_code == 404
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth(keys["admin"])).status_code == 200
+
+
+def test_admin_key_management_and_audit(gateway):
+    client, keys, _ = gateway
+    r = client.post(
+        "/v1/admin/api-keys",
+        json={"scopes": ["recon:read"], "owner": "carol"},
+        headers=auth(keys["admin"]),
+    )
+    assert r.status_code == 201
+    new = r.json()
+    assert client.get("/v1/jobs", headers=auth(new["key"])).status_code == 200
+    listed = client.get("/v1/admin/api-keys", headers=auth(keys["admin"])).text
+    assert new["id"] in listed and new["key"] not in listed
+    assert (
+        client.delete(f"/v1/admin/api-keys/{new['id']}", headers=auth(keys["admin"])).status_code
+        == 200
+    )
+    assert client.get("/v1/jobs", headers=auth(new["key"])).status_code == 401
+    bad = client.post("/v1/admin/api-keys", json={"scopes": ["root"]}, headers=auth(keys["admin"]))
+    assert bad.status_code == 422
+    submit(client, keys["reader"])  # denied: audited
+    audit = client.get("/v1/admin/audit", headers=auth(keys["admin"])).json()["items"]
+    actions = [a["action"] for a in audit]
+    assert {"create-key", "revoke-key", "denied"} <= set(actions)
+    assert new["key"] not in str(audit)
+
+
+def test_health_readiness_metrics_and_models(gateway):
+    client, keys, _ = gateway
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["ready"] is True
+    assert 'scorerecon_jobs{state="queued"}' in client.get("/metrics").text
+    models = client.get("/v1/models", headers=auth(keys["alice"])).json()["items"]
+    assert "tiny32" in [m["id"] for m in models]
+    card = client.get("/v1/models/tiny32", headers=auth(keys["alice"])).json()
+    assert card["image_size"] == 32 and "weights_sha256" in card
+    assert client.get("/v1/models/../etc", headers=auth(keys["alice"])).status_code == 404

@@ -1,0 +1,185 @@
+"""Thin job runners: claim the job, call the core, store the results, set the final state.
+
+The same functions run inside a Celery task (``workers/celery_app.py``, next issue) or in
+the gateway's embedded executor. A job is claimed by compare-and-set (``queued`` →
+``running``), so a re-delivered message never runs a finished or running job again.
+Progress is written to the job row about once a second; the cancel flag is read as often.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.baselines import baseline_name, reconstruct_baseline
+from models.figures import preview
+from models.inverse import Cancelled, Prior, ReconConfig, reconstruct, steps_for_nfe
+from models.io import save_png
+from models.physics import SpecError, from_spec, parse_spec
+from models.physics.ct import remove_metal_trace
+from models.registry import ModelError
+from service.db import FINAL, JobStore, now
+from service.results import LocalResultStore
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=4)
+def load_prior(model: str) -> Prior:
+    """Priors are cached per process: loading and checking a model costs more than a step."""
+    return Prior.load(model)
+
+
+def resolve_model(name: str, models_dir: Path) -> str:
+    """An admin-trained model under ``models_dir`` shadows nothing: bundled names win."""
+    from models.registry import bundled_models
+
+    if name in bundled_models():
+        return name
+    candidate = models_dir / name
+    if (candidate / "card.json").exists():
+        return str(candidate)
+    raise ModelError(f"model '{name}' not found; see GET /v1/models")
+
+
+class _Throttle:
+    """Calls ``fn`` at most once per ``period`` seconds (and always on the last step)."""
+
+    def __init__(self, period: float = 1.0):
+        self.period, self.last = period, 0.0
+
+    def due(self, final: bool = False) -> bool:
+        t = time.monotonic()
+        if final or t - self.last >= self.period:
+            self.last = t
+            return True
+        return False
+
+
+def run_reconstruction(
+    job_id: str, jobs: JobStore, results: LocalResultStore, models_dir: Path
+) -> str:
+    """Run one reconstruction job to a final state; returns that state (or 'skipped')."""
+    job = jobs.get(job_id)
+    if job is None or job.state in FINAL:
+        return "skipped"
+    if job.cancel_requested:
+        jobs.transition(job_id, ["queued"], "cancelled", finished_at=now(), phase="cancelled")
+        return "cancelled"
+    claimed = jobs.transition(
+        job_id,
+        ["queued"],
+        "running",
+        started_at=now(),
+        heartbeat_at=now(),
+        attempts=job.attempts + 1,
+        phase="loading",
+    )
+    if not claimed:
+        return "skipped"
+    log.info("job %s started", job_id)
+    try:
+        state = _reconstruct(job, jobs, results, models_dir)
+    except Cancelled:
+        jobs.transition(job_id, ["running"], "cancelled", finished_at=now(), phase="cancelled")
+        state = "cancelled"
+    except (SpecError, ModelError, ValueError) as exc:
+        jobs.transition(
+            job_id, ["running"], "failed", finished_at=now(), phase="failed", error=str(exc)
+        )
+        state = "failed"
+    except Exception as exc:  # noqa: BLE001 - the job must reach a final state
+        log.exception("job %s crashed", job_id)
+        jobs.transition(
+            job_id,
+            ["running"],
+            "failed",
+            finished_at=now(),
+            phase="failed",
+            error=f"internal error ({type(exc).__name__}); the operator's logs have the details",
+        )
+        state = "failed"
+    log.info("job %s %s", job_id, state)
+    return state
+
+
+def _reconstruct(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) -> str:
+    spec = parse_spec(job.spec)
+    op = from_spec(spec)
+    y = torch.from_numpy(np.load(io.BytesIO(results.get(job.id, "measurement.npy"))))
+    params = job.params
+    base = reconstruct_baseline(op, y, baseline_name(op))
+    if spec.metal_threshold_hu is not None:
+        op, y, _ = remove_metal_trace(op, y, threshold_hu=spec.metal_threshold_hu)
+    prior = load_prior(resolve_model(job.model, models_dir))
+    config = ReconConfig(sampler=params.get("sampler", "pc"))
+    config.n_steps = steps_for_nfe(config, int(params.get("nfe", 200)))
+    tick, check = _Throttle(), _Throttle()
+
+    def progress(step: int, total: int) -> None:
+        if tick.due(step == total):
+            jobs.set_fields(
+                job.id,
+                progress_step=step,
+                progress_total=total,
+                phase="sampling",
+                heartbeat_at=now(),
+            )
+
+    def cancel() -> bool:
+        if not check.due():
+            return False
+        current = jobs.get(job.id)
+        return current is not None and current.cancel_requested
+
+    rec = reconstruct(
+        op,
+        y,
+        prior,
+        config,
+        int(params.get("samples", 1)),
+        int(params.get("seed", 0)),
+        spec.noise_std,
+        progress,
+        cancel,
+    )
+    jobs.set_fields(job.id, phase="storing")
+    _put_npy(results, job.id, "recon.npy", rec.mean.numpy())
+    _put_npy(results, job.id, "std.npy", rec.std.numpy())
+    image, scale = preview(rec.mean[0], rec.std[0], base[0])
+    buf = io.BytesIO()
+    save_png(buf, image)
+    results.put(job.id, "preview.png", buf.getvalue())
+    report = {
+        "nfe": rec.nfe,
+        "seconds": round(rec.seconds, 3),
+        "residual": rec.residual,
+        "provenance": {**rec.provenance, "spec": job.spec},
+        "preview": f"reconstruction | posterior std (max {scale:.4g}) | {baseline_name(op)}",
+    }
+    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
+    keys = ["recon.npy", "std.npy", "preview.png", "report.json"]
+    done = jobs.transition(
+        job.id,
+        ["running"],
+        "succeeded",
+        finished_at=now(),
+        phase="done",
+        result_keys=keys,
+        progress_step=config.n_steps,
+        progress_total=config.n_steps,
+    )
+    return "succeeded" if done else "cancelled"
+
+
+def _put_npy(results: LocalResultStore, job_id: str, name: str, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    results.put(job_id, name, buf.getvalue())
