@@ -21,6 +21,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+    from workers.celery_app import make_celery
+
+    app = make_celery(Settings())
+    argv = ["worker", "-Q", args.queues, "--concurrency", str(args.concurrency), "-l", "info"]
+    if args.beat:
+        argv.append("--beat")  # also run the periodic recovery sweep (one per deployment)
+    app.worker_main(argv)
+    return 0
+
+
 def _store():
     from service.db import JobStore
     from service.migrate import upgrade
@@ -58,6 +70,11 @@ def add_commands(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
+    w = sub.add_parser("worker", help="run a Celery worker (deployment)")
+    w.add_argument("--queues", default="gpu,cpu")
+    w.add_argument("--concurrency", type=int, default=1, help="one per GPU")
+    w.add_argument("--beat", action="store_true", help="also schedule the recovery sweep")
+    w.set_defaults(func=cmd_worker)
     k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_cmd")
     c = k.add_parser("create", help="create a key (printed once)")
     c.add_argument("--scopes", default="recon:submit,recon:read")

@@ -121,14 +121,22 @@ class JobStore:
         with self.sessions() as s:
             return s.get(Job, job_id)
 
-    def transition(self, job_id: str, from_states: Iterable[str], to: str, **fields) -> bool:
-        """Compare-and-set: move the job to ``to`` only if it is in one of ``from_states``."""
+    def transition(
+        self,
+        job_id: str,
+        from_states: Iterable[str],
+        to: str,
+        expect: dict | None = None,
+        **fields,
+    ) -> bool:
+        """Compare-and-set: move the job to ``to`` only if it is in one of ``from_states``
+        (and its columns equal ``expect``); True for the one caller that won."""
+        conditions = [Job.id == job_id, Job.state.in_(tuple(from_states))]
+        for column, value in (expect or {}).items():
+            col = getattr(Job, column)
+            conditions.append(col.is_(None) if value is None else col == value)
         with self.session() as s:
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state.in_(tuple(from_states)))
-                .values(state=to, **fields)
-            )
+            res = s.execute(update(Job).where(*conditions).values(state=to, **fields))
             return res.rowcount == 1
 
     def set_fields(self, job_id: str, **fields) -> None:

@@ -7,12 +7,16 @@ to the broker. Both call the same runner, :func:`workers.tasks.run_reconstructio
 
 from __future__ import annotations
 
+import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from service.db import JobStore
 from service.results import LocalResultStore
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -24,24 +28,55 @@ class Executor(Protocol):
 
 
 class EmbeddedExecutor:
+    """Jobs run in worker threads of the gateway process; no broker to install.
+
+    The job table is the queue's durable record: at start, and every ``sweep_every_s``,
+    queued jobs that no thread holds and running jobs whose heartbeat went stale (a
+    previous process died) are picked up again.
+    """
+
     def __init__(self, settings: Settings, jobs: JobStore, results: LocalResultStore):
         self.settings, self.jobs, self.results = settings, jobs, results
         self.pool = ThreadPoolExecutor(settings.embedded_workers, thread_name_prefix="job")
         self.futures: dict[str, Future] = {}
+        self.stop = threading.Event()
+        self.sweeper = threading.Thread(target=self._sweep_loop, daemon=True, name="sweep")
+        self.sweeper.start()
 
-    def enqueue(self, job_id: str, kind: str) -> None:
+    def enqueue(self, job_id: str, kind: str = "reconstruction") -> None:
         from workers.tasks import run_reconstruction
 
         if kind != "reconstruction":
             raise ValueError(f"the embedded executor runs reconstruction jobs, not {kind!r}")
+        held = self.futures.get(job_id)
+        if held is not None and not held.done():
+            return
         self.futures[job_id] = self.pool.submit(
-            run_reconstruction, job_id, self.jobs, self.results, self.settings.models
+            run_reconstruction,
+            job_id,
+            self.jobs,
+            self.results,
+            self.settings.models,
+            self.settings.heartbeat_stale_s,
         )
+
+    def _sweep_loop(self) -> None:
+        from workers.tasks import sweep
+
+        requeue_after = 0.0  # at start every queued job is ours: no broker holds a message
+        while not self.stop.is_set():
+            try:
+                sweep(self.jobs, self.enqueue, requeue_after, self.settings.heartbeat_stale_s)
+            except Exception:  # noqa: BLE001 - the database may be down; try again later
+                log.exception("sweep failed")
+            requeue_after = self.settings.requeue_after_s
+            self.stop.wait(self.settings.sweep_every_s)
 
     def ping(self) -> bool:
         return True
 
     def shutdown(self) -> None:
+        self.stop.set()
         self.pool.shutdown(wait=True, cancel_futures=False)
 
 

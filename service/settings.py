@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     max_queue: int = Field(1000, ge=1)
     rate_limit_per_minute: int = Field(120, ge=1)
     torch_threads: int | None = None
+    # Workers (Celery): limits, redelivery and recovery.
+    job_soft_limit_s: int = 3300
+    job_hard_limit_s: int = 3600
+    visibility_timeout_s: int = 3900  # longer than the hard limit: no double delivery
+    max_tasks_per_child: int = 50
+    max_retries: int = 3
+    heartbeat_stale_s: float = 120.0  # a running job without heartbeat this long is orphaned
+    requeue_after_s: float = 300.0  # a queued job older than this lost its message
+    sweep_every_s: float = 60.0
 
     @cached_property
     def db_url(self) -> str:

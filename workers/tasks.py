@@ -8,6 +8,7 @@ Progress is written to the job row about once a second; the cancel flag is read 
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from models.baselines import baseline_name, reconstruct_baseline
 from models.figures import preview
@@ -25,7 +28,7 @@ from models.io import save_png
 from models.physics import SpecError, from_spec, parse_spec
 from models.physics.ct import remove_metal_trace
 from models.registry import ModelError
-from service.db import FINAL, JobStore, now
+from service.db import FINAL, Job, JobStore, now
 from service.results import LocalResultStore
 
 log = logging.getLogger(__name__)
@@ -63,28 +66,59 @@ class _Throttle:
         return False
 
 
+class Transient(RuntimeError):
+    """A failure worth retrying (database or storage briefly unavailable)."""
+
+
+def _claim(job, jobs: JobStore, stale_after_s: float) -> bool:
+    """queued → running, or reclaim a running job whose worker stopped beating."""
+    fields = {
+        "started_at": now(),
+        "heartbeat_at": now(),
+        "attempts": job.attempts + 1,
+        "phase": "loading",
+    }
+    if job.state == "queued":
+        return jobs.transition(job.id, ["queued"], "running", **fields)
+    beat = job.heartbeat_at
+    if beat is not None and beat.tzinfo is None:
+        beat = beat.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC datetimes
+    if (
+        job.state == "running"
+        and beat is not None
+        and (now() - beat).total_seconds() > stale_after_s
+    ):
+        log.warning(
+            "job %s: reclaiming from a worker silent for %.0f s",
+            job.id,
+            (now() - beat).total_seconds(),
+        )
+        return jobs.transition(
+            job.id, ["running"], "running", expect={"heartbeat_at": job.heartbeat_at}, **fields
+        )
+    return False
+
+
 def run_reconstruction(
-    job_id: str, jobs: JobStore, results: LocalResultStore, models_dir: Path
+    job_id: str,
+    jobs: JobStore,
+    results: LocalResultStore,
+    models_dir: Path,
+    stale_after_s: float = 120.0,
 ) -> str:
     """Run one reconstruction job to a final state; returns that state (or 'skipped')."""
-    job = jobs.get(job_id)
+    try:
+        job = jobs.get(job_id)
+    except OperationalError as exc:
+        raise Transient(f"database unavailable: {exc.__class__.__name__}") from exc
     if job is None or job.state in FINAL:
         return "skipped"
     if job.cancel_requested:
         jobs.transition(job_id, ["queued"], "cancelled", finished_at=now(), phase="cancelled")
         return "cancelled"
-    claimed = jobs.transition(
-        job_id,
-        ["queued"],
-        "running",
-        started_at=now(),
-        heartbeat_at=now(),
-        attempts=job.attempts + 1,
-        phase="loading",
-    )
-    if not claimed:
+    if not _claim(job, jobs, stale_after_s):
         return "skipped"
-    log.info("job %s started", job_id)
+    log.info("job %s started (attempt %d)", job_id, job.attempts + 1)
     try:
         state = _reconstruct(job, jobs, results, models_dir)
     except Cancelled:
@@ -95,6 +129,13 @@ def run_reconstruction(
             job_id, ["running"], "failed", finished_at=now(), phase="failed", error=str(exc)
         )
         state = "failed"
+    except (OperationalError, OSError) as exc:
+        # Back to the queue (if the database lets us) and retried by the caller.
+        try:
+            jobs.transition(job_id, ["running"], "queued", phase="retrying")
+        except OperationalError:
+            pass  # the sweep will find the stale running job
+        raise Transient(f"{type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - the job must reach a final state
         log.exception("job %s crashed", job_id)
         jobs.transition(
@@ -108,6 +149,25 @@ def run_reconstruction(
         state = "failed"
     log.info("job %s %s", job_id, state)
     return state
+
+
+def sweep(jobs: JobStore, enqueue, requeue_after_s: float, stale_after_s: float) -> dict:
+    """Recovery, safe to run any number of times: re-enqueue queued jobs older than
+    ``requeue_after_s`` (their message may be lost) and running jobs whose heartbeat is
+    older than ``stale_after_s`` (their worker died); the claim's compare-and-set makes a
+    duplicate message harmless."""
+    cutoff_q = now() - dt.timedelta(seconds=requeue_after_s)
+    cutoff_r = now() - dt.timedelta(seconds=stale_after_s)
+    with jobs.sessions() as s:
+        queued = s.scalars(
+            select(Job.id).where(Job.state == "queued", Job.created_at < cutoff_q)
+        ).all()
+        stale = s.scalars(
+            select(Job.id).where(Job.state == "running", Job.heartbeat_at < cutoff_r)
+        ).all()
+    for job_id in [*queued, *stale]:
+        enqueue(job_id)
+    return {"requeued": len(queued), "orphaned": len(stale)}
 
 
 def _reconstruct(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) -> str:

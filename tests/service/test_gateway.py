@@ -21,7 +21,9 @@ def submit(client, key, data=None, spec=CT_SPEC, headers=None, **form):
 def wait(client, key, job_id, timeout=60):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        job = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
+        r = client.get(f"/v1/jobs/{job_id}", headers=auth(key))
+        assert r.status_code == 200, r.text
+        job = r.json()
         if job["state"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.1)

@@ -1,0 +1,115 @@
+"""Real Celery workers on the real Redis (database 15, flushed): a job from submit to result,
+a spec error that fails without retry, and a worker killed mid-job whose job completes on
+another worker exactly once."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.auth import create_key
+from service.settings import Settings
+from tests.service.conftest import auth, tiny_model
+from tests.service.test_gateway import submit, wait
+
+BROKER = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture
+def env(tmp_path):
+    redis.Redis.from_url(BROKER).flushdb()
+    home = tmp_path / "home"
+    values = {
+        "SCORERECON_HOME": str(home),
+        "SCORERECON_BROKER_URL": BROKER,
+        "SCORERECON_EXECUTOR": "celery",
+        "SCORERECON_HEARTBEAT_STALE_S": "3",
+        "SCORERECON_TORCH_THREADS": "1",
+        "SCORERECON_RATE_LIMIT_PER_MINUTE": "100000",
+    }
+    settings = Settings(**{k.removeprefix("SCORERECON_").lower(): v for k, v in values.items()})
+    settings.prepare()
+    tiny_model(settings.models)
+    yield {**os.environ, **values}, settings
+    redis.Redis.from_url(BROKER).flushdb()
+
+
+def start_worker(environ):
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--queues", "gpu,cpu"],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: we stop exactly what we started
+    )
+
+
+def stop(proc, sig=signal.SIGTERM):
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def test_jobs_run_on_real_workers_and_survive_a_killed_worker(env):
+    environ, settings = env
+    app = create_app(settings)
+    key = create_key(app.state.jobs, ["recon:submit", "recon:read"], "alice")[1]
+    worker = start_worker(environ)
+    try:
+        with TestClient(app) as client:
+            assert client.get("/readyz").json()["ready"] is True
+            job = submit(client, key).json()
+            assert wait(client, key, job["id"], timeout=90)["state"] == "succeeded"
+            # A spec error fails with its message and is not retried (a row written behind
+            # the gateway's validation, as an older gateway version might have).
+            from service.db import Job, new_id
+            from workers.celery_app import TASK, make_celery
+
+            celery = make_celery(settings)
+            bad_id = new_id()
+            with app.state.jobs.session() as s:
+                s.add(
+                    Job(
+                        id=bad_id,
+                        kind="reconstruction",
+                        owner="alice",
+                        model="tiny32",
+                        spec={"modality": "ct"},
+                        params={},
+                        result_keys=[],
+                    )
+                )
+            celery.send_task(TASK, args=[bad_id])
+            failed = wait(client, key, bad_id, timeout=60)
+            assert failed["state"] == "failed" and "image_size" in failed["error"]
+            assert failed["attempts"] == 1
+            # Kill the worker mid-job; a new worker and the sweep finish it, once.
+            slow = submit(client, key, sampler="pc", nfe="3000").json()
+            end = time.monotonic() + 60
+            while (
+                client.get(f"/v1/jobs/{slow['id']}", headers=auth(key)).json()["progress"]["step"]
+                == 0
+            ):
+                assert time.monotonic() < end, "the job never showed progress"
+                time.sleep(0.2)
+            stop(worker, signal.SIGKILL)
+            time.sleep(4)  # the heartbeat goes stale
+            worker = start_worker(environ)
+            from workers.tasks import sweep
+
+            swept = sweep(app.state.jobs, lambda j: celery.send_task(TASK, args=[j]), 300, 3)
+            assert swept["orphaned"] == 1
+            done = wait(client, key, slow["id"], timeout=120)
+            assert done["state"] == "succeeded" and done["attempts"] == 2
+    finally:
+        stop(worker)

@@ -1,0 +1,110 @@
+"""The Celery app: Redis broker, late acknowledgement, one job at a time per process.
+
+Messages carry only the job id (no patient data in the broker or in Flower). A worker killed
+mid-job leaves its message unacknowledged; Redis redelivers it after ``visibility_timeout``
+(longer than the hard time limit) and the new worker reclaims the job because its heartbeat
+went stale (see :func:`workers.tasks.run_reconstruction`). ``sweep`` re-enqueues jobs whose
+message was lost. CUDA is first touched inside the task, i.e. in the forked child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Celery
+
+from service.db import JobStore
+from service.results import LocalResultStore
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+TASK = "scorerecon.reconstruct"
+SWEEP = "scorerecon.sweep"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    app = Celery("scorerecon", broker=settings.broker_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.job_soft_limit_s,
+        task_time_limit=settings.job_hard_limit_s,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        worker_max_tasks_per_child=settings.max_tasks_per_child,
+        task_default_queue="gpu",
+        task_routes={TASK: {"queue": "gpu"}, SWEEP: {"queue": "cpu"}},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    app.conf.beat_schedule = {"sweep": {"task": SWEEP, "schedule": settings.sweep_every_s}}
+    _register(app, settings)
+    return app
+
+
+def _register(app: Celery, settings: Settings) -> None:
+    state: dict = {}
+
+    def stores() -> tuple[JobStore, LocalResultStore]:
+        # Opened lazily in each (forked) worker process, never shared across a fork.
+        if state.get("pid") != os.getpid():
+            settings.prepare()
+            state.update(
+                pid=os.getpid(),
+                jobs=JobStore(settings.db_url),
+                results=LocalResultStore(settings.results),
+            )
+            if settings.torch_threads:
+                import torch
+
+                torch.set_num_threads(settings.torch_threads)
+        return state["jobs"], state["results"]
+
+    @app.task(name=TASK, bind=True, max_retries=settings.max_retries)
+    def reconstruct_task(self, job_id: str) -> str:
+        from workers.tasks import Transient, run_reconstruction
+
+        jobs, results = stores()
+        try:
+            return run_reconstruction(
+                job_id, jobs, results, settings.models, stale_after_s=settings.heartbeat_stale_s
+            )
+        except Transient as exc:
+            # Database or storage briefly unavailable: retry with exponential backoff.
+            raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from None
+
+    @app.task(name=SWEEP)
+    def sweep_task() -> dict:
+        from workers.tasks import sweep
+
+        jobs, _ = stores()
+        return sweep(
+            jobs,
+            lambda job_id: app.send_task(TASK, args=[job_id]),
+            settings.requeue_after_s,
+            settings.heartbeat_stale_s,
+        )
+
+
+class CeleryExecutor:
+    """The gateway's enqueue interface over Celery: only the job id goes to the broker."""
+
+    def __init__(self, settings: Settings):
+        self.app = make_celery(settings)
+
+    def enqueue(self, job_id: str, kind: str) -> None:
+        if kind != "reconstruction":
+            raise ValueError(f"no Celery task for {kind!r} jobs yet")
+        self.app.send_task(TASK, args=[job_id])
+
+    def ping(self) -> bool:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+        return True
+
+    def shutdown(self) -> None:
+        pass
