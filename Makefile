@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m models.demo --out out
+	$(PY) -m service.demo --out out
 
 test: setup
 	$(PY) -m ruff check .

@@ -16,7 +16,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -59,7 +58,6 @@ def page(name: str, n: int, steps: int) -> str:
     bar.close()
     cols = math.ceil(math.sqrt(n))
     save_png(DOCS / f"{name}_samples_page.png", grid(res.samples, cols))
-    np.save(DOCS / f".{name}_samples.npy", res.samples.numpy())
     lines = [f"# `{name}`", ""]
     steps_total = card.get("total_steps", card.get("steps"))
     lines += [

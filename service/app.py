@@ -88,7 +88,7 @@ def job_json(job: Job) -> dict:
     base = f"/v1/jobs/{job.id}"
     links = {"self": base, "cancel": base}
     if job.state == "succeeded":
-        links |= {f"result_{f}": f"{base}/result?format={f}" for f in ("npy", "png", "json")}
+        links |= {f"result_{f}": f"{base}/result?format={f}" for f in ("npy", "std", "png", "json")}
     return {
         "id": job.id,
         "kind": job.kind,
@@ -315,13 +315,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def result(
         job_id: str,
         p: Annotated[Principal, Depends(scope("recon:read"))],
-        format: Annotated[str, Query(pattern="^(npy|png|json)$")] = "npy",
+        format: Annotated[str, Query(pattern="^(npy|std|png|json)$")] = "npy",
     ) -> Response:
         job = own_job(job_id, p)
         if job.state != "succeeded":
             raise Problem(409, "No result", f"job {job_id} is {job.state}; poll until 'succeeded'")
         name, media = {
             "npy": ("recon.npy", "application/octet-stream"),
+            "std": ("std.npy", "application/octet-stream"),
             "png": ("preview.png", "image/png"),
             "json": ("report.json", "application/json"),
         }[format]

@@ -212,6 +212,8 @@ class CTOperator(DecomposedOperator):
         self.geometry = geometry
         self.image_size = geometry.image_size
         self._proj = _AstraProjector(geometry)
+        self._sub: _AstraProjector | None = None
+        self._sub_checked = False
         shape = (len(geometry.angles), geometry.n_detectors)
         self.mask = torch.ones(shape, dtype=torch.bool) if mask is None else mask.bool()
         if tuple(self.mask.shape) != shape:
@@ -220,6 +222,33 @@ class CTOperator(DecomposedOperator):
     def close(self) -> None:
         """Release the ASTRA objects now (they are also released on garbage collection)."""
         self._proj.close()
+        if self._sub is not None:
+            self._sub.close()
+
+    def _measured_projector(self) -> _AstraProjector | None:
+        """A projector over the measured angles only, when Λ keeps whole rows: then
+        A = P(Λ) T is computed without projecting the unmeasured angles (for 23 of 184
+        angles, 8× less work per forward and adjoint)."""
+        if self._sub is None and not self._sub_checked:
+            self._sub_checked = True
+            rows = self.measured_rows()
+            if rows is not None:
+                g = self.geometry
+                angles = tuple(g.angles[i] for i in rows.tolist())
+                self._sub = _AstraProjector(CTGeometry(**{**g.__dict__, "angles": angles}))
+        return self._sub
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sub = self._measured_projector()
+        if sub is None:
+            return super().forward(x)
+        return _AstraMap.apply(x, sub.fp, sub.bp)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        sub = self._measured_projector()
+        if sub is None:
+            return super().adjoint(y)
+        return _AstraMap.apply(y, sub.bp, sub.fp)
 
     def T(self, x: torch.Tensor) -> torch.Tensor:
         return _AstraMap.apply(x, self._proj.fp, self._proj.bp)
@@ -264,20 +293,14 @@ class CTOperator(DecomposedOperator):
 
         Needs a row mask (sparse view); for other masks use the operator-level solvers.
         """
-        rows = self.measured_rows()
-        if rows is None:
+        sub = self._measured_projector()
+        if sub is None:
             raise ValueError(f"{algorithm} needs a sparse-view (row) mask; use 'fista-tv'")
-        g = self.geometry
-        sub = _AstraProjector(
-            CTGeometry(**{**g.__dict__, "angles": tuple(g.angles[i] for i in rows)})
-        )
-        out = np.zeros((y.shape[0], g.image_size, g.image_size), dtype=np.float32)
-        try:
-            for b in range(y.shape[0]):
-                sino = np.ascontiguousarray(y[b, 0].detach().cpu().numpy(), dtype=np.float32)
-                sub.run(algorithm, out[b], sino, n_iter)
-        finally:
-            sub.close()
+        n = self.geometry.image_size
+        out = np.zeros((y.shape[0], n, n), dtype=np.float32)
+        for b in range(y.shape[0]):
+            sino = np.ascontiguousarray(y[b, 0].detach().cpu().numpy(), dtype=np.float32)
+            sub.run(algorithm, out[b], sino, n_iter)
         return torch.from_numpy(out).unsqueeze(1).to(y.device)
 
 
