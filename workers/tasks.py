@@ -199,29 +199,48 @@ def _reconstruct(job, jobs: JobStore, results: LocalResultStore, models_dir: Pat
         current = jobs.get(job.id)
         return current is not None and current.cancel_requested
 
-    rec = reconstruct(
-        op,
-        y,
-        prior,
-        config,
-        int(params.get("samples", 1)),
-        int(params.get("seed", 0)),
-        spec.noise_std,
-        progress,
-        cancel,
-    )
+    # A stack of slices runs in batches of ``batch_slices`` (× K samples each); the
+    # results keep the slice order. Progress counts steps over all batches.
+    k = int(params.get("samples", 1))
+    per = max(1, int(params.get("batch_slices", 4)))
+    chunks = list(range(0, y.shape[0], per))
+    means, stds, nfe, residual, seconds = [], [], 0, [], 0.0
+    for c, start in enumerate(chunks):
+
+        def chunk_progress(step: int, total: int, c: int = c) -> None:
+            progress(c * total + step, len(chunks) * total)
+
+        seed = int(params.get("seed", 0)) + start
+        part = reconstruct(
+            op,
+            y[start : start + per],
+            prior,
+            config,
+            k,
+            seed,
+            spec.noise_std,
+            chunk_progress,
+            cancel,
+        )
+        means.append(part.mean)
+        stds.append(part.std)
+        nfe += part.nfe
+        residual += part.residual
+        seconds += part.seconds
+    mean, std, provenance = torch.cat(means), torch.cat(stds), part.provenance
     jobs.set_fields(job.id, phase="storing")
-    _put_npy(results, job.id, "recon.npy", rec.mean.numpy())
-    _put_npy(results, job.id, "std.npy", rec.std.numpy())
-    image, scale = preview(rec.mean[0], rec.std[0], base[0])
+    _put_npy(results, job.id, "recon.npy", mean.numpy())
+    _put_npy(results, job.id, "std.npy", std.numpy())
+    image, scale = preview(mean[0], std[0], base[0])
     buf = io.BytesIO()
     save_png(buf, image)
     results.put(job.id, "preview.png", buf.getvalue())
     report = {
-        "nfe": rec.nfe,
-        "seconds": round(rec.seconds, 3),
-        "residual": rec.residual,
-        "provenance": {**rec.provenance, "spec": job.spec},
+        "nfe": nfe,
+        "seconds": round(seconds, 3),
+        "residual": residual,
+        "slices": int(y.shape[0]),
+        "provenance": {**provenance, "spec": job.spec, "batch_slices": per},
         "preview": f"reconstruction | posterior std (max {scale:.4g}) | {baseline_name(op)}",
     }
     results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
@@ -233,8 +252,8 @@ def _reconstruct(job, jobs: JobStore, results: LocalResultStore, models_dir: Pat
         finished_at=now(),
         phase="done",
         result_keys=keys,
-        progress_step=config.n_steps,
-        progress_total=config.n_steps,
+        progress_step=config.n_steps * len(chunks),
+        progress_total=config.n_steps * len(chunks),
     )
     return "succeeded" if done else "cancelled"
 

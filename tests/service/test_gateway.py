@@ -205,3 +205,20 @@ def test_health_readiness_metrics_and_models(gateway):
     card = client.get("/v1/models/tiny32", headers=auth(keys["alice"])).json()
     assert card["image_size"] == 32 and "weights_sha256" in card
     assert client.get("/v1/models/../etc", headers=auth(keys["alice"])).status_code == 404
+
+
+def test_a_stack_of_slices_runs_in_batches_and_keeps_slice_order(gateway):
+    client, keys, _ = gateway
+    stack = np.stack([np.load(io.BytesIO(ct_measurement()))[0] * s for s in (0.0, 1.0, 2.0)])
+    buf = io.BytesIO()
+    np.save(buf, stack[:, None])
+    r = submit(client, keys["alice"], data=buf.getvalue(), samples="1")
+    assert r.status_code == 202, r.text
+    done = wait(client, keys["alice"], r.json()["id"])
+    assert done["state"] == "succeeded", done
+    recon = np.load(
+        io.BytesIO(client.get(done["links"]["result_npy"], headers=auth(keys["alice"])).content)
+    )
+    assert recon.shape == (3, 1, 32, 32)
+    means = recon.reshape(3, -1).mean(1)
+    assert means[0] < means[1] < means[2]  # brighter data, brighter slice: order kept
