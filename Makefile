@@ -27,6 +27,7 @@ bench: setup
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/priors.py
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/gateway.py
 
 clean:
 	rm -rf $(VENV) out
