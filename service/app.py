@@ -23,10 +23,13 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from models.io import HUMapping
 from models.physics import SpecError, from_spec, parse_spec
 from models.registry import ModelError, bundled_models, load_card
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
 from service.db import FINAL, STATES, AuditEntry, Job, JobStore, new_id
+from service.dicom_export import SOURCE_KEYWORDS, zip_series
+from service.dicom_export import series as dicom_series
 from service.executor import make_executor
 from service.migrate import upgrade
 from service.results import LocalResultStore
@@ -88,7 +91,10 @@ def job_json(job: Job) -> dict:
     base = f"/v1/jobs/{job.id}"
     links = {"self": base, "cancel": base}
     if job.state == "succeeded":
-        links |= {f"result_{f}": f"{base}/result?format={f}" for f in ("npy", "std", "png", "json")}
+        links |= {
+            f"result_{f}": f"{base}/result?format={f}"
+            for f in ("npy", "std", "png", "json", "dicom")
+        }
     return {
         "id": job.id,
         "kind": job.kind,
@@ -204,6 +210,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         nfe: Annotated[int, Form(ge=2, le=5000)] = 200,
         samples: Annotated[int, Form(ge=1, le=64)] = 1,
         seed: Annotated[int, Form(ge=0)] = 0,
+        source: Annotated[
+            str | None,
+            Form(
+                description="JSON of the source study's DICOM attributes (PatientID, "
+                "StudyInstanceUID, ...) so format=dicom files the series into that study"
+            ),
+        ] = None,
         idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     ) -> JSONResponse:
         try:
@@ -223,6 +236,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 429, "Queue full", f"{queued} jobs are queued; try again later", retry_after=30
             )
         params = {"sampler": sampler, "nfe": nfe, "samples": samples, "seed": seed}
+        if source is not None:
+            params["dicom_source"] = _parse_source(source)
         digest = hashlib.sha256(
             raw + json.dumps([parsed.model_dump(), model, params], sort_keys=True).encode()
         ).hexdigest()
@@ -315,11 +330,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def result(
         job_id: str,
         p: Annotated[Principal, Depends(scope("recon:read"))],
-        format: Annotated[str, Query(pattern="^(npy|std|png|json)$")] = "npy",
+        format: Annotated[str, Query(pattern="^(npy|std|png|json|dicom)$")] = "npy",
     ) -> Response:
         job = own_job(job_id, p)
         if job.state != "succeeded":
             raise Problem(409, "No result", f"job {job_id} is {job.state}; poll until 'succeeded'")
+        if format == "dicom":
+            return Response(
+                _dicom_zip(job, results),
+                media_type="application/zip",
+                headers={"Content-Disposition": f'attachment; filename="{job_id}-dicom.zip"'},
+            )
         name, media = {
             "npy": ("recon.npy", "application/octet-stream"),
             "std": ("std.npy", "application/octet-stream"),
@@ -445,6 +466,51 @@ def _parse_measurement(raw: bytes, spec) -> torch.Tensor:
         raise Problem(422, "Invalid measurement", "measurement contains NaN or Inf", "measurement")
     dtype = np.complex64 if complex_expected else np.float32
     return torch.from_numpy(np.ascontiguousarray(arr.astype(dtype)))
+
+
+def _parse_source(text: str) -> dict:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise Problem(422, "Invalid source", "source must be a JSON object", "source") from None
+    if not isinstance(data, dict):
+        raise Problem(422, "Invalid source", "source must be a JSON object", "source")
+    unknown = sorted(set(data) - set(SOURCE_KEYWORDS))
+    if unknown:
+        raise Problem(
+            422,
+            "Invalid source",
+            f"unknown attributes {unknown}; use {', '.join(SOURCE_KEYWORDS)}",
+            "source",
+        )
+    for k, v in data.items():
+        if not isinstance(v, str) or len(v) > 64:
+            raise Problem(
+                422,
+                "Invalid source",
+                f"{k} must be a string of at most 64 characters",
+                f"source.{k}",
+            )
+    return data
+
+
+def _dicom_zip(job: Job, results: LocalResultStore) -> bytes:
+    """The reconstruction (and its posterior std) as DICOM series, zipped."""
+    mean = np.load(io.BytesIO(results.get(job.id, "recon.npy")))[:, 0]
+    std = np.load(io.BytesIO(results.get(job.id, "std.npy")))[:, 0]
+    modality = "CT" if job.spec.get("modality") == "ct" else "MR"
+    spacing = float(job.spec.get("pixel_size", 1.0))
+    hu = HUMapping()
+    if modality == "CT":
+        mean, std = hu.to_hu(mean), std * (hu.hu_max - hu.hu_air)
+    source = job.params.get("dicom_source", {})
+    kw = {"pixel_spacing": (spacing, spacing), "slice_thickness": spacing}
+    datasets = dicom_series(mean, modality, job.id, job.model or "", source, **kw)
+    if float(np.max(std)) > 0:
+        datasets += dicom_series(
+            std, modality, job.id, job.model or "", source, kind="uncertainty", **kw
+        )
+    return zip_series(datasets)
 
 
 def _model_names(settings: Settings) -> list[str]:

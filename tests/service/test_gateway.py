@@ -3,8 +3,10 @@ pagination, cancellation, the auth matrix and the audit trail."""
 
 import io
 import time
+import zipfile
 
 import numpy as np
+import pydicom
 import pytest
 
 from tests.service.conftest import CT_SPEC, auth, ct_measurement
@@ -32,7 +34,8 @@ def wait(client, key, job_id, timeout=60):
 
 def test_job_life_from_submit_to_results(gateway):
     client, keys, _ = gateway
-    r = submit(client, keys["alice"], samples="2")
+    source = '{"PatientID": "P-1", "StudyInstanceUID": "1.2.3.4", "SeriesInstanceUID": "1.2.3.5"}'
+    r = submit(client, keys["alice"], samples="2", source=source)
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["state"] == "queued" and r.headers["Location"] == f"/v1/jobs/{job['id']}"
@@ -46,6 +49,22 @@ def test_job_life_from_submit_to_results(gateway):
     report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
     assert report["nfe"] == 6 and report["provenance"]["samples"] == 2
     assert client.get(done["links"]["result_npy"], headers=auth(keys["bob"])).status_code == 404
+    dicom = client.get(done["links"]["result_dicom"], headers=auth(keys["alice"]))
+    assert dicom.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(dicom.content)) as z:
+        instances = [pydicom.dcmread(io.BytesIO(z.read(n))) for n in z.namelist()]
+    assert len(instances) == 2  # the reconstruction and its uncertainty series
+    assert {d.StudyInstanceUID for d in instances} == {"1.2.3.4"}
+    assert instances[0].PatientID == "P-1" and instances[0].Modality == "CT"
+    assert instances[0].ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.3.5"
+
+
+def test_bad_source_attributes_are_refused(gateway):
+    client, keys, _ = gateway
+    r = submit(client, keys["alice"], source='{"PatientsPet": "cat"}')
+    assert r.status_code == 422 and "unknown attributes" in r.json()["detail"]
+    r = submit(client, keys["alice"], source="[1]")
+    assert r.status_code == 422 and r.json()["field"] == "source"
 
 
 @pytest.mark.parametrize(
