@@ -237,9 +237,9 @@ def missing_attributes(ds: pydicom.Dataset) -> list[str]:
 
 
 def zip_series(datasets: Sequence[FileDataset]) -> bytes:
-    """A ZIP of the instances, named by instance number (what ``format=dicom`` returns)."""
+    """A ZIP of the instances as SERIES/INSTANCE.dcm (what ``format=dicom`` returns)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for ds in datasets:
-            z.writestr(f"{int(ds.InstanceNumber):04d}.dcm", to_bytes(ds))
+            z.writestr(f"{int(ds.SeriesNumber)}/{int(ds.InstanceNumber):04d}.dcm", to_bytes(ds))
     return buf.getvalue()

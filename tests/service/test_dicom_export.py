@@ -79,7 +79,8 @@ def test_mr_series_and_zip():
     assert ds.SOPClassUID == MR_IMAGE and missing_attributes(ds) == []
     assert np.abs(ds.pixel_array / 4095 - mag[0]).max() < 1e-3
     with zipfile.ZipFile(io.BytesIO(zip_series(dss))) as z:
-        assert z.namelist() == ["0001.dcm", "0002.dcm"]
+        names = z.namelist()
+    assert names == [f"{dss[0].SeriesNumber}/0001.dcm", f"{dss[0].SeriesNumber}/0002.dcm"]
     with pytest.raises(ValueError, match="modality"):
         series(mag, "US", "d" * 32, "m")
 

@@ -54,6 +54,7 @@ def test_job_life_from_submit_to_results(gateway):
     with zipfile.ZipFile(io.BytesIO(dicom.content)) as z:
         instances = [pydicom.dcmread(io.BytesIO(z.read(n))) for n in z.namelist()]
     assert len(instances) == 2  # the reconstruction and its uncertainty series
+    assert len({d.SeriesInstanceUID for d in instances}) == 2
     assert {d.StudyInstanceUID for d in instances} == {"1.2.3.4"}
     assert instances[0].PatientID == "P-1" and instances[0].Modality == "CT"
     assert instances[0].ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.3.5"
