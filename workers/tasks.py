@@ -174,6 +174,9 @@ def _reconstruct(job, jobs: JobStore, results: LocalResultStore, models_dir: Pat
     spec = parse_spec(job.spec)
     op = from_spec(spec)
     y = torch.from_numpy(np.load(io.BytesIO(results.get(job.id, "measurement.npy"))))
+    expected = tuple(op.measurement_shape())
+    if y.ndim != len(expected) + 1 or tuple(y.shape[1:]) != expected:
+        raise ValueError(f"stored measurement {tuple(y.shape)} does not match the spec {expected}")
     params = job.params
     base = reconstruct_baseline(op, y, baseline_name(op))
     if spec.metal_threshold_hu is not None:

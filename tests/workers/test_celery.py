@@ -40,6 +40,16 @@ def env(tmp_path):
     redis.Redis.from_url(BROKER).flushdb()
 
 
+def _npy() -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(0).random((1, 1, 8, 48)).astype(np.float32))
+    return buf.getvalue()
+
+
 def start_worker(environ):
     return subprocess.Popen(
         [sys.executable, "-m", "service.cli", "worker", "--queues", "gpu,cpu"],
@@ -111,5 +121,43 @@ def test_jobs_run_on_real_workers_and_survive_a_killed_worker(env):
             assert swept["orphaned"] == 1
             done = wait(client, key, slow["id"], timeout=120)
             assert done["state"] == "succeeded" and done["attempts"] == 2
+            # Cancel a running job (it stops at its next step) and a queued one behind it.
+            running = submit(client, key, sampler="pc", nfe="3000").json()
+            queued = submit(client, key).json()
+            end = time.monotonic() + 60
+            while (
+                client.get(f"/v1/jobs/{running['id']}", headers=auth(key)).json()["state"]
+                != "running"
+            ):
+                assert time.monotonic() < end
+                time.sleep(0.2)
+            assert (
+                client.delete(f"/v1/jobs/{queued['id']}", headers=auth(key)).json()["state"]
+                == "cancelled"
+            )
+            client.delete(f"/v1/jobs/{running['id']}", headers=auth(key))
+            assert wait(client, key, running["id"], timeout=60)["state"] == "cancelled"
+            assert wait(client, key, queued["id"], timeout=60)["state"] == "cancelled"
+            # A lost message: a queued job whose message never reached the broker is
+            # re-enqueued by the sweep and runs.
+            lost = new_id()
+            app.state.results.put(lost, "measurement.npy", _npy())
+            with app.state.jobs.session() as s:
+                s.add(
+                    Job(
+                        id=lost,
+                        kind="reconstruction",
+                        owner="alice",
+                        model="tiny32",
+                        spec={"modality": "ct", "image_size": 32, "n_views": 8},
+                        params={"sampler": "fast", "nfe": 4},
+                        result_keys=[],
+                    )
+                )
+            time.sleep(1.5)
+            swept = sweep(app.state.jobs, lambda j: celery.send_task(TASK, args=[j]), 1, 3)
+            assert swept["requeued"] == 1
+            found = wait(client, key, lost, timeout=60)
+            assert found["state"] == "succeeded", found["error"]
     finally:
         stop(worker)
