@@ -13,13 +13,15 @@ import threading
 import time
 from collections import defaultdict, deque
 from contextlib import asynccontextmanager
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -63,6 +65,31 @@ class Problem(Exception):
         )
 
 
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., examples=["ct-default"])
+    n: int = Field(16, ge=1, le=64)
+    sampler: Literal["pc", "em", "ancestral", "ode", "ald", "fast"] = "pc"
+    steps: int = Field(500, ge=2, le=5000)
+    seed: int = Field(0, ge=0)
+
+
+class TrainingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    data_dir: str = Field(..., description="a folder under one of SCORERECON_DATA_DIRS")
+    model_id: str = Field(..., pattern=r"^[a-z0-9][a-z0-9._-]{1,63}$", examples=["ct-site-2026"])
+    preset: Literal["tiny", "small", "paper"] = "small"
+    image_size: int = Field(128, ge=16, le=1024)
+    steps: int = Field(1000, ge=1, le=10_000_000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    objective: Literal["dsm", "ssm", "ssm-vr", "likelihood"] = "dsm"
+    augment: bool = False
+    axes: list[int] = Field([0], min_length=1, max_length=3)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    checkpoint_every: int = Field(200, ge=1)
+    preview: int = Field(4, ge=0, le=64)
+
+
 class RateLimiter:
     """A sliding one-minute window per key (per gateway process)."""
 
@@ -91,10 +118,11 @@ def job_json(job: Job) -> dict:
     base = f"/v1/jobs/{job.id}"
     links = {"self": base, "cancel": base}
     if job.state == "succeeded":
-        links |= {
-            f"result_{f}": f"{base}/result?format={f}"
-            for f in ("npy", "std", "png", "json", "dicom")
-        }
+        formats = {
+            "reconstruction": ("npy", "std", "png", "json", "dicom"),
+            "sampling": ("npy", "png", "json"),
+        }.get(job.kind, ("json",))
+        links |= {f"result_{f}": f"{base}/result?format={f}" for f in formats}
     return {
         "id": job.id,
         "kind": job.kind,
@@ -335,6 +363,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job = own_job(job_id, p)
         if job.state != "succeeded":
             raise Problem(409, "No result", f"job {job_id} is {job.state}; poll until 'succeeded'")
+        if format in ("dicom", "std") and job.kind != "reconstruction":
+            raise Problem(
+                404, "No such result", f"a {job.kind} job has no {format} result", "format"
+            )
+        if job.kind == "training" and format != "json":
+            raise Problem(
+                404,
+                "No such result",
+                "a training job's result is its report (format=json); "
+                "the model is in GET /v1/models",
+                "format",
+            )
         if format == "dicom":
             return Response(
                 _dicom_zip(job, results),
@@ -342,7 +382,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 headers={"Content-Disposition": f'attachment; filename="{job_id}-dicom.zip"'},
             )
         name, media = {
-            "npy": ("recon.npy", "application/octet-stream"),
+            "npy": (
+                "samples.npy" if job.kind == "sampling" else "recon.npy",
+                "application/octet-stream",
+            ),
             "std": ("std.npy", "application/octet-stream"),
             "png": ("preview.png", "image/png"),
             "json": ("report.json", "application/json"),
@@ -363,6 +406,62 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(404, "Not found", f"no model '{name}'; see GET /v1/models")
         card = load_card(_model_path(name, settings))
         return {k: v for k, v in card.items() if k != "loss_curve"}
+
+    def _admin_job(p: Principal, kind: str, model: str, params: dict) -> JSONResponse:
+        job_id = new_id()
+        with jobs.session() as s:
+            s.add(
+                Job(
+                    id=job_id,
+                    kind=kind,
+                    owner=p.owner,
+                    spec={},
+                    params=params,
+                    model=model,
+                    result_keys=[],
+                )
+            )
+        jobs.audit(f"submit-{kind}", "queued", p.key_id, p.owner, job_id)
+        body = job_json(jobs.get(job_id))
+        executor.enqueue(job_id, kind)
+        return JSONResponse(body, 202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    @app.post("/v1/admin/sampling", status_code=202, tags=["admin"])
+    def admin_sampling(
+        p: Annotated[Principal, Depends(scope("admin"))], body: SamplingRequest
+    ) -> JSONResponse:
+        if body.model not in _model_names(settings):
+            raise Problem(
+                422, "Unknown model", f"model '{body.model}' not found; see GET /v1/models", "model"
+            )
+        return _admin_job(p, "sampling", body.model, body.model_dump())
+
+    @app.post("/v1/admin/training", status_code=202, tags=["admin"])
+    def admin_training(
+        p: Annotated[Principal, Depends(scope("admin"))], body: TrainingRequest
+    ) -> JSONResponse:
+        data = Path(body.data_dir).resolve()
+        roots = [Path(r).resolve() for r in settings.data_dirs]
+        if not any(data == r or r in data.parents for r in roots):
+            listed = ", ".join(map(str, roots)) or "none (set SCORERECON_DATA_DIRS)"
+            raise Problem(
+                422,
+                "Unregistered data directory",
+                f"data_dir must lie under a registered directory: {listed}",
+                "data_dir",
+            )
+        if not data.is_dir():
+            raise Problem(422, "Missing data directory", f"{data} is not a directory", "data_dir")
+        if body.model_id in _model_names(settings):
+            raise Problem(
+                409,
+                "Model exists",
+                f"model '{body.model_id}' exists; choose another model_id",
+                "model_id",
+            )
+        return _admin_job(
+            p, "training", body.model_id, {**body.model_dump(), "data_dir": str(data)}
+        )
 
     @app.post("/v1/admin/api-keys", status_code=201, tags=["admin"])
     def new_key(

@@ -2,7 +2,7 @@
 
 ``EmbeddedExecutor`` runs jobs in a thread pool inside the gateway process (a laptop, the
 tests, ``make demo``); the Celery executor (``workers/celery_app.py``) sends only the job id
-to the broker. Both call the same runner, :func:`workers.tasks.run_reconstruction`.
+to the broker. Both call the same runner, :func:`workers.tasks.run_job`.
 """
 
 from __future__ import annotations
@@ -44,15 +44,13 @@ class EmbeddedExecutor:
         self.sweeper.start()
 
     def enqueue(self, job_id: str, kind: str = "reconstruction") -> None:
-        from workers.tasks import run_reconstruction
+        from workers.tasks import run_job
 
-        if kind != "reconstruction":
-            raise ValueError(f"the embedded executor runs reconstruction jobs, not {kind!r}")
         held = self.futures.get(job_id)
         if held is not None and not held.done():
             return
         self.futures[job_id] = self.pool.submit(
-            run_reconstruction,
+            run_job,
             job_id,
             self.jobs,
             self.results,

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(1000, ge=1)
     rate_limit_per_minute: int = Field(120, ge=1)
     torch_threads: int | None = None
+    data_dirs: list[Path] = []  # server-side training data roots the operator registers
     # Workers (Celery): limits, redelivery and recovery.
     job_soft_limit_s: int = 3300
     job_hard_limit_s: int = 3600

@@ -3,7 +3,7 @@
 Messages carry only the job id (no patient data in the broker or in Flower). A worker killed
 mid-job leaves its message unacknowledged; Redis redelivers it after ``visibility_timeout``
 (longer than the hard time limit) and the new worker reclaims the job because its heartbeat
-went stale (see :func:`workers.tasks.run_reconstruction`). ``sweep`` re-enqueues jobs whose
+went stale (see :func:`workers.tasks.run_job`). ``sweep`` re-enqueues jobs whose
 message was lost. CUDA is first touched inside the task, i.e. in the forked child.
 """
 
@@ -66,11 +66,11 @@ def _register(app: Celery, settings: Settings) -> None:
 
     @app.task(name=TASK, bind=True, max_retries=settings.max_retries)
     def reconstruct_task(self, job_id: str) -> str:
-        from workers.tasks import Transient, run_reconstruction
+        from workers.tasks import Transient, run_job
 
         jobs, results = stores()
         try:
-            return run_reconstruction(
+            return run_job(
                 job_id, jobs, results, settings.models, stale_after_s=settings.heartbeat_stale_s
             )
         except Transient as exc:
@@ -97,9 +97,8 @@ class CeleryExecutor:
         self.app = make_celery(settings)
 
     def enqueue(self, job_id: str, kind: str) -> None:
-        if kind != "reconstruction":
-            raise ValueError(f"no Celery task for {kind!r} jobs yet")
-        self.app.send_task(TASK, args=[job_id])
+        # Training has its own queue (and GPUs); reconstruction and sampling share `gpu`.
+        self.app.send_task(TASK, args=[job_id], queue="train" if kind == "training" else "gpu")
 
     def ping(self) -> bool:
         with self.app.connection_for_write() as conn:

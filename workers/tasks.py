@@ -99,14 +99,15 @@ def _claim(job, jobs: JobStore, stale_after_s: float) -> bool:
     return False
 
 
-def run_reconstruction(
+def run_job(
     job_id: str,
     jobs: JobStore,
     results: LocalResultStore,
     models_dir: Path,
     stale_after_s: float = 120.0,
 ) -> str:
-    """Run one reconstruction job to a final state; returns that state (or 'skipped')."""
+    """Run one job (reconstruction, sampling or training) to a final state; returns that
+    state (or 'skipped')."""
     try:
         job = jobs.get(job_id)
     except OperationalError as exc:
@@ -120,7 +121,7 @@ def run_reconstruction(
         return "skipped"
     log.info("job %s started (attempt %d)", job_id, job.attempts + 1)
     try:
-        state = _reconstruct(job, jobs, results, models_dir)
+        state = RUNNERS[job.kind](job, jobs, results, models_dir)
     except Cancelled:
         jobs.transition(job_id, ["running"], "cancelled", finished_at=now(), phase="cancelled")
         state = "cancelled"
@@ -184,23 +185,7 @@ def _reconstruct(job, jobs: JobStore, results: LocalResultStore, models_dir: Pat
     prior = load_prior(resolve_model(job.model, models_dir))
     config = ReconConfig(sampler=params.get("sampler", "pc"))
     config.n_steps = steps_for_nfe(config, int(params.get("nfe", 200)))
-    tick, check = _Throttle(), _Throttle()
-
-    def progress(step: int, total: int) -> None:
-        if tick.due(step == total):
-            jobs.set_fields(
-                job.id,
-                progress_step=step,
-                progress_total=total,
-                phase="sampling",
-                heartbeat_at=now(),
-            )
-
-    def cancel() -> bool:
-        if not check.due():
-            return False
-        current = jobs.get(job.id)
-        return current is not None and current.cancel_requested
+    progress, cancel = _progress_writer(job, jobs, "sampling"), _cancel_check(job, jobs)
 
     # A stack of slices runs in batches of ``batch_slices`` (× K samples each); the
     # results keep the slice order. Progress counts steps over all batches.
@@ -265,3 +250,132 @@ def _put_npy(results: LocalResultStore, job_id: str, name: str, arr: np.ndarray)
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     results.put(job_id, name, buf.getvalue())
+
+
+def _progress_writer(job, jobs: JobStore, phase: str):
+    tick = _Throttle()
+
+    def progress(step: int, total: int, *_: object) -> None:
+        if tick.due(step == total):
+            jobs.set_fields(
+                job.id, progress_step=step, progress_total=total, phase=phase, heartbeat_at=now()
+            )
+
+    return progress
+
+
+def _cancel_check(job, jobs: JobStore):
+    check = _Throttle()
+
+    def cancel() -> bool:
+        if not check.due():
+            return False
+        current = jobs.get(job.id)
+        return current is not None and current.cancel_requested
+
+    return cancel
+
+
+def _sample(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) -> str:
+    """Admin sampling: n samples from a prior with a named sampler; NPY and a grid PNG."""
+    from models.figures import grid
+    from models.sampling.registry import sample
+
+    params = job.params
+    prior = load_prior(resolve_model(job.model, models_dir))
+    n, size = int(params.get("n", 16)), prior.image_size
+    gen = torch.Generator().manual_seed(int(params.get("seed", 0)))
+    res = sample(
+        params.get("sampler", "pc"),
+        prior.sde,
+        prior.score_fn,
+        (n, 1, size, size),
+        int(params.get("steps", 500)),
+        generator=gen,
+        progress=_progress_writer(job, jobs, "sampling"),
+        cancel=_cancel_check(job, jobs),
+    )
+    _put_npy(results, job.id, "samples.npy", res.samples.numpy())
+    buf = io.BytesIO()
+    save_png(buf, grid(res.samples))
+    results.put(job.id, "preview.png", buf.getvalue())
+    report = {"nfe": res.nfe, "n": n, "sampler": params.get("sampler", "pc"), "model": job.model}
+    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
+    done = jobs.transition(
+        job.id,
+        ["running"],
+        "succeeded",
+        finished_at=now(),
+        phase="done",
+        result_keys=["samples.npy", "preview.png", "report.json"],
+    )
+    return "succeeded" if done else "cancelled"
+
+
+def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) -> str:
+    """Admin training: a prior trained on a registered server-side folder; the new model
+    appears under ``models_dir`` (and in GET /v1/models) when it is written."""
+    from models.data import load_dataset
+    from models.nets.ncsnpp import build
+    from models.sde import VESDE, sigma_max_from_data
+    from models.training import Cancelled as TrainCancelled
+    from models.training import TrainConfig, fit_prior
+
+    p = job.params
+    size = int(p.get("image_size", 128))
+    ds = load_dataset(
+        p["data_dir"], size, tuple(p.get("axes", [0])), float(p.get("val_fraction", 0.1))
+    )
+    sde = VESDE(0.01, max(1.0, sigma_max_from_data(ds.train)))
+    net = build(p.get("preset", "small"), sde.sigma)
+    cfg = TrainConfig(
+        steps=int(p.get("steps", 1000)),
+        batch_size=int(p.get("batch_size", 8)),
+        objective=p.get("objective", "dsm"),
+        augment=bool(p.get("augment", False)),
+        checkpoint_every=int(p.get("checkpoint_every", 200)),
+    )
+    card = {
+        "name": p["model_id"],
+        "image_size": size,
+        "intensity": "[0, 1]; CT: (HU + 1000) / 4000; MR: magnitude / 99.5th percentile",
+        "training_data": {
+            "directory": p["data_dir"],
+            "train_volumes": ds.train_volumes,
+            "validation_volumes": ds.val_volumes,
+            "skipped_files": len(ds.report.skipped),
+        },
+        "n_images": len(ds.train),
+        "trained_by_job": job.id,
+    }
+    out = models_dir / p["model_id"]
+    cancel = _cancel_check(job, jobs)
+    try:
+        fit_prior(
+            ds.train,
+            out,
+            sde,
+            net,
+            cfg,
+            card,
+            resume=True,
+            preview=int(p.get("preview", 4)),
+            progress=_progress_writer(job, jobs, "training"),
+            cancel=cancel,
+        )
+    except TrainCancelled as exc:
+        raise Cancelled(str(exc)) from None
+    report = {"model": p["model_id"], "steps": cfg.steps, "n_images": len(ds.train)}
+    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
+    done = jobs.transition(
+        job.id,
+        ["running"],
+        "succeeded",
+        finished_at=now(),
+        phase="done",
+        result_keys=["report.json"],
+    )
+    return "succeeded" if done else "cancelled"
+
+
+RUNNERS = {"reconstruction": _reconstruct, "sampling": _sample, "training": _train}

@@ -242,3 +242,50 @@ def test_a_stack_of_slices_runs_in_batches_and_keeps_slice_order(gateway):
     assert recon.shape == (3, 1, 32, 32)
     means = recon.reshape(3, -1).mean(1)
     assert means[0] < means[1] < means[2]  # brighter data, brighter slice: order kept
+
+
+def test_admin_sampling_and_training_jobs(gateway, settings, tmp_path):
+    client, keys, _ = gateway
+    req = {"model": "tiny32", "n": 3, "sampler": "fast", "steps": 3}
+    assert (
+        client.post("/v1/admin/sampling", json=req, headers=auth(keys["alice"])).status_code == 403
+    )
+    r = client.post("/v1/admin/sampling", json=req, headers=auth(keys["admin"]))
+    assert r.status_code == 202, r.text
+    done = wait(client, keys["admin"], r.json()["id"])
+    assert done["state"] == "succeeded" and done["kind"] == "sampling", done
+    samples = client.get(done["links"]["result_npy"], headers=auth(keys["admin"]))
+    assert np.load(io.BytesIO(samples.content)).shape == (3, 1, 32, 32)
+    bad = client.post(
+        "/v1/admin/sampling", json={**req, "model": "nope"}, headers=auth(keys["admin"])
+    )
+    assert bad.status_code == 422 and bad.json()["field"] == "model"
+    # Training reads only registered server-side folders.
+    data = tmp_path / "archive" / "ct"
+    data.mkdir(parents=True)
+    for i in range(4):
+        np.save(data / f"s{i}.npy", np.random.default_rng(i).random((16, 16)).astype(np.float32))
+    train = {
+        "data_dir": str(data),
+        "model_id": "site-ct",
+        "preset": "tiny",
+        "image_size": 16,
+        "steps": 3,
+        "batch_size": 2,
+        "checkpoint_every": 3,
+        "preview": 1,
+        "val_fraction": 0,
+    }
+    refused = client.post("/v1/admin/training", json=train, headers=auth(keys["admin"]))
+    assert refused.status_code == 422 and refused.json()["field"] == "data_dir"
+    settings.data_dirs = [tmp_path / "archive"]
+    r = client.post("/v1/admin/training", json=train, headers=auth(keys["admin"]))
+    assert r.status_code == 202, r.text
+    done = wait(client, keys["admin"], r.json()["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    models = client.get("/v1/models", headers=auth(keys["alice"])).json()["items"]
+    assert "site-ct" in [m["id"] for m in models]
+    again = client.post("/v1/admin/training", json=train, headers=auth(keys["admin"]))
+    assert again.status_code == 409
+    report = client.get(done["links"]["result_json"], headers=auth(keys["admin"])).json()
+    assert report["model"] == "site-ct" and report["n_images"] == 4
