@@ -28,6 +28,7 @@ bench: setup
 	$(PY) benchmarks/priors.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/gateway.py
+	$(PY) benchmarks/queue.py
 
 clean:
 	rm -rf $(VENV) out

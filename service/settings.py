@@ -4,7 +4,8 @@ Everything defaults to one directory, ``SCORERECON_HOME`` (``~/.local/share/scor
 the SQLite job database, the result store and admin-trained models, so that
 ``scorerecon keys create`` and ``scorerecon serve`` on a fresh machine share them with no
 configuration. Deployments point ``SCORERECON_DATABASE_URL`` at PostgreSQL and
-``SCORERECON_EXECUTOR`` at ``celery``.
+``SCORERECON_EXECUTOR`` at ``celery`` (or set ``REDIS_URL``, which implies Celery on it);
+without either, jobs run in the gateway's own worker threads with no broker at all.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +48,16 @@ class Settings(BaseSettings):
     heartbeat_stale_s: float = 120.0  # a running job without heartbeat this long is orphaned
     requeue_after_s: float = 300.0  # a queued job older than this lost its message
     sweep_every_s: float = 60.0
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> Settings:
+        """``REDIS_URL`` (as most platforms export it) switches to Celery on that Redis,
+        unless the executor or broker were set explicitly."""
+        url = os.environ.get("REDIS_URL")
+        explicit = {"executor", "broker_url"} & self.model_fields_set
+        if url and not explicit:
+            self.broker_url, self.executor = url, "celery"
+        return self
 
     @cached_property
     def db_url(self) -> str:

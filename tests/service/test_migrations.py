@@ -23,3 +23,16 @@ def test_migrations_up_and_down(db_url):
     upgrade(db_url)
     assert store.get("a" * 32) is None
     store.engine.dispose()
+
+
+def test_redis_url_selects_celery_unless_settings_say_otherwise(monkeypatch):
+    from service.settings import Settings
+
+    monkeypatch.delenv("SCORERECON_EXECUTOR", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert Settings().executor == "embedded"
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/9")
+    s = Settings()
+    assert s.executor == "celery" and s.broker_url == "redis://127.0.0.1:6379/9"
+    monkeypatch.setenv("SCORERECON_EXECUTOR", "embedded")
+    assert Settings().executor == "embedded"
