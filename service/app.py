@@ -520,10 +520,43 @@ def _read_limited(upload: UploadFile, max_mb: float) -> bytes:
     return data
 
 
+def _load_array(raw: bytes) -> np.ndarray:
+    if not raw.startswith(b"PK"):
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        infos = {i.filename.removesuffix(".npy"): i for i in z.infolist()}
+        limit = 64 * max(len(raw), 1 << 20)
+        for info in infos.values():
+            if info.file_size > limit:
+                raise Problem(
+                    413,
+                    "Archive too large",
+                    f"{info.filename} inflates beyond {limit >> 20} MB",
+                    "measurement",
+                )
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            if set(npz.files) == {"real", "imag"}:
+                return npz["real"] + 1j * npz["imag"]
+            if len(npz.files) != 1:
+                raise Problem(
+                    422,
+                    "Invalid measurement",
+                    f".npz must hold one array or 'real' and 'imag'; found {npz.files}",
+                    "measurement",
+                )
+            return npz[npz.files[0]]
+
+
 def _parse_measurement(raw: bytes, spec) -> torch.Tensor:
-    """The uploaded .npy checked against the spec's operator: shape, dtype, finiteness."""
+    """The uploaded .npy (or .npz with one array, or ``real``/``imag`` arrays) checked against
+    the spec's operator: shape, dtype, finiteness. Archives are read with a size cap per
+    member, so a zip bomb is refused rather than inflated."""
     try:
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+        arr = _load_array(raw)
+    except Problem:
+        raise
     except Exception:  # noqa: BLE001 - any unreadable upload is the client's to fix
         raise Problem(
             422,

@@ -289,3 +289,50 @@ def test_admin_sampling_and_training_jobs(gateway, settings, tmp_path):
     assert again.status_code == 409
     report = client.get(done["links"]["result_json"], headers=auth(keys["admin"])).json()
     assert report["model"] == "site-ct" and report["n_images"] == 4
+
+
+def test_npz_uploads_and_complex_kspace_pairs(gateway):
+    client, keys, _ = gateway
+    y = np.load(io.BytesIO(ct_measurement()))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, sino=y)
+    assert submit(client, keys["alice"], data=buf.getvalue()).status_code == 202
+    two = io.BytesIO()
+    np.savez(two, a=y, b=y)
+    r = submit(client, keys["alice"], data=two.getvalue())
+    assert r.status_code == 422 and "one array" in r.json()["detail"]
+    bomb = io.BytesIO()
+    np.savez_compressed(bomb, x=np.zeros((8000, 8000), np.float32))  # 256 MB of zeros
+    r = submit(client, keys["alice"], data=bomb.getvalue())
+    assert r.status_code == 413 and "inflates" in r.json()["detail"]
+
+
+def test_rate_limit_and_admission_control(settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.auth import create_key
+
+    settings.rate_limit_per_minute = 3
+    settings.max_queue = 1
+    settings.embedded_workers = 1
+    app = create_app(settings)
+    key = create_key(app.state.jobs, ["recon:submit", "recon:read"], "alice")[1]
+    with TestClient(app) as client:
+        statuses = [client.get("/v1/jobs", headers=auth(key)).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        r = client.get("/v1/jobs", headers=auth(key))
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    app.state.jobs.engine.dispose()
+    settings.rate_limit_per_minute = 1000
+    app = create_app(settings)
+    key = create_key(app.state.jobs, ["recon:submit", "recon:read"], "bob")[1]
+    with TestClient(app) as client:
+        first = submit(client, key, sampler="pc", nfe="4000")  # occupies the worker
+        second = submit(client, key)  # waits in the queue
+        third = submit(client, key)
+        assert first.status_code == 202 and second.status_code == 202
+        assert third.status_code == 429 and "queued" in third.json()["detail"]
+        for r in (first, second):
+            client.delete(f"/v1/jobs/{r.json()['id']}", headers=auth(key))
+    app.state.jobs.engine.dispose()
