@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean orthanc
 
 setup: $(STAMP)
 
@@ -13,10 +13,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev,test,priors,tune]'
 	touch $(STAMP)
 
+orthanc:
+	bash scripts/install-orthanc.sh
+
 demo: setup
 	$(PY) -m service.demo --out out
 
-test: setup
+test: setup orthanc
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -25,13 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from models.io import HUMapping
 from models.physics import SpecError, from_spec, parse_spec
 from models.registry import ModelError, bundled_models, load_card
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
 from service.db import FINAL, STATES, AuditEntry, Job, JobStore, new_id
-from service.dicom_export import SOURCE_KEYWORDS, zip_series
-from service.dicom_export import series as dicom_series
+from service.dicom_export import SOURCE_KEYWORDS, job_series, zip_series
 from service.executor import make_executor
 from service.migrate import upgrade
 from service.results import LocalResultStore
@@ -88,6 +86,11 @@ class TrainingRequest(BaseModel):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(200, ge=1)
     preview: int = Field(4, ge=0, le=64)
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    destination: str = Field(..., description="a PACS named in SCORERECON_PACS")
 
 
 class RateLimiter:
@@ -354,6 +357,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.audit("cancel", "requested", p.key_id, p.owner, job_id)
         return job_json(jobs.get(job_id))
 
+    @app.post("/v1/jobs/{job_id}/export", status_code=202, tags=["jobs"])
+    def export(
+        job_id: str, p: Annotated[Principal, Depends(scope("recon:submit"))], body: ExportRequest
+    ) -> JSONResponse:
+        job = own_job(job_id, p)
+        if job.kind != "reconstruction" or job.state != "succeeded":
+            raise Problem(
+                409,
+                "Nothing to export",
+                f"job {job_id} is a {job.state} {job.kind} job; "
+                "export needs a succeeded reconstruction",
+            )
+        if body.destination not in settings.pacs:
+            known = ", ".join(sorted(settings.pacs)) or "none configured (SCORERECON_PACS)"
+            raise Problem(
+                422, "Unknown destination", f"destination must be one of: {known}", "destination"
+            )
+        export_id = new_id()
+        with jobs.session() as s:
+            s.add(
+                Job(
+                    id=export_id,
+                    kind="export",
+                    owner=p.owner,
+                    spec={},
+                    model=job.model,
+                    params={"destination": body.destination, "source_job": job_id},
+                    result_keys=[],
+                )
+            )
+        jobs.audit("export", f"to {body.destination}", p.key_id, p.owner, job_id)
+        out = job_json(jobs.get(export_id))
+        executor.enqueue(export_id, "export")
+        return JSONResponse(out, 202, headers={"Location": f"/v1/jobs/{export_id}"})
+
     @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
     def result(
         job_id: str,
@@ -377,7 +415,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         if format == "dicom":
             return Response(
-                _dicom_zip(job, results),
+                zip_series(job_series(job, results)),
                 media_type="application/zip",
                 headers={"Content-Disposition": f'attachment; filename="{job_id}-dicom.zip"'},
             )
@@ -624,25 +662,6 @@ def _parse_source(text: str) -> dict:
                 f"source.{k}",
             )
     return data
-
-
-def _dicom_zip(job: Job, results: LocalResultStore) -> bytes:
-    """The reconstruction (and its posterior std) as DICOM series, zipped."""
-    mean = np.load(io.BytesIO(results.get(job.id, "recon.npy")))[:, 0]
-    std = np.load(io.BytesIO(results.get(job.id, "std.npy")))[:, 0]
-    modality = "CT" if job.spec.get("modality") == "ct" else "MR"
-    spacing = float(job.spec.get("pixel_size", 1.0))
-    hu = HUMapping()
-    if modality == "CT":
-        mean, std = hu.to_hu(mean), std * (hu.hu_max - hu.hu_air)
-    source = job.params.get("dicom_source", {})
-    kw = {"pixel_spacing": (spacing, spacing), "slice_thickness": spacing}
-    datasets = dicom_series(mean, modality, job.id, job.model or "", source, **kw)
-    if float(np.max(std)) > 0:
-        datasets += dicom_series(
-            std, modality, job.id, job.model or "", source, kind="uncertainty", **kw
-        )
-    return zip_series(datasets)
 
 
 def _model_names(settings: Settings) -> list[str]:

@@ -209,6 +209,7 @@ def _base(modality: str, instance_uid: str) -> FileDataset:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = IMPLEMENTATION_UID
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.set_original_encoding(False, True, "utf_8")  # explicit VR little endian, as sent
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = instance_uid
     ds.Modality = modality
@@ -243,3 +244,24 @@ def zip_series(datasets: Sequence[FileDataset]) -> bytes:
         for ds in datasets:
             z.writestr(f"{int(ds.SeriesNumber)}/{int(ds.InstanceNumber):04d}.dcm", to_bytes(ds))
     return buf.getvalue()
+
+
+def job_series(job, results) -> list[FileDataset]:
+    """The series of a finished reconstruction job: the mean, and the posterior std as a
+    second series when K > 1 (CT in HU through the model card's mapping)."""
+    from models.io import HUMapping
+
+    mean = np.load(io.BytesIO(results.get(job.id, "recon.npy")))[:, 0]
+    std = np.load(io.BytesIO(results.get(job.id, "std.npy")))[:, 0]
+    modality = "CT" if job.spec.get("modality") == "ct" else "MR"
+    spacing = float(job.spec.get("pixel_size", 1.0))
+    if modality == "CT":
+        hu = HUMapping()
+        mean, std = hu.to_hu(mean), std * (hu.hu_max - hu.hu_air)
+    source = job.params.get("dicom_source", {})
+    kw = {"pixel_spacing": (spacing, spacing), "slice_thickness": spacing}
+    model = job.model or ""
+    datasets = series(mean, modality, job.id, model, source, **kw)
+    if float(np.max(std)) > 0:
+        datasets += series(std, modality, job.id, model, source, kind="uncertainty", **kw)
+    return datasets

@@ -56,6 +56,7 @@ class EmbeddedExecutor:
             self.results,
             self.settings.models,
             self.settings.heartbeat_stale_s,
+            self.settings,
         )
 
     def _sweep_loop(self) -> None:

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(120, ge=1)
     torch_threads: int | None = None
     data_dirs: list[Path] = []  # server-side training data roots the operator registers
+    pacs: dict[str, dict] = {}  # export destinations by name (see service/pacs.py)
     # Workers (Celery): limits, redelivery and recovery.
     job_soft_limit_s: int = 3300
     job_hard_limit_s: int = 3600

@@ -71,7 +71,12 @@ def _register(app: Celery, settings: Settings) -> None:
         jobs, results = stores()
         try:
             return run_job(
-                job_id, jobs, results, settings.models, stale_after_s=settings.heartbeat_stale_s
+                job_id,
+                jobs,
+                results,
+                settings.models,
+                stale_after_s=settings.heartbeat_stale_s,
+                settings=settings,
             )
         except Transient as exc:
             # Database or storage briefly unavailable: retry with exponential backoff.
@@ -97,8 +102,9 @@ class CeleryExecutor:
         self.app = make_celery(settings)
 
     def enqueue(self, job_id: str, kind: str) -> None:
-        # Training has its own queue (and GPUs); reconstruction and sampling share `gpu`.
-        self.app.send_task(TASK, args=[job_id], queue="train" if kind == "training" else "gpu")
+        # Training has its own queue (and GPUs), exports run on `cpu`, the rest on `gpu`.
+        queue = {"training": "train", "export": "cpu"}.get(kind, "gpu")
+        self.app.send_task(TASK, args=[job_id], queue=queue)
 
     def ping(self) -> bool:
         with self.app.connection_for_write() as conn:

@@ -105,6 +105,7 @@ def run_job(
     results: LocalResultStore,
     models_dir: Path,
     stale_after_s: float = 120.0,
+    settings=None,
 ) -> str:
     """Run one job (reconstruction, sampling or training) to a final state; returns that
     state (or 'skipped')."""
@@ -121,7 +122,7 @@ def run_job(
         return "skipped"
     log.info("job %s started (attempt %d)", job_id, job.attempts + 1)
     try:
-        state = RUNNERS[job.kind](job, jobs, results, models_dir)
+        state = RUNNERS[job.kind](job, jobs, results, models_dir, settings)
     except Cancelled:
         jobs.transition(job_id, ["running"], "cancelled", finished_at=now(), phase="cancelled")
         state = "cancelled"
@@ -171,7 +172,9 @@ def sweep(jobs: JobStore, enqueue, requeue_after_s: float, stale_after_s: float)
     return {"requeued": len(queued), "orphaned": len(stale)}
 
 
-def _reconstruct(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) -> str:
+def _reconstruct(
+    job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None
+) -> str:
     spec = parse_spec(job.spec)
     op = from_spec(spec)
     y = torch.from_numpy(np.load(io.BytesIO(results.get(job.id, "measurement.npy"))))
@@ -276,7 +279,7 @@ def _cancel_check(job, jobs: JobStore):
     return cancel
 
 
-def _sample(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) -> str:
+def _sample(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
     """Admin sampling: n samples from a prior with a named sampler; NPY and a grid PNG."""
     from models.figures import grid
     from models.sampling.registry import sample
@@ -312,7 +315,7 @@ def _sample(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) ->
     return "succeeded" if done else "cancelled"
 
 
-def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) -> str:
+def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
     """Admin training: a prior trained on a registered server-side folder; the new model
     appears under ``models_dir`` (and in GET /v1/models) when it is written."""
     from models.data import load_dataset
@@ -378,4 +381,38 @@ def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path) -> 
     return "succeeded" if done else "cancelled"
 
 
-RUNNERS = {"reconstruction": _reconstruct, "sampling": _sample, "training": _train}
+def _export(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
+    """Push a finished reconstruction's series to a configured PACS."""
+    from service.dicom_export import job_series
+    from service.pacs import Destination, PermanentError, TransientError, push
+    from service.settings import Settings
+
+    source = jobs.get(job.params["source_job"])
+    if source is None or source.state != "succeeded":
+        raise ValueError(f"job {job.params['source_job']} has no result to export")
+    try:
+        dest = Destination.from_settings(job.params["destination"], (settings or Settings()).pacs)
+        jobs.set_fields(job.id, phase="sending", heartbeat_at=now())
+        report = push(dest, job_series(source, results))
+    except PermanentError as exc:
+        raise ValueError(str(exc)) from None  # fails once, with the reason
+    except TransientError as exc:
+        raise OSError(str(exc)) from None  # retried with backoff
+    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
+    done = jobs.transition(
+        job.id,
+        ["running"],
+        "succeeded",
+        finished_at=now(),
+        phase="done",
+        result_keys=["report.json"],
+    )
+    return "succeeded" if done else "cancelled"
+
+
+RUNNERS = {
+    "reconstruction": _reconstruct,
+    "sampling": _sample,
+    "training": _train,
+    "export": _export,
+}

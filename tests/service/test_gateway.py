@@ -20,7 +20,7 @@ def submit(client, key, data=None, spec=CT_SPEC, headers=None, **form):
     )
 
 
-def wait(client, key, job_id, timeout=60):
+def wait(client, key, job_id, timeout=180):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         r = client.get(f"/v1/jobs/{job_id}", headers=auth(key))
