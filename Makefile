@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev,test,priors,tune]'
 	touch $(STAMP)
 
-orthanc:
-	bash scripts/install-orthanc.sh
+orthanc:  # the test PACS; without it the PACS tests skip and say why
+	bash scripts/install-orthanc.sh || echo "warning: Orthanc could not be installed; PACS tests will skip"
 
 demo: setup
 	$(PY) -m service.demo --out out
