@@ -44,20 +44,26 @@ class EmbeddedExecutor:
         self.sweeper.start()
 
     def enqueue(self, job_id: str, kind: str = "reconstruction") -> None:
-        from workers.tasks import run_job
-
         held = self.futures.get(job_id)
         if held is not None and not held.done():
             return
-        self.futures[job_id] = self.pool.submit(
-            run_job,
-            job_id,
-            self.jobs,
-            self.results,
-            self.settings.models,
-            self.settings.heartbeat_stale_s,
-            self.settings,
-        )
+        self.futures[job_id] = self.pool.submit(self._run, job_id, kind)
+
+    def _run(self, job_id: str, kind: str) -> str:
+        """Run the job; a transient failure is retried after an exponential back-off."""
+        from workers.tasks import Transient, run_job
+
+        s = self.settings
+        try:
+            return run_job(job_id, self.jobs, self.results, s.models, s.heartbeat_stale_s, s)
+        except Transient as exc:
+            job = self.jobs.get(job_id)
+            delay = min(60.0, 2.0 ** (job.attempts if job else 1))
+            log.warning("job %s: %s; retrying in %.0f s", job_id, exc, delay)
+            timer = threading.Timer(delay, self.enqueue, args=(job_id, kind))
+            timer.daemon = True
+            timer.start()
+            return "retrying"
 
     def _sweep_loop(self) -> None:
         from workers.tasks import sweep

@@ -67,6 +67,7 @@ def _stow(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:
     if dest.username:
         session.auth = (dest.username, dest.password)
     client = DICOMwebClient(url=dest.url, session=session)
+    client.set_http_retry_params(retry=False)  # retries belong to the export job, with back-off
     sent = 0
     for start in range(0, len(datasets), BATCH):
         batch = list(datasets[start : start + BATCH])

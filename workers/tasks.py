@@ -118,6 +118,19 @@ def run_job(
     if job.cancel_requested:
         jobs.transition(job_id, ["queued"], "cancelled", finished_at=now(), phase="cancelled")
         return "cancelled"
+    max_attempts = 1 + (settings.max_retries if settings is not None else 3)
+    if job.state == "queued" and job.attempts >= max_attempts:
+        # Transient failures (an unreachable PACS, a storage hiccup) are retried, not forever.
+        reason = job.error or "transient failures"
+        jobs.transition(
+            job_id,
+            ["queued"],
+            "failed",
+            finished_at=now(),
+            phase="failed",
+            error=f"gave up after {job.attempts} attempts: {reason}",
+        )
+        return "failed"
     if not _claim(job, jobs, stale_after_s):
         return "skipped"
     log.info("job %s started (attempt %d)", job_id, job.attempts + 1)
@@ -134,7 +147,7 @@ def run_job(
     except (OperationalError, OSError) as exc:
         # Back to the queue (if the database lets us) and retried by the caller.
         try:
-            jobs.transition(job_id, ["running"], "queued", phase="retrying")
+            jobs.transition(job_id, ["running"], "queued", phase="retrying", error=str(exc))
         except OperationalError:
             pass  # the sweep will find the stale running job
         raise Transient(f"{type(exc).__name__}: {exc}") from exc

@@ -120,3 +120,19 @@ def test_export_by_stow_rs_and_c_store_into_the_source_study(gateway, settings, 
         f"/v1/jobs/{job['id']}/export", json={"destination": "nope"}, headers=auth(keys["alice"])
     )
     assert unknown.status_code == 422 and unknown.json()["field"] == "destination"
+
+
+def test_unreachable_pacs_fails_clearly_and_keeps_the_result(gateway, settings):
+    client, keys, _ = gateway
+    settings.max_retries = 1
+    settings.pacs = {"down": {"kind": "stowrs", "url": f"http://127.0.0.1:{_port()}/dicom-web"}}
+    job = submit(client, keys["alice"]).json()
+    assert wait(client, keys["alice"], job["id"])["state"] == "succeeded"
+    r = client.post(
+        f"/v1/jobs/{job['id']}/export", json={"destination": "down"}, headers=auth(keys["alice"])
+    )
+    failed = wait(client, keys["alice"], r.json()["id"], timeout=60)
+    assert failed["state"] == "failed" and "unreachable" in failed["error"], failed
+    assert failed["attempts"] == 2 and "gave up after 2 attempts" in failed["error"]
+    result = client.get(f"/v1/jobs/{job['id']}/result?format=npy", headers=auth(keys["alice"]))
+    assert result.status_code == 200  # the reconstruction is untouched
