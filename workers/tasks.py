@@ -247,25 +247,33 @@ def _reconstruct(
         "provenance": {**provenance, "spec": job.spec, "batch_slices": per},
         "preview": f"reconstruction | posterior std (max {scale:.4g}) | {baseline_name(op)}",
     }
-    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
-    keys = ["recon.npy", "std.npy", "preview.png", "report.json"]
-    done = jobs.transition(
-        job.id,
-        ["running"],
-        "succeeded",
-        finished_at=now(),
-        phase="done",
-        result_keys=keys,
-        progress_step=config.n_steps * len(chunks),
-        progress_total=config.n_steps * len(chunks),
-    )
-    return "succeeded" if done else "cancelled"
+    steps = config.n_steps * len(chunks)
+    fields = {"progress_step": steps, "progress_total": steps}
+    return _succeed(job, jobs, results, report, ["recon.npy", "std.npy", "preview.png"], **fields)
 
 
 def _put_npy(results: LocalResultStore, job_id: str, name: str, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     results.put(job_id, name, buf.getvalue())
+
+
+def _succeed(
+    job, jobs: JobStore, results: LocalResultStore, report: dict, keys: list[str], **fields
+) -> str:
+    """Write report.json, then mark the job succeeded with its result keys (CAS: a job
+    cancelled meanwhile stays cancelled)."""
+    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
+    done = jobs.transition(
+        job.id,
+        ["running"],
+        "succeeded",
+        finished_at=now(),
+        phase="done",
+        result_keys=[*keys, "report.json"],
+        **fields,
+    )
+    return "succeeded" if done else "cancelled"
 
 
 def _progress_writer(job, jobs: JobStore, phase: str):
@@ -316,16 +324,7 @@ def _sample(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, se
     save_png(buf, grid(res.samples))
     results.put(job.id, "preview.png", buf.getvalue())
     report = {"nfe": res.nfe, "n": n, "sampler": params.get("sampler", "pc"), "model": job.model}
-    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
-    done = jobs.transition(
-        job.id,
-        ["running"],
-        "succeeded",
-        finished_at=now(),
-        phase="done",
-        result_keys=["samples.npy", "preview.png", "report.json"],
-    )
-    return "succeeded" if done else "cancelled"
+    return _succeed(job, jobs, results, report, ["samples.npy", "preview.png"])
 
 
 def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
@@ -382,16 +381,7 @@ def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, set
     except TrainCancelled as exc:
         raise Cancelled(str(exc)) from None
     report = {"model": p["model_id"], "steps": cfg.steps, "n_images": len(ds.train)}
-    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
-    done = jobs.transition(
-        job.id,
-        ["running"],
-        "succeeded",
-        finished_at=now(),
-        phase="done",
-        result_keys=["report.json"],
-    )
-    return "succeeded" if done else "cancelled"
+    return _succeed(job, jobs, results, report, [])
 
 
 def _export(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
@@ -411,16 +401,7 @@ def _export(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, se
         raise ValueError(str(exc)) from None  # fails once, with the reason
     except TransientError as exc:
         raise OSError(str(exc)) from None  # retried with backoff
-    results.put(job.id, "report.json", json.dumps(report, indent=2).encode())
-    done = jobs.transition(
-        job.id,
-        ["running"],
-        "succeeded",
-        finished_at=now(),
-        phase="done",
-        result_keys=["report.json"],
-    )
-    return "succeeded" if done else "cancelled"
+    return _succeed(job, jobs, results, report, [])
 
 
 RUNNERS = {
