@@ -32,6 +32,7 @@ from service.db import FINAL, STATES, AuditEntry, Job, JobStore, new_id
 from service.dicom_export import SOURCE_KEYWORDS, job_series, zip_series
 from service.executor import make_executor
 from service.migrate import upgrade
+from service.oidc import OIDCVerifier
 from service.results import LocalResultStore
 from service.settings import Settings
 
@@ -155,6 +156,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     results = LocalResultStore(settings.results)
     executor = make_executor(settings, jobs, results)
     limiter = RateLimiter(settings.rate_limit_per_minute)
+    oidc = None
+    if settings.oidc_issuer and settings.oidc_audience and settings.oidc_jwks:
+        oidc = OIDCVerifier(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -183,9 +187,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
             raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <API key>'")
-        found = authenticate(jobs, authorization.removeprefix("Bearer ").strip())
+        credential = authorization.removeprefix("Bearer ").strip()
+        if credential.startswith("sr_") or oidc is None:
+            found = authenticate(jobs, credential)
+        else:
+            found = oidc.verify(credential)
         if found is None:
-            raise Problem(401, "Unauthorized", "the API key is unknown or revoked")
+            raise Problem(
+                401, "Unauthorized", "the API key or token is unknown, revoked or expired"
+            )
         limiter.check(found.key_id)
         return found
 

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = None
     data_dirs: list[Path] = []  # server-side training data roots the operator registers
     pacs: dict[str, dict] = {}  # export destinations by name (see service/pacs.py)
+    oidc_issuer: str | None = None  # optional OIDC bearer tokens (see service/oidc.py)
+    oidc_audience: str | None = None
+    oidc_jwks: str | None = None
     # Workers (Celery): limits, redelivery and recovery.
     job_soft_limit_s: int = 3300
     job_hard_limit_s: int = 3600

@@ -1,0 +1,63 @@
+"""Optional OIDC bearer tokens: JWTs signed by the hospital's identity provider.
+
+Configured by ``SCORERECON_OIDC_ISSUER``, ``SCORERECON_OIDC_AUDIENCE`` and
+``SCORERECON_OIDC_JWKS`` (an https URL or a file path of the provider's JSON Web Key Set).
+A token is accepted only with a valid signature (RS256/ES256, key chosen by ``kid``), the
+configured issuer and audience, and an unexpired ``exp``. The owner is the ``sub`` claim;
+scopes come from the space-separated ``scope`` claim, intersected with ours.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import jwt
+
+from service.auth import SCOPES, Principal
+
+ALGORITHMS = ["RS256", "ES256"]
+
+
+class OIDCVerifier:
+    def __init__(self, issuer: str, audience: str, jwks: str, cache_s: float = 300.0):
+        self.issuer, self.audience, self.jwks, self.cache_s = issuer, audience, jwks, cache_s
+        self._keys: dict | None = None
+        self._loaded = 0.0
+        self._lock = threading.Lock()
+
+    def _key_set(self) -> dict:
+        with self._lock:
+            if self._keys is None or time.monotonic() - self._loaded > self.cache_s:
+                if self.jwks.startswith(("https://", "http://")):
+                    with urllib.request.urlopen(self.jwks, timeout=5) as r:  # noqa: S310
+                        data = json.load(r)
+                else:
+                    data = json.loads(Path(self.jwks).read_text())
+                self._keys = {k.get("kid"): jwt.PyJWK(k) for k in data["keys"]}
+                self._loaded = time.monotonic()
+            return self._keys
+
+    def verify(self, token: str) -> Principal | None:
+        """The principal of a valid token, else None (never raises on bad input)."""
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            key = self._key_set().get(kid)
+            if key is None:
+                return None
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=ALGORITHMS,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except (jwt.PyJWTError, ValueError, KeyError, OSError):
+            return None
+        scopes = frozenset(str(claims.get("scope", "")).split()) & set(SCOPES)
+        sub = str(claims["sub"])[:128]
+        return Principal(f"oidc:{sub[:11]}", sub, scopes)
