@@ -231,8 +231,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["health"])
     def metrics() -> Response:
-        lines = ["# TYPE scorerecon_jobs gauge"]
-        lines += [f'scorerecon_jobs{{state="{s}"}} {n}' for s, n in jobs.count_by_state().items()]
+        """Prometheus text format: jobs by state, queue depth, run time of finished jobs by
+        kind and state (sum and count, so rate() gives mean durations)."""
+        counts = jobs.count_by_state()
+        lines = ["# HELP scorerecon_jobs Jobs by state.", "# TYPE scorerecon_jobs gauge"]
+        lines += [f'scorerecon_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
+        lines += [
+            "# HELP scorerecon_queue_depth Jobs waiting for a worker.",
+            "# TYPE scorerecon_queue_depth gauge",
+            f"scorerecon_queue_depth {counts['queued']}",
+            "# HELP scorerecon_job_seconds Run time of finished jobs (started to finished).",
+            "# TYPE scorerecon_job_seconds summary",
+        ]
+        for (kind, state), (total, n) in jobs.durations().items():
+            label = f'kind="{kind}",state="{state}"'
+            lines += [
+                f"scorerecon_job_seconds_sum{{{label}}} {total:.3f}",
+                f"scorerecon_job_seconds_count{{{label}}} {n}",
+            ]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/reconstructions", status_code=202, tags=["reconstructions"])

@@ -158,6 +158,20 @@ class JobStore:
             rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
 
+    def durations(self) -> dict[tuple[str, str], tuple[float, int]]:
+        """(kind, state) -> (total seconds, count) over finished jobs that started."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(Job.kind, Job.state, Job.started_at, Job.finished_at).where(
+                    Job.state.in_(FINAL), Job.started_at.is_not(None), Job.finished_at.is_not(None)
+                )
+            ).all()
+        out: dict[tuple[str, str], tuple[float, int]] = {}
+        for kind, state, start, end in rows:
+            total, n = out.get((kind, state), (0.0, 0))
+            out[(kind, state)] = (total + max(0.0, (end - start).total_seconds()), n + 1)
+        return out
+
 
 def _sqlite_pragmas(conn, _record) -> None:
     cur = conn.cursor()

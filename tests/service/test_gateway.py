@@ -220,6 +220,11 @@ def test_health_readiness_metrics_and_models(gateway):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["ready"] is True
     assert 'scorerecon_jobs{state="queued"}' in client.get("/metrics").text
+    job = submit(client, keys["alice"]).json()
+    wait(client, keys["alice"], job["id"])
+    text = client.get("/metrics").text
+    assert "scorerecon_queue_depth 0" in text
+    assert 'scorerecon_job_seconds_count{kind="reconstruction",state="succeeded"} 1' in text
     models = client.get("/v1/models", headers=auth(keys["alice"])).json()["items"]
     assert "tiny32" in [m["id"] for m in models]
     card = client.get("/v1/models/tiny32", headers=auth(keys["alice"])).json()
