@@ -59,6 +59,14 @@ class SDE:
         drift, diffusion = self.sde(x, t)
         return drift * dt, diffusion * math.sqrt(dt)
 
+    def with_steps(self, n: int) -> SDE:
+        """The same SDE discretised into ``n`` steps (the discrete chains of the reverse-
+        diffusion and ancestral predictors step from noise level i to i − 1 of N)."""
+        if n == self.N:
+            return self
+        params = {k: v for k, v in vars(self).items() if isinstance(v, int | float)}
+        return type(self)(**{**params, "N": n})
+
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
         """The reverse-time SDE (Eq. 7.6) or, with ``probability_flow``, the ODE (Eq. 7.13)."""
         return ReverseSDE(self, score_fn, probability_flow)

@@ -66,9 +66,12 @@ def pc_sampler(
     if corrector not in CORRECTORS:
         raise ValueError(f"corrector must be one of {sorted(CORRECTORS)}, got {corrector!r}")
     counted = CountingScore(score_fn)
+    n = n_steps or sde.N
+    # The predictors' discrete chains (and VP's corrector step) follow the SDE's N: sampling
+    # in n steps needs the SDE discretised into n, or each step removes 1/N of the noise.
+    sde = sde.with_steps(n)
     pred = PREDICTORS[predictor](sde, counted)
     corr = CORRECTORS[corrector](sde, counted, snr, n_corrector_steps)
-    n = n_steps or sde.N
     x = sde.prior_sampling(shape, generator, device) if x_init is None else x_init
     ts = torch.linspace(sde.T, eps, n, device=device)
     dt = (sde.T - eps) / n

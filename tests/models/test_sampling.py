@@ -136,3 +136,15 @@ def test_sampler_registry_refuses_bad_requests():
         sample("ald", sde, gaussian_score(sde), (2, 2))
     with pytest.raises(ValueError, match="deterministic"):
         sample("ode", sde, gaussian_score(sde), (2, 2), consistency=lambda x, t: x)
+
+
+@pytest.mark.parametrize("predictor", ["reverse_diffusion", "ancestral"])
+@pytest.mark.parametrize("sde", [VESDE(0.01, 5.0, N=1000), VPSDE(N=1000)])
+def test_pc_sampler_with_fewer_steps_than_the_sde_discretisation(sde, predictor, rng):
+    # Regression: the discrete predictors once stepped 1/N of the noise per step, so
+    # 100 steps of an N = 1000 SDE left the samples almost as noisy as the prior.
+    res = pc_sampler(
+        sde, gaussian_score(sde), (3000, 4), predictor, "langevin", n_steps=100, generator=rng
+    )
+    assert float(res.samples.std()) == pytest.approx(S0, rel=0.08)
+    assert res.nfe == 200
