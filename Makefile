@@ -31,7 +31,7 @@ bench: setup
 	$(PY) benchmarks/priors.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/gateway.py
-	$(PY) benchmarks/queue.py
+	$(PY) benchmarks/queue_latency.py
 
 clean:
 	rm -rf $(VENV) out

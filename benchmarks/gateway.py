@@ -3,7 +3,7 @@
 Writes docs/benchmarks/gateway.md and gateway.png: a real ``scorerecon serve`` (jobs go to
 a Redis queue no worker reads, so only the gateway is measured); N concurrent clients
 submit CT measurements, then poll job status; requests per second and p50/p95 latency per N.
-The process helpers here are shared with ``benchmarks/queue.py``.
+The process helpers here are shared with ``benchmarks/queue_latency.py``.
 
 Everything talks to 127.0.0.1 only, with bounded counts; every process started here is
 stopped by its pid. Run: ``python benchmarks/gateway.py`` (about a minute).

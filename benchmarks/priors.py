@@ -57,7 +57,7 @@ def page(name: str, n: int, steps: int) -> str:
     )
     bar.close()
     cols = math.ceil(math.sqrt(n))
-    save_png(DOCS / f"{name}_samples_page.png", grid(res.samples, cols))
+    save_png(DOCS / f"{name}_samples.png", grid(res.samples, cols))
     lines = [f"# `{name}`", ""]
     steps_total = card.get("total_steps", card.get("steps"))
     lines += [
@@ -85,7 +85,7 @@ def page(name: str, n: int, steps: int) -> str:
         "",
         f"## Samples (PC sampler, {steps} steps, NFE {res.nfe})",
         "",
-        f"![samples]({name}_samples_page.png)",
+        f"![samples]({name}_samples.png)",
         "",
     ]
     if val is not None:

@@ -4,7 +4,7 @@ Writes docs/benchmarks/queue.md: a trivial reconstruction job (32² ``tiny`` mod
 sampler, 4 NFE, 8 views) submitted through a real gateway by 4 clients; submit-to-start
 latency p50/p95 (``started_at − created_at`` from the job table) and jobs per minute with
 1 and 2 workers, measured in one run. Loopback only; processes stopped by their pids.
-Run: ``python benchmarks/queue.py`` (about a minute).
+Run: ``python benchmarks/queue_latency.py`` (about a minute).
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ def main() -> None:
     lines = [
         "# Queue latency and throughput",
         "",
-        "Measured by `python benchmarks/queue.py`: real Celery workers (prefork, one process "
-        "each, 1 torch thread) on Redis; a trivial reconstruction job (32² `tiny` model, fast "
-        "sampler, 4 NFE, 8 views) submitted by 4 clients through the gateway; workers warmed "
+        "Measured by `python benchmarks/queue_latency.py`: real Celery workers (prefork, "
+        "one process each, 1 torch thread) on Redis; a trivial reconstruction job (32² "
+        "`tiny` model, fast sampler, 4 NFE, 8 views) submitted by 4 clients through the "
+        "gateway; workers warmed "
         "up first. Submit-to-start is `started_at − created_at` from the job table.",
         "",
         "| workers | jobs | jobs / min | submit-to-start p50 (s) | p95 (s) |",
