@@ -88,24 +88,14 @@ def fit_square(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_measurement(path: str | Path, operator) -> torch.Tensor:
-    """A measurement ``.npy`` as (B, *shape), checked against the operator's shape."""
-    from models.physics.spec import SpecError
+    """A measurement file (see :mod:`models.measurements`) as (B, *shape), checked against
+    the operator's shape; errors name ``--input``."""
+    from models.measurements import MeasurementError, as_measurement, read_array
 
     try:
-        y = torch.from_numpy(np.load(path, allow_pickle=False))
-    except ValueError as exc:
-        raise SpecError(f"--input: '{path}' is not a plain .npy array ({exc})") from None
-    expected = operator.measurement_shape()
-    if y.ndim == len(expected):
-        y = y[None]
-    if tuple(y.shape[1:]) != expected:
-        raise SpecError(
-            f"--input: measurement shape {tuple(y.shape[1:])} does not match the spec, "
-            f"which expects {expected}"
-        )
-    if not bool(torch.isfinite(y).all()):
-        raise SpecError("--input: the measurement contains NaN or Inf values")
-    return y
+        return as_measurement(read_array(Path(path).read_bytes()), operator)
+    except MeasurementError as exc:
+        raise type(exc)(f"--input: {exc}") from None
 
 
 def save_png(path: str | Path, image, vmin: float = 0.0, vmax: float = 1.0) -> None:

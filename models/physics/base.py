@@ -45,6 +45,11 @@ class LinearOperator:
         return tuple(self.forward(x).shape[1:])
 
     @property
+    def complex_measurements(self) -> bool:
+        """True when measurements are complex (k-space), False for real ones (sinograms)."""
+        return self.forward(torch.zeros(1, 1, self.image_size, self.image_size)).is_complex()
+
+    @property
     def has_decomposition(self) -> bool:
         """True when ``A = P(Λ) T`` with an invertible T (Proposition 8.1)."""
         return False

@@ -1,0 +1,196 @@
+"""Reading measurement files (sinograms, k-space) and checking them against an operator.
+
+One reader for the CLI and the gateway. Formats, recognised by content, not by name:
+
+* ``.npy`` (``numpy.save``, never pickled objects);
+* ``.npz`` with one array, or ``real`` and ``imag`` arrays; every member's inflated size is
+  capped so an archive bomb is refused before it is inflated;
+* HDF5 k-space as fastMRI writes it: a ``kspace`` dataset, ``(slices, H, W)`` single-coil or
+  ``(slices, coils, H, W)`` multi-coil, complex, centred (the convention of
+  :func:`models.physics.mri.fft2c`);
+* ISMRMRD raw data (HDF5 ``dataset/data``, one acquisition per readout line): the readout runs
+  along image rows and phase-encode line ``idx.kspace_encode_step_1`` of slice ``idx.slice`` is
+  a column, as the line masks of :mod:`models.physics.mri` select columns; the matrix size
+  comes from ``dataset/xml``; an oversampled readout (twice the encoded x size, FOV doubled)
+  is cropped in image space with the √½ that keeps the object's intensity. Lines never
+  acquired stay zero.
+
+Errors are :class:`MeasurementError` (a :class:`~models.physics.spec.SpecError`) whose message
+names what is wrong and how to fix it; :class:`MeasurementTooLarge` for archives that inflate
+beyond the cap.
+"""
+
+from __future__ import annotations
+
+import io
+import xml.etree.ElementTree as ET
+import zipfile
+
+import numpy as np
+import torch
+
+from models.physics.spec import SpecError
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+class MeasurementError(SpecError):
+    """A measurement file that cannot be read, or does not fit the spec."""
+
+
+class MeasurementTooLarge(MeasurementError):
+    """An archive member that would inflate beyond the cap."""
+
+
+def read_array(raw: bytes, max_inflated: int | None = None) -> np.ndarray:
+    """The measurement array held by a file's bytes (format detected from its content)."""
+    if raw.startswith(HDF5_MAGIC):
+        return _read_hdf5(raw)
+    if raw.startswith(b"PK"):
+        return _read_npz(raw, max_inflated or 64 * max(len(raw), 1 << 20))
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception:  # noqa: BLE001 - any unreadable file gets the same actionable message
+        raise MeasurementError(
+            "measurement must be .npy (numpy.save, no pickled objects), .npz, or HDF5 k-space "
+            "(fastMRI 'kspace' or ISMRMRD 'dataset/data')"
+        ) from None
+
+
+def _read_npz(raw: bytes, limit: int) -> np.ndarray:
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+            for info in z.infolist():
+                if info.file_size > limit:
+                    raise MeasurementTooLarge(
+                        f"{info.filename} inflates beyond {limit >> 20} MB; send a plain .npy"
+                    )
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            names = set(npz.files)
+            if names == {"real", "imag"}:
+                return npz["real"] + 1j * npz["imag"]
+            if len(names) != 1:
+                raise MeasurementError(
+                    f".npz must hold one array or 'real' and 'imag'; found {sorted(names)}"
+                )
+            return npz[npz.files[0]]
+    except MeasurementError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MeasurementError(f".npz could not be read ({type(exc).__name__})") from None
+
+
+def _read_hdf5(raw: bytes) -> np.ndarray:
+    import h5py
+
+    try:
+        with h5py.File(io.BytesIO(raw), "r") as f:
+            if "kspace" in f:
+                k = np.asarray(f["kspace"])
+                if k.ndim == 2:
+                    k = k[None]
+                return k[:, None] if k.ndim == 3 else k  # (slices, coils, H, W)
+            if "dataset" in f and "data" in f["dataset"]:
+                xml = f["dataset"]["xml"][0] if "xml" in f["dataset"] else None
+                return _ismrmrd_kspace(f["dataset"]["data"][()], xml)
+    except MeasurementError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MeasurementError(f"HDF5 measurement could not be read ({exc})") from None
+    raise MeasurementError(
+        "HDF5 measurement needs a 'kspace' dataset (fastMRI) or 'dataset/data' (ISMRMRD)"
+    )
+
+
+def _encoded_matrix(xml) -> tuple[int, int] | None:
+    if xml is None:
+        return None
+    text = xml.decode() if isinstance(xml, bytes) else str(xml)
+    root = ET.fromstring(text)
+    for el in root.iter():
+        if el.tag.split("}")[-1] == "encodedSpace":
+            size = {c.tag.split("}")[-1]: c for c in el}.get("matrixSize")
+            if size is not None:
+                dims = {c.tag.split("}")[-1]: int(c.text) for c in size}
+                return dims["x"], dims["y"]
+    return None
+
+
+def _ismrmrd_kspace(acqs: np.ndarray, xml) -> np.ndarray:
+    """(slices, coils, ny, nx) complex64 from ISMRMRD acquisitions (one readout each)."""
+    if len(acqs) == 0:
+        raise MeasurementError("ISMRMRD file holds no acquisitions")
+    head = acqs["head"]
+    samples = int(head["number_of_samples"][0])
+    coils = int(head["active_channels"][0])
+    ky = head["idx"]["kspace_encode_step_1"].astype(int)
+    sl = head["idx"]["slice"].astype(int)
+    matrix = _encoded_matrix(xml)
+    nx, ny = matrix if matrix else (samples, int(ky.max()) + 1)
+    if samples not in (nx, 2 * nx):
+        raise MeasurementError(
+            f"ISMRMRD readouts have {samples} samples but the encoded x size is {nx}: "
+            "only no or 2× readout oversampling is supported"
+        )
+    if ky.max() >= ny:
+        raise MeasurementError(f"kspace_encode_step_1 reaches {ky.max()} beyond matrix y {ny}")
+    k = np.zeros((int(sl.max()) + 1, coils, samples, ny), np.complex64)
+    for a, data in enumerate(acqs["data"]):
+        pairs = np.asarray(data, np.float32).reshape(coils, samples, 2)
+        k[sl[a], :, :, ky[a]] = pairs[..., 0] + 1j * pairs[..., 1]
+    if samples == 2 * nx:  # remove readout oversampling: crop the central half in image space
+        img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(k, -2), axis=-2, norm="ortho"), -2)
+        img = img[..., nx // 2 : nx // 2 + nx, :] * np.sqrt(0.5)
+        k = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, -2), axis=-2, norm="ortho"), -2)
+    return k.astype(np.complex64)
+
+
+def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
+    """``(B, *measurement_shape)`` from an array, checked for dtype, shape and finiteness.
+
+    A single measurement may omit the batch axis; complex data may come as real/imag pairs
+    in a last axis of 2; for an operator ``A = P(Λ) T`` the full ``T``-domain data (zero-filled
+    k-space as fastMRI and ISMRMRD store it, or every view of a sinogram) is accepted and
+    subsampled to the measured entries by ``P(Λ)``.
+    """
+    if not (
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.complexfloating)
+        or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise MeasurementError(f"dtype {arr.dtype} is not numeric")
+    expected = tuple(operator.measurement_shape())
+    complex_data = operator.complex_measurements
+    if complex_data and not np.iscomplexobj(arr) and arr.ndim >= 1 and arr.shape[-1] == 2:
+        arr = arr[..., 0] + 1j * arr[..., 1]
+    full = _full_shape(operator)
+    if arr.ndim == len(expected) or (full is not None and arr.ndim == len(full)):
+        arr = arr[None]
+    if complex_data and not np.iscomplexobj(arr):
+        raise MeasurementError(
+            "MRI k-space must be complex (or real/imag pairs in a last axis of 2)"
+        )
+    if not complex_data and np.iscomplexobj(arr):
+        raise MeasurementError("a CT sinogram is real: send the real array, not a complex one")
+    if not np.isfinite(arr).all():
+        raise MeasurementError("measurement contains NaN or Inf")
+    y = torch.from_numpy(
+        np.ascontiguousarray(arr.astype(np.complex64 if complex_data else np.float32))
+    )
+    if full is not None and tuple(y.shape[1:]) == full and full != expected:
+        y = operator.subsample(y)
+    if tuple(y.shape[1:]) != expected:
+        also = f" (or the full {full})" if full is not None and full != expected else ""
+        raise MeasurementError(
+            f"measurement shape {tuple(arr.shape[1:])} does not match the spec, "
+            f"which expects {expected}{also}"
+        )
+    return y
+
+
+def _full_shape(operator) -> tuple[int, ...] | None:
+    if not operator.has_decomposition:
+        return None
+    n = operator.image_size
+    with torch.no_grad():
+        return tuple(operator.T(torch.zeros(1, 1, n, n)).shape[1:])
