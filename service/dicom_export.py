@@ -45,6 +45,27 @@ SOURCE_KEYWORDS = (
     "SeriesInstanceUID",  # of the input: referenced, never reused
 )
 
+
+def source_attributes(raw: bytes) -> dict[str, str]:
+    """The :data:`SOURCE_KEYWORDS` of an uploaded DICOM instance (pixel data not read), so the
+    reconstructed series files into that instance's study; ValueError names what is wrong."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable upload is the client's to fix
+        raise ValueError(
+            f"not a readable DICOM file ({type(exc).__name__}); send one instance (.dcm) "
+            "of the source study with its preamble"
+        ) from None
+    if "StudyInstanceUID" not in ds:
+        raise ValueError("the DICOM file has no StudyInstanceUID: send an instance of the study")
+    out = {}
+    for kw in SOURCE_KEYWORDS:
+        value = ds.get(kw)
+        if value not in (None, ""):
+            out[kw] = str(value)[:64]
+    return out
+
+
 # Attributes a validator checks per SOP class (type 1 must hold a value; type 2 must exist).
 REQUIRED = {
     "common": {

@@ -1,11 +1,16 @@
-"""Pushing DICOM series to PACS: DICOMweb STOW-RS (batched) and DIMSE C-STORE (pynetdicom).
+"""Pushing DICOM series to PACS: DICOMweb STOW-RS (batched) and DIMSE C-STORE (pynetdicom);
+pulling training series from a DICOMweb PACS (QIDO-RS search, WADO-RS retrieve).
 
 Destinations are configured by name (``SCORERECON_PACS``, JSON), e.g.::
 
     {"orthanc": {"kind": "stowrs", "url": "http://pacs:8042/dicom-web",
                  "username": "scorerecon", "password": "..."},
      "modality-router": {"kind": "dimse", "host": "pacs", "port": 104,
-                         "ae_title": "PACS", "calling_ae": "SCORERECON"}}
+                         "ae_title": "PACS", "calling_ae": "SCORERECON"},
+     "research": {"kind": "stowrs", "url": "...", "deidentify": true}}
+
+A destination with ``deidentify`` receives the series de-identified by
+:mod:`service.deidentify` (PS3.15 basic profile) under ``SCORERECON_DEID_SALT``.
 
 A refused association or a rejected instance is a :class:`PermanentError` (retrying cannot
 help: fix the configuration); an unreachable peer is a :class:`TransientError` (retried).
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 
@@ -40,6 +46,7 @@ class Destination:
     port: int = 104
     ae_title: str = ""
     calling_ae: str = "SCORERECON"
+    deidentify: bool = False
 
     @classmethod
     def from_settings(cls, name: str, config: dict[str, dict]) -> Destination:
@@ -49,6 +56,9 @@ class Destination:
         entry = config[name]
         if entry.get("kind") not in ("stowrs", "dimse"):
             raise PermanentError(f"destination '{name}': kind must be 'stowrs' or 'dimse'")
+        unknown = sorted(set(entry) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise PermanentError(f"destination '{name}': unknown settings {unknown}")
         return cls(name=name, **entry)
 
 
@@ -59,26 +69,77 @@ def push(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:
     return _c_store(dest, datasets)
 
 
-def _stow(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:
+def _client(dest: Destination):
     import requests
     from dicomweb_client.api import DICOMwebClient
 
+    if dest.kind != "stowrs":
+        raise PermanentError(f"destination '{dest.name}' is DIMSE; DICOMweb is needed here")
     session = requests.Session()
     if dest.username:
         session.auth = (dest.username, dest.password)
     client = DICOMwebClient(url=dest.url, session=session)
-    client.set_http_retry_params(retry=False)  # retries belong to the export job, with back-off
+    client.set_http_retry_params(retry=False)  # retries belong to the job, with back-off
+    return client
+
+
+def _http_error(dest: Destination, what: str, exc) -> RuntimeError:
+    import requests
+
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else 0
+        kind = TransientError if status in (429, 502, 503, 504) else PermanentError
+        return kind(f"{what} to {dest.name} refused with HTTP {status}")
+    return TransientError(f"{what}: {dest.name} ({dest.url}) unreachable")
+
+
+def retrieve(
+    dest: Destination, query: dict[str, str], limit: int, out: Path, progress=None
+) -> dict:
+    """Training data from a PACS: QIDO-RS search for the series matching ``query`` (DICOM
+    keywords, e.g. ``{"Modality": "CT"}``), WADO-RS retrieve of each into
+    ``out/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Returns counts."""
+    import requests
+
+    client = _client(dest)
+    try:
+        found = client.search_for_series(search_filters=query, limit=limit)
+    except (requests.HTTPError, requests.ConnectionError) as exc:
+        raise _http_error(dest, "QIDO-RS", exc) from None
+    instances = 0
+    for i, item in enumerate(found[:limit]):
+        study, series = item["0020000D"]["Value"][0], item["0020000E"]["Value"][0]
+        folder = out / _uid_name(series)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for ds in client.retrieve_series(study, series):
+                ds.save_as(folder / f"{_uid_name(ds.SOPInstanceUID)}.dcm", enforce_file_format=True)
+                instances += 1
+        except (requests.HTTPError, requests.ConnectionError) as exc:
+            raise _http_error(dest, "WADO-RS", exc) from None
+        if progress is not None:
+            progress(i + 1, len(found))
+    return {"source": dest.name, "series": len(found[:limit]), "instances": instances}
+
+
+def _uid_name(uid: str) -> str:
+    """A UID as a file name: digits and dots only (a hostile peer cannot choose a path)."""
+    if not uid or any(c not in "0123456789." for c in uid) or len(uid) > 64:
+        raise PermanentError(f"the PACS returned an invalid UID {uid[:70]!r}")
+    return uid
+
+
+def _stow(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:
+    import requests
+
+    client = _client(dest)
     sent = 0
     for start in range(0, len(datasets), BATCH):
         batch = list(datasets[start : start + BATCH])
         try:
             client.store_instances(batch)
-        except requests.HTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else 0
-            kind = TransientError if status in (429, 502, 503, 504) else PermanentError
-            raise kind(f"STOW-RS to {dest.name} refused with HTTP {status}") from None
-        except requests.ConnectionError:
-            raise TransientError(f"STOW-RS: {dest.name} ({dest.url}) unreachable") from None
+        except (requests.HTTPError, requests.ConnectionError) as exc:
+            raise _http_error(dest, "STOW-RS", exc) from None
         sent += len(batch)
     return {"destination": dest.name, "protocol": "STOW-RS", "sent": sent}
 
