@@ -21,20 +21,23 @@ import torch
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from models.measurements import MeasurementError, MeasurementTooLarge, as_measurement, read_array
 from models.physics import SpecError, from_spec, parse_spec
-from models.registry import ModelError, bundled_models, load_card
+from models.registry import ModelError, bundled_models, load_card, resolve
+from service.archives import ArchiveError, extract
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
-from service.db import FINAL, STATES, AuditEntry, Job, JobStore, new_id
-from service.dicom_export import SOURCE_KEYWORDS, job_series, zip_series
+from service.db import FINAL, STATES, AuditEntry, Job, JobStore, auto_export_id, new_id
+from service.dicom_export import SOURCE_KEYWORDS, job_series, source_attributes, zip_series
 from service.executor import make_executor
 from service.migrate import upgrade
 from service.oidc import OIDCVerifier
 from service.results import LocalResultStore
 from service.settings import Settings
+from service.ui import Handlers, add_ui
 
 SAMPLERS = ("pc", "em", "ald", "fast")
 
@@ -73,9 +76,23 @@ class SamplingRequest(BaseModel):
     seed: int = Field(0, ge=0)
 
 
+class PacsSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    destination: str = Field(..., description="a DICOMweb PACS named in SCORERECON_PACS")
+    query: dict[str, str] = Field(
+        ..., description="QIDO-RS filters by DICOM keyword", examples=[{"Modality": "CT"}]
+    )
+    limit: int = Field(100, ge=1, le=10_000, description="at most this many series")
+
+
 class TrainingRequest(BaseModel):
+    """Exactly one data source: a registered server-side folder, an uploaded dataset, or a
+    PACS query."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    data_dir: str = Field(..., description="a folder under one of SCORERECON_DATA_DIRS")
+    data_dir: str | None = Field(None, description="a folder under one of SCORERECON_DATA_DIRS")
+    dataset: str | None = Field(None, description="an id from POST /v1/admin/datasets")
+    pacs: PacsSource | None = None
     model_id: str = Field(..., pattern=r"^[a-z0-9][a-z0-9._-]{1,63}$", examples=["ct-site-2026"])
     preset: Literal["tiny", "small", "paper"] = "small"
     image_size: int = Field(128, ge=16, le=1024)
@@ -87,6 +104,13 @@ class TrainingRequest(BaseModel):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     checkpoint_every: int = Field(200, ge=1)
     preview: int = Field(4, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TrainingRequest":
+        given = [k for k in ("data_dir", "dataset", "pacs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one data source: data_dir, dataset or pacs")
+        return self
 
 
 class ExportRequest(BaseModel):
@@ -123,10 +147,12 @@ def job_json(job: Job) -> dict:
     links = {"self": base, "cancel": base}
     if job.state == "succeeded":
         formats = {
-            "reconstruction": ("npy", "std", "png", "json", "dicom"),
+            "reconstruction": ("npy", "std", "baseline", "png", "json", "dicom"),
             "sampling": ("npy", "png", "json"),
         }.get(job.kind, ("json",))
         links |= {f"result_{f}": f"{base}/result?format={f}" for f in formats}
+        if job.params.get("export_to"):
+            links["export"] = f"/v1/jobs/{auto_export_id(job.id, job.params['export_to'])}"
     return {
         "id": job.id,
         "kind": job.kind,
@@ -254,7 +280,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/reconstructions", status_code=202, tags=["reconstructions"])
     def submit(
         p: Annotated[Principal, Depends(scope("recon:submit"))],
-        measurement: Annotated[UploadFile, File(description=".npy array (complex for k-space)")],
+        measurement: Annotated[
+            UploadFile,
+            File(
+                description=".npy or .npz array (complex or real/imag for k-space), or HDF5 "
+                "k-space (fastMRI 'kspace', ISMRMRD raw data)"
+            ),
+        ],
         spec: Annotated[
             str,
             Form(
@@ -273,6 +305,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 description="JSON of the source study's DICOM attributes (PatientID, "
                 "StudyInstanceUID, ...) so format=dicom files the series into that study"
             ),
+        ] = None,
+        source_dicom: Annotated[
+            UploadFile | None,
+            File(
+                description="a DICOM instance of the source study: its patient and study "
+                "attributes are used as `source` (fields given in `source` take precedence)"
+            ),
+        ] = None,
+        export_to: Annotated[
+            str | None,
+            Form(description="PACS destination to push the series to when the job succeeds"),
         ] = None,
         idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     ) -> JSONResponse:
@@ -293,8 +336,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 429, "Queue full", f"{queued} jobs are queued; try again later", retry_after=30
             )
         params = {"sampler": sampler, "nfe": nfe, "samples": samples, "seed": seed}
+        attributes = {}
+        if source_dicom is not None:
+            attributes = _dicom_source(_read_limited(source_dicom, settings.max_upload_mb))
         if source is not None:
-            params["dicom_source"] = _parse_source(source)
+            attributes.update(_parse_source(source))
+        if attributes:
+            params["dicom_source"] = attributes
+        if export_to is not None:
+            if export_to not in settings.pacs:
+                known = ", ".join(sorted(settings.pacs)) or "none configured (SCORERECON_PACS)"
+                raise Problem(
+                    422, "Unknown destination", f"export_to must be one of: {known}", "export_to"
+                )
+            params["export_to"] = export_to
         digest = hashlib.sha256(
             raw + json.dumps([parsed.model_dump(), model, params], sort_keys=True).encode()
         ).hexdigest()
@@ -400,19 +455,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(
                 422, "Unknown destination", f"destination must be one of: {known}", "destination"
             )
-        export_id = new_id()
-        with jobs.session() as s:
-            s.add(
-                Job(
-                    id=export_id,
-                    kind="export",
-                    owner=p.owner,
-                    spec={},
-                    model=job.model,
-                    params={"destination": body.destination, "source_job": job_id},
-                    result_keys=[],
-                )
-            )
+        export_id = jobs.add_export(job, body.destination)
         jobs.audit("export", f"to {body.destination}", p.key_id, p.owner, job_id)
         out = job_json(jobs.get(export_id))
         executor.enqueue(export_id, "export")
@@ -422,12 +465,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def result(
         job_id: str,
         p: Annotated[Principal, Depends(scope("recon:read"))],
-        format: Annotated[str, Query(pattern="^(npy|std|png|json|dicom)$")] = "npy",
+        format: Annotated[str, Query(pattern="^(npy|std|baseline|png|json|dicom)$")] = "npy",
     ) -> Response:
         job = own_job(job_id, p)
         if job.state != "succeeded":
             raise Problem(409, "No result", f"job {job_id} is {job.state}; poll until 'succeeded'")
-        if format in ("dicom", "std") and job.kind != "reconstruction":
+        if format in ("dicom", "std", "baseline") and job.kind != "reconstruction":
             raise Problem(
                 404, "No such result", f"a {job.kind} job has no {format} result", "format"
             )
@@ -451,6 +494,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "application/octet-stream",
             ),
             "std": ("std.npy", "application/octet-stream"),
+            "baseline": ("baseline.npy", "application/octet-stream"),
             "png": ("preview.png", "image/png"),
             "json": ("report.json", "application/json"),
         }[format]
@@ -504,18 +548,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def admin_training(
         p: Annotated[Principal, Depends(scope("admin"))], body: TrainingRequest
     ) -> JSONResponse:
-        data = Path(body.data_dir).resolve()
-        roots = [Path(r).resolve() for r in settings.data_dirs]
-        if not any(data == r or r in data.parents for r in roots):
-            listed = ", ".join(map(str, roots)) or "none (set SCORERECON_DATA_DIRS)"
-            raise Problem(
-                422,
-                "Unregistered data directory",
-                f"data_dir must lie under a registered directory: {listed}",
-                "data_dir",
-            )
-        if not data.is_dir():
-            raise Problem(422, "Missing data directory", f"{data} is not a directory", "data_dir")
+        source = body.model_dump(exclude_none=True)
+        if body.data_dir is not None:
+            source["data_dir"] = str(_registered_dir(body.data_dir, settings))
+        elif body.dataset is not None:
+            if not _dataset_dir(settings, body.dataset).is_dir():
+                detail = f"no dataset {body.dataset}; upload one with POST /v1/admin/datasets"
+                raise Problem(422, "Unknown dataset", detail, "dataset")
+        else:
+            dest = settings.pacs.get(body.pacs.destination)
+            if dest is None or dest.get("kind") != "stowrs":
+                web = sorted(n for n, d in settings.pacs.items() if d.get("kind") == "stowrs")
+                raise Problem(
+                    422,
+                    "Unknown PACS",
+                    "pacs.destination must be a DICOMweb destination: "
+                    + (", ".join(web) or "none configured (SCORERECON_PACS)"),
+                    "pacs.destination",
+                )
         if body.model_id in _model_names(settings):
             raise Problem(
                 409,
@@ -523,9 +573,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 f"model '{body.model_id}' exists; choose another model_id",
                 "model_id",
             )
-        return _admin_job(
-            p, "training", body.model_id, {**body.model_dump(), "data_dir": str(data)}
-        )
+        return _admin_job(p, "training", body.model_id, source)
+
+    @app.post("/v1/admin/datasets", status_code=201, tags=["admin"])
+    def upload_dataset(
+        p: Annotated[Principal, Depends(scope("admin"))],
+        archive: Annotated[
+            UploadFile,
+            File(description=".zip, .tar or .tar.gz of DICOM series, NIfTI volumes, NPY or PNG"),
+        ],
+    ) -> dict:
+        """An uploaded training archive, unpacked safely into a dataset for POST
+        /v1/admin/training (``dataset``); returns what was found in it."""
+        from models.data import scan
+
+        raw = _read_limited(archive, settings.max_upload_mb)
+        dataset_id = new_id()
+        folder = _dataset_dir(settings, dataset_id)
+        try:
+            counts = extract(raw, folder, int(settings.max_upload_mb * 4 * 2**20))
+        except ArchiveError as exc:
+            raise Problem(422, "Invalid archive", str(exc), "archive") from None
+        found = scan(folder)
+        jobs.audit("upload-dataset", f"{counts['files']} files", p.key_id, p.owner)
+        return {
+            "id": dataset_id,
+            **counts,
+            "volumes": [v.describe() for v in found.volumes],
+            "skipped": [f"{Path(f).relative_to(folder)}: {why}" for f, why in found.skipped][:50],
+        }
 
     @app.post("/v1/admin/api-keys", status_code=201, tags=["admin"])
     def new_key(
@@ -571,6 +647,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ]
         }
 
+    add_ui(
+        app,
+        Handlers(
+            principal=lambda key: principal(f"Bearer {key}"),
+            submit=submit,
+            admin_sampling=admin_sampling,
+            admin_training=admin_training,
+            new_key=new_key,
+            delete_key=delete_key,
+            list_keys=lambda: list_keys(jobs),
+            own_job=own_job,
+            list_jobs=list_jobs,
+            models=lambda: _model_names(settings),
+            model_card=lambda name: load_card(_model_path(name, settings)),
+            model_dir=lambda name: resolve(_model_path(name, settings)),
+            samplers=tuple(SAMPLERS),
+            problem=Problem,
+            scoped=lambda p, name: scope(name)(p),
+            sampling_request=SamplingRequest,
+            training_request=TrainingRequest,
+        ),
+        results,
+        job_json,
+    )
     return app
 
 
@@ -584,84 +684,44 @@ def _read_limited(upload: UploadFile, max_mb: float) -> bytes:
     return data
 
 
-def _load_array(raw: bytes) -> np.ndarray:
-    if not raw.startswith(b"PK"):
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    import zipfile
-
-    with zipfile.ZipFile(io.BytesIO(raw)) as z:
-        infos = {i.filename.removesuffix(".npy"): i for i in z.infolist()}
-        limit = 64 * max(len(raw), 1 << 20)
-        for info in infos.values():
-            if info.file_size > limit:
-                raise Problem(
-                    413,
-                    "Archive too large",
-                    f"{info.filename} inflates beyond {limit >> 20} MB",
-                    "measurement",
-                )
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            if set(npz.files) == {"real", "imag"}:
-                return npz["real"] + 1j * npz["imag"]
-            if len(npz.files) != 1:
-                raise Problem(
-                    422,
-                    "Invalid measurement",
-                    f".npz must hold one array or 'real' and 'imag'; found {npz.files}",
-                    "measurement",
-                )
-            return npz[npz.files[0]]
-
-
 def _parse_measurement(raw: bytes, spec) -> torch.Tensor:
-    """The uploaded .npy (or .npz with one array, or ``real``/``imag`` arrays) checked against
-    the spec's operator: shape, dtype, finiteness. Archives are read with a size cap per
-    member, so a zip bomb is refused rather than inflated."""
+    """The upload read and checked by the core (:mod:`models.measurements`): format, shape,
+    dtype, finiteness; an archive bomb is refused before it is inflated."""
     try:
-        arr = _load_array(raw)
-    except Problem:
-        raise
-    except Exception:  # noqa: BLE001 - any unreadable upload is the client's to fix
+        return as_measurement(read_array(raw), from_spec(spec))
+    except MeasurementTooLarge as exc:
+        raise Problem(413, "Archive too large", str(exc), "measurement") from None
+    except MeasurementError as exc:
+        raise Problem(422, "Invalid measurement", str(exc), "measurement") from None
+
+
+def _registered_dir(path: str, settings: Settings) -> Path:
+    data = Path(path).resolve()
+    roots = [Path(r).resolve() for r in settings.data_dirs]
+    if not any(data == r or r in data.parents for r in roots):
+        listed = ", ".join(map(str, roots)) or "none (set SCORERECON_DATA_DIRS)"
         raise Problem(
             422,
-            "Invalid measurement",
-            "measurement must be a .npy array (numpy.save), without pickled objects",
-            "measurement",
-        ) from None
-    if not (
-        np.issubdtype(arr.dtype, np.floating)
-        or np.issubdtype(arr.dtype, np.complexfloating)
-        or np.issubdtype(arr.dtype, np.integer)
-    ):
-        raise Problem(
-            422, "Invalid measurement", f"dtype {arr.dtype} is not numeric", "measurement"
+            "Unregistered data directory",
+            f"data_dir must lie under a registered directory: {listed}",
+            "data_dir",
         )
-    op = from_spec(spec)
-    expected = op.measurement_shape()
-    complex_expected = spec.modality == "mri"
-    if complex_expected and not np.iscomplexobj(arr) and arr.ndim >= 1 and arr.shape[-1] == 2:
-        arr = arr[..., 0] + 1j * arr[..., 1]  # real/imag pairs
-    if arr.ndim == len(expected):
-        arr = arr[None]
-    if tuple(arr.shape[1:]) != tuple(expected):
-        raise Problem(
-            422,
-            "Shape mismatch",
-            f"measurement shape {tuple(arr.shape[1:])} does not match the spec, "
-            f"which expects {tuple(expected)}",
-            "measurement",
-        )
-    if complex_expected and not np.iscomplexobj(arr):
-        raise Problem(
-            422,
-            "Invalid measurement",
-            "MRI k-space must be complex (or real/imag pairs in a last axis of 2)",
-            "measurement",
-        )
-    if not np.isfinite(arr).all():
-        raise Problem(422, "Invalid measurement", "measurement contains NaN or Inf", "measurement")
-    dtype = np.complex64 if complex_expected else np.float32
-    return torch.from_numpy(np.ascontiguousarray(arr.astype(dtype)))
+    if not data.is_dir():
+        raise Problem(422, "Missing data directory", f"{data} is not a directory", "data_dir")
+    return data
+
+
+def _dataset_dir(settings: Settings, dataset_id: str) -> Path:
+    if len(dataset_id) != 32 or any(c not in "0123456789abcdef" for c in dataset_id):
+        raise Problem(422, "Unknown dataset", "dataset ids are 32 hex digits", "dataset")
+    return settings.home / "datasets" / dataset_id
+
+
+def _dicom_source(raw: bytes) -> dict:
+    try:
+        return source_attributes(raw)
+    except ValueError as exc:
+        raise Problem(422, "Invalid source DICOM", str(exc), "source_dicom") from None
 
 
 def _parse_source(text: str) -> dict:

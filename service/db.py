@@ -26,6 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -93,6 +94,11 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def auto_export_id(job_id: str, destination: str) -> str:
+    """The id of a reconstruction's automatic export: derived, so it is created once."""
+    return uuid.uuid5(uuid.NAMESPACE_OID, f"scorerecon/{job_id}/export/{destination}").hex
+
+
 class JobStore:
     """Sessions on one database, and the few operations every component needs."""
 
@@ -120,6 +126,28 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         with self.sessions() as s:
             return s.get(Job, job_id)
+
+    def add_export(self, source: Job, destination: str, job_id: str | None = None) -> str:
+        """Queue an export of ``source``'s series to ``destination``; returns the export
+        job's id. With ``job_id`` given, adding it twice is harmless (the first one stays)."""
+        export_id = job_id or new_id()
+        try:
+            with self.session() as s:
+                s.add(
+                    Job(
+                        id=export_id,
+                        kind="export",
+                        owner=source.owner,
+                        spec={},
+                        model=source.model,
+                        params={"destination": destination, "source_job": source.id},
+                        result_keys=[],
+                    )
+                )
+        except IntegrityError:
+            if job_id is None:
+                raise
+        return export_id
 
     def transition(
         self,

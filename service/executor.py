@@ -55,7 +55,9 @@ class EmbeddedExecutor:
 
         s = self.settings
         try:
-            return run_job(job_id, self.jobs, self.results, s.models, s.heartbeat_stale_s, s)
+            return run_job(
+                job_id, self.jobs, self.results, s.models, s.heartbeat_stale_s, s, self.enqueue
+            )
         except Transient as exc:
             job = self.jobs.get(job_id)
             delay = min(60.0, 2.0 ** (job.attempts if job else 1))

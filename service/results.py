@@ -16,6 +16,7 @@ NAMES = {
     "measurement.npy",
     "recon.npy",
     "std.npy",
+    "baseline.npy",
     "preview.png",
     "report.json",
     "samples.npy",

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = None
     data_dirs: list[Path] = []  # server-side training data roots the operator registers
     pacs: dict[str, dict] = {}  # export destinations by name (see service/pacs.py)
+    deid_salt: str = ""  # secret for pseudonyms and UIDs of de-identifying destinations
     oidc_issuer: str | None = None  # optional OIDC bearer tokens (see service/oidc.py)
     oidc_audience: str | None = None
     oidc_jwks: str | None = None

@@ -77,6 +77,7 @@ def _register(app: Celery, settings: Settings) -> None:
                 settings.models,
                 stale_after_s=settings.heartbeat_stale_s,
                 settings=settings,
+                enqueue=lambda jid, kind: send(app, jid, kind),
             )
         except Transient as exc:
             # Database or storage briefly unavailable: retry with exponential backoff.
@@ -95,6 +96,13 @@ def _register(app: Celery, settings: Settings) -> None:
         )
 
 
+def send(app: Celery, job_id: str, kind: str) -> None:
+    """Queue a job id: training has its own queue (and GPUs), exports run on `cpu`, the rest
+    on `gpu`."""
+    queue = {"training": "train", "export": "cpu"}.get(kind, "gpu")
+    app.send_task(TASK, args=[job_id], queue=queue)
+
+
 class CeleryExecutor:
     """The gateway's enqueue interface over Celery: only the job id goes to the broker."""
 
@@ -102,9 +110,7 @@ class CeleryExecutor:
         self.app = make_celery(settings)
 
     def enqueue(self, job_id: str, kind: str) -> None:
-        # Training has its own queue (and GPUs), exports run on `cpu`, the rest on `gpu`.
-        queue = {"training": "train", "export": "cpu"}.get(kind, "gpu")
-        self.app.send_task(TASK, args=[job_id], queue=queue)
+        send(self.app, job_id, kind)
 
     def ping(self) -> bool:
         with self.app.connection_for_write() as conn:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from models.io import save_png
 from models.physics import SpecError, from_spec, parse_spec
 from models.physics.ct import remove_metal_trace
 from models.registry import ModelError
-from service.db import FINAL, Job, JobStore, now
+from service.db import FINAL, Job, JobStore, auto_export_id, now
 from service.results import LocalResultStore
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,11 @@ def run_job(
     models_dir: Path,
     stale_after_s: float = 120.0,
     settings=None,
+    enqueue: Callable[[str, str], None] | None = None,
 ) -> str:
-    """Run one job (reconstruction, sampling or training) to a final state; returns that
-    state (or 'skipped')."""
+    """Run one job (reconstruction, sampling, training or export) to a final state; returns
+    that state (or 'skipped'). A reconstruction that asked for ``export_to`` queues its export
+    job when it succeeds, through ``enqueue(job_id, kind)`` (else the sweep finds it)."""
     try:
         job = jobs.get(job_id)
     except OperationalError as exc:
@@ -163,7 +166,19 @@ def run_job(
         )
         state = "failed"
     log.info("job %s %s", job_id, state)
+    if state == "succeeded" and job.params.get("export_to"):
+        _chain_export(job_id, job.params["export_to"], jobs, enqueue)
     return state
+
+
+def _chain_export(job_id: str, destination: str, jobs: JobStore, enqueue) -> None:
+    """The automatic export of a reconstruction, under an id derived from the job's, so a
+    re-run of this step queues it once."""
+    export_id = auto_export_id(job_id, destination)
+    jobs.add_export(jobs.get(job_id), destination, export_id)
+    jobs.audit("export", f"to {destination} (automatic)", None, None, job_id)
+    if enqueue is not None:
+        enqueue(export_id, "export")
 
 
 def sweep(jobs: JobStore, enqueue, requeue_after_s: float, stale_after_s: float) -> dict:
@@ -235,6 +250,7 @@ def _reconstruct(
     jobs.set_fields(job.id, phase="storing")
     _put_npy(results, job.id, "recon.npy", mean.numpy())
     _put_npy(results, job.id, "std.npy", std.numpy())
+    _put_npy(results, job.id, "baseline.npy", base.numpy())
     image, scale = preview(mean[0], std[0], base[0])
     buf = io.BytesIO()
     save_png(buf, image)
@@ -246,10 +262,12 @@ def _reconstruct(
         "slices": int(y.shape[0]),
         "provenance": {**provenance, "spec": job.spec, "batch_slices": per},
         "preview": f"reconstruction | posterior std (max {scale:.4g}) | {baseline_name(op)}",
+        "baseline": baseline_name(op),
     }
     steps = config.n_steps * len(chunks)
     fields = {"progress_step": steps, "progress_total": steps}
-    return _succeed(job, jobs, results, report, ["recon.npy", "std.npy", "preview.png"], **fields)
+    keys = ["recon.npy", "std.npy", "baseline.npy", "preview.png"]
+    return _succeed(job, jobs, results, report, keys, **fields)
 
 
 def _put_npy(results: LocalResultStore, job_id: str, name: str, arr: np.ndarray) -> None:
@@ -327,6 +345,42 @@ def _sample(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, se
     return _succeed(job, jobs, results, report, ["samples.npy", "preview.png"])
 
 
+def _training_data(job, jobs: JobStore, settings) -> Path:
+    """The folder to train on: registered, uploaded (a dataset), or retrieved from a PACS
+    into a folder of the job's own (kept, so a retried job does not fetch twice)."""
+    from service.settings import Settings
+
+    p = job.params
+    if "data_dir" in p:
+        return Path(p["data_dir"])
+    settings = settings or Settings()
+    if "dataset" in p:
+        return settings.home / "datasets" / p["dataset"]
+    from service.pacs import Destination, PermanentError, TransientError, retrieve
+
+    out = settings.home / "datasets" / f"pacs-{job.id}"
+    done = out / ".retrieved.json"
+    if not done.exists():
+        src = p["pacs"]
+        try:
+            dest = Destination.from_settings(src["destination"], settings.pacs)
+            report = retrieve(
+                dest,
+                src["query"],
+                int(src.get("limit", 100)),
+                out,
+                _progress_writer(job, jobs, "retrieving"),
+            )
+        except PermanentError as exc:
+            raise ValueError(str(exc)) from None
+        except TransientError as exc:
+            raise OSError(str(exc)) from None
+        if report["instances"] == 0:
+            raise ValueError(f"the PACS query {src['query']} matched no instances")
+        done.write_text(json.dumps(report))
+    return out
+
+
 def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
     """Admin training: a prior trained on a registered server-side folder; the new model
     appears under ``models_dir`` (and in GET /v1/models) when it is written."""
@@ -338,9 +392,8 @@ def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, set
 
     p = job.params
     size = int(p.get("image_size", 128))
-    ds = load_dataset(
-        p["data_dir"], size, tuple(p.get("axes", [0])), float(p.get("val_fraction", 0.1))
-    )
+    data_dir = _training_data(job, jobs, settings)
+    ds = load_dataset(data_dir, size, tuple(p.get("axes", [0])), float(p.get("val_fraction", 0.1)))
     sde = VESDE(0.01, max(1.0, sigma_max_from_data(ds.train)))
     net = build(p.get("preset", "small"), sde.sigma)
     cfg = TrainConfig(
@@ -355,7 +408,8 @@ def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, set
         "image_size": size,
         "intensity": "[0, 1]; CT: (HU + 1000) / 4000; MR: magnitude / 99.5th percentile",
         "training_data": {
-            "directory": p["data_dir"],
+            "directory": str(data_dir),
+            "source": {k: p[k] for k in ("data_dir", "dataset", "pacs") if k in p},
             "train_volumes": ds.train_volumes,
             "validation_volumes": ds.val_volumes,
             "skipped_files": len(ds.report.skipped),
@@ -393,10 +447,16 @@ def _export(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, se
     source = jobs.get(job.params["source_job"])
     if source is None or source.state != "succeeded":
         raise ValueError(f"job {job.params['source_job']} has no result to export")
+    settings = settings or Settings()
     try:
-        dest = Destination.from_settings(job.params["destination"], (settings or Settings()).pacs)
+        dest = Destination.from_settings(job.params["destination"], settings.pacs)
+        series = job_series(source, results)
+        if dest.deidentify:
+            from service.deidentify import deidentify
+
+            series = [deidentify(ds, settings.deid_salt) for ds in series]
         jobs.set_fields(job.id, phase="sending", heartbeat_at=now())
-        report = push(dest, job_series(source, results))
+        report = {**push(dest, series), "deidentified": dest.deidentify}
     except PermanentError as exc:
         raise ValueError(str(exc)) from None  # fails once, with the reason
     except TransientError as exc:

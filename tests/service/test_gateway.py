@@ -341,3 +341,107 @@ def test_rate_limit_and_admission_control(settings):
         for r in (first, second):
             client.delete(f"/v1/jobs/{r.json()['id']}", headers=auth(key))
     app.state.jobs.engine.dispose()
+
+
+def test_kspace_as_fastmri_hdf5_is_accepted_and_garbage_hdf5_refused(gateway):
+    import h5py
+    import torch
+
+    from models.physics import from_spec
+
+    client, keys, _ = gateway
+    spec = (
+        '{"modality": "mri", "image_size": 32, "mask": {"kind": "equispaced", "acceleration": 4}}'
+    )
+    op = from_spec(spec)
+    full = op.pad(op.forward(torch.rand(1, 1, 32, 32))).numpy()[:, 0]
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.create_dataset("kspace", data=full)
+    r = submit(client, keys["alice"], data=buf.getvalue(), spec=spec)
+    assert r.status_code == 202, r.text
+    assert wait(client, keys["alice"], r.json()["id"])["state"] == "succeeded"
+    r = submit(client, keys["alice"], data=b"\x89HDF\r\n\x1a\nbroken", spec=spec)
+    assert r.status_code == 422 and "HDF5" in r.json()["detail"]
+
+
+def test_source_from_an_uploaded_dicom_and_export_destination_checked(gateway):
+    from pydicom.data import get_testdata_file
+
+    client, keys, _ = gateway
+    ct = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    files = {
+        "measurement": ("y.npy", ct_measurement()),
+        "source_dicom": ("source.dcm", ct),
+    }
+    fields = {"spec": CT_SPEC, "model": "tiny32", "nfe": "4", "sampler": "fast"}
+    r = client.post("/v1/reconstructions", files=files, data=fields, headers=auth(keys["alice"]))
+    assert r.status_code == 202, r.text
+    done = wait(client, keys["alice"], r.json()["id"])
+    dicom = client.get(done["links"]["result_dicom"], headers=auth(keys["alice"]))
+    with zipfile.ZipFile(io.BytesIO(dicom.content)) as z:
+        first = pydicom.dcmread(io.BytesIO(z.read(z.namelist()[0])))
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert first.StudyInstanceUID == source.StudyInstanceUID
+    assert first.PatientID == source.PatientID
+    files["source_dicom"] = ("source.dcm", b"garbage")
+    r = client.post("/v1/reconstructions", files=files, data=fields, headers=auth(keys["alice"]))
+    assert r.status_code == 422 and r.json()["field"] == "source_dicom"
+    files["source_dicom"] = ("source.dcm", ct)
+    r = client.post(
+        "/v1/reconstructions",
+        files=files,
+        data={**fields, "export_to": "nowhere"},
+        headers=auth(keys["alice"]),
+    )
+    assert r.status_code == 422 and r.json()["field"] == "export_to"
+
+
+def test_training_on_an_uploaded_archive(gateway):
+    client, keys, _ = gateway
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(4):
+            arr = io.BytesIO()
+            np.save(arr, np.random.default_rng(i).random((16, 16)).astype(np.float32))
+            z.writestr(f"ct/s{i}.npy", arr.getvalue())
+        z.writestr("ct/notes.npy", b"not an array")
+    archive = {"archive": ("ct.zip", buf.getvalue())}
+    refused = client.post("/v1/admin/datasets", files=archive, headers=auth(keys["alice"]))
+    assert refused.status_code == 403
+    r = client.post("/v1/admin/datasets", files=archive, headers=auth(keys["admin"]))
+    assert r.status_code == 201, r.text
+    dataset = r.json()
+    assert dataset["files"] == 5 and len(dataset["volumes"]) == 4
+    assert len(dataset["skipped"]) == 1 and dataset["skipped"][0].startswith("ct/notes.npy")
+    bad = client.post(
+        "/v1/admin/datasets",
+        files={"archive": ("x.zip", b"PK garbage")},
+        headers=auth(keys["admin"]),
+    )
+    assert bad.status_code == 422 and bad.json()["field"] == "archive"
+    train = {
+        "dataset": dataset["id"],
+        "model_id": "uploaded-ct",
+        "preset": "tiny",
+        "image_size": 16,
+        "steps": 2,
+        "batch_size": 2,
+        "checkpoint_every": 2,
+        "preview": 1,
+        "val_fraction": 0,
+    }
+    both = client.post(
+        "/v1/admin/training", json={**train, "data_dir": "/tmp"}, headers=auth(keys["admin"])
+    )
+    assert both.status_code == 422 and "exactly one data source" in both.json()["detail"]
+    unknown = client.post(
+        "/v1/admin/training", json={**train, "dataset": "f" * 32}, headers=auth(keys["admin"])
+    )
+    assert unknown.status_code == 422 and unknown.json()["field"] == "dataset"
+    r = client.post("/v1/admin/training", json=train, headers=auth(keys["admin"]))
+    assert r.status_code == 202, r.text
+    done = wait(client, keys["admin"], r.json()["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    card = client.get("/v1/models/uploaded-ct", headers=auth(keys["alice"])).json()
+    assert card["training_data"]["source"] == {"dataset": dataset["id"]}
