@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean orthanc
+.PHONY: setup demo test lint bench clean orthanc chromium screenshots
 
 setup: $(STAMP)
 
@@ -16,10 +16,16 @@ $(STAMP): pyproject.toml
 orthanc:  # the test PACS; without it the PACS tests skip and say why
 	bash scripts/install-orthanc.sh || echo "warning: Orthanc could not be installed; PACS tests will skip"
 
+chromium:  # headless browser for the console's end-to-end tests; without it they skip
+	bash scripts/install-chromium.sh || echo "warning: Chromium could not be installed; console tests will skip"
+
+screenshots: setup chromium  # docs/ui/*.png from the console test, on a phantom with ct-default
+	SCORERECON_SCREENSHOTS=docs/ui $(PY) -m pytest -q tests/ui
+
 demo: setup
 	$(PY) -m service.demo --out out
 
-test: setup orthanc
+test: setup orthanc chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
