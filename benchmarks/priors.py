@@ -22,7 +22,7 @@ from tqdm import tqdm
 from models.default_priors import RECIPES
 from models.figures import grid
 from models.io import save_png
-from models.registry import bundled_models, load_model, score_fn_of
+from models.registry import bundled_models, load_model, resolve, score_fn_of
 from models.sampling.registry import sample
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models"
@@ -58,6 +58,7 @@ def page(name: str, n: int, steps: int) -> str:
     bar.close()
     cols = math.ceil(math.sqrt(n))
     save_png(DOCS / f"{name}_samples.png", grid(res.samples, cols))
+    save_png(resolve(name) / "samples.png", grid(res.samples, cols))  # shown by the console
     lines = [f"# `{name}`", ""]
     steps_total = card.get("total_steps", card.get("steps"))
     lines += [

@@ -12,7 +12,8 @@ Writes docs/benchmarks/quality.md and its PNGs:
 4. Seconds per 128² and 256² slice per sampler step on this CPU, fp32 and bf16 (a `small`
    network; time per NFE does not depend on the weights).
 
-Run: ``python benchmarks/quality.py [--n 4]`` (about 25 minutes on 2 cores with n = 4).
+Run: ``python benchmarks/quality.py [--n 4] [--sections ct mri nfe timing]`` (about 25 minutes
+on 2 cores with n = 4 for CT); sections not named keep their earlier measurement.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from models.default_priors import mni152_slices  # noqa: E402
 from models.evaluate import evaluate, figures, table  # noqa: E402
 from models.inverse import Prior  # noqa: E402
 from models.nets.ncsnpp import build  # noqa: E402
@@ -89,106 +91,179 @@ def timing() -> list[dict]:
     return rows
 
 
+SECTIONS = ("ct", "mri", "nfe", "timing")
+
+
+def run_ct(args, results: dict) -> None:
+    prior = Prior.load("ct-default")
+    images = ct_phantoms(args.n, prior.image_size, seed=1)
+    methods = ["fbp", "fista-tv", "score-pc", "score-fast"]
+    rows, ex = quality(prior, "ct-sparse", [10, 20, 23, 45], images, methods, args.samples)
+    figures(rows, ex, images, "ct-sparse", DOCS, "sparse-view CT, held-out phantoms")
+    results["ct"] = {"steps": _steps("ct-default"), "n": args.n, "rows": rows}
+
+
+def run_mri(args, results: dict) -> None:
+    prior = Prior.load("mri-default")
+    size = prior.image_size
+    sets = {
+        "phantoms": mri_phantoms(args.n, size, seed=1),
+        "mni152": _spread(mni152_slices(size, "val"), args.n),
+    }
+    methods = ["zero-filled", "cs-tv", "score-pc", "score-fast"]
+    out = {"steps": _steps("mri-default"), "n": args.n}
+    for name, images in sets.items():
+        rows, ex = quality(prior, "mri", [4, 8, 24], images, methods, args.samples)
+        figures(rows, ex, images, "mri", DOCS / "mri", f"MRI, held-out {name}")
+        for p in ("examples", "quality"):
+            (DOCS / "mri" / f"mri_{p}.png").replace(DOCS / f"mri-{name}_{p}.png")
+        out[name] = rows
+    results["mri"] = out
+
+
+def run_nfe(args, results: dict) -> None:
+    prior = Prior.load("ct-default")
+    images = ct_phantoms(2, prior.image_size, seed=1)
+    curves = nfe_curve(prior, images, args.budgets)
+    results["nfe"] = curves
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("PSNR (dB), 23 views")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(DOCS / "quality_nfe.png", dpi=110)
+    plt.close(fig)
+
+
+def _steps(name: str) -> int:
+    card = load_card(name)
+    return int(card.get("total_steps", card.get("steps", 0)))
+
+
+def _spread(images: torch.Tensor, n: int) -> torch.Tensor:
+    """n slices spread evenly over a validation set (all three axes, not n neighbours)."""
+    idx = torch.linspace(0, len(images) - 1, n).round().long()
+    return images[idx]
+
+
+def render(results: dict, machine: str) -> list[str]:
+    """quality.md from every section measured so far (sections are re-run independently)."""
+    lines = [
+        "# Reconstruction quality",
+        "",
+        f"Measured by `python benchmarks/quality.py` on {machine}. PSNR/SSIM: data range 1 on "
+        "the model's [0, 1] intensities (CT: (HU + 1000) / 4000), mean ± std over the images. "
+        f"NFE: score-pc {NFE['score-pc']}, score-fast {NFE['score-fast']}. The fast sampler "
+        "draws K posterior samples as one batch and its mean is scored; ±2σ coverage is the "
+        "fraction of pixels whose error lies within ±2 posterior standard deviations.",
+        "",
+    ]
+    if "ct" in results:
+        ct = results["ct"]
+        lines += [
+            f"## Sparse-view CT, `ct-default` ({ct['steps']} training steps)",
+            "",
+            f"{ct['n']} held-out phantoms (seed 1; the prior trained on seed 0), parallel "
+            f"beam, noiseless, K = {results.get('samples', '?')}.",
+            "",
+            table(ct["rows"], "ct-sparse"),
+            "",
+            "![examples](ct-sparse_examples.png)",
+            "",
+            "![quality](ct-sparse_quality.png)",
+            "",
+        ]
+    else:
+        lines += ["CT: not measured yet (`--sections ct`).", ""]
+    if "nfe" in results:
+        curves = results["nfe"]
+        lines += [
+            "## NFE against PSNR (23 views, 2 held-out phantoms)",
+            "",
+            "| sampler | "
+            + " | ".join(f"budget {i + 1}" for i in range(len(curves["fast"])))
+            + " |",
+            "|---" * (1 + len(curves["fast"])) + "|",
+        ]
+        for name, pts in curves.items():
+            cells = " | ".join(f"{p[1]:.2f} dB ({p[0]} NFE)" for p in pts)
+            lines.append(f"| {name} | {cells} |")
+        lines += ["", "![nfe](quality_nfe.png)", ""]
+    if "mri" in results:
+        mri = results["mri"]
+        lines += [f"## Undersampled MRI (equispaced), `mri-default` ({mri['steps']} steps)", ""]
+        for name, what in (
+            ("phantoms", "held-out MRI phantoms (seed 1)"),
+            ("mni152", "MNI152 validation slab (central 10 % of each axis, never trained on)"),
+        ):
+            lines += [
+                f"### {mri['n']} {what}",
+                "",
+                table(mri[name], "mri"),
+                "",
+                f"![examples](mri-{name}_examples.png)",
+                "",
+                f"![quality](mri-{name}_quality.png)",
+                "",
+            ]
+    else:
+        lines += ["MRI: not measured yet (`--sections mri`, needs `mri-default`).", ""]
+    if "timing" in results:
+        lines += [
+            "## Time per slice on this CPU (`small` network, batch 1)",
+            "",
+            "| size | precision | ms / NFE | fast sampler, 100 NFE (s) | PC, 1000 NFE (s) |",
+            "|---|---|---|---|---|",
+            *[
+                f"| {r['size']}² | {r['precision']} | {r['ms_per_nfe']:.0f} "
+                f"| {r['s_fast_100']:.1f} | {r['s_pc_1000']:.0f} |"
+                for r in results["timing"]
+            ],
+            "",
+            "Data-consistency steps (projections, CG) add to these; the tables above report "
+            "the measured wall time per slice including them.",
+            "",
+        ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=4, help="held-out images per task")
     parser.add_argument("--samples", type=int, default=8, help="K for the calibration")
     parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400])
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="re-measure only these; the others are kept from docs/benchmarks/quality.json",
+    )
     args = parser.parse_args()
     DOCS.mkdir(parents=True, exist_ok=True)
+    store = DOCS / "quality.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    results["samples"] = args.samples
     available = bundled_models()
-    lines = [
-        "# Reconstruction quality",
-        "",
-        f"Measured by `python benchmarks/quality.py --n {args.n}` on {platform.machine()} "
-        f"({torch.get_num_threads()} threads, torch {torch.__version__}). PSNR/SSIM: data range "
-        "1 on the model's [0, 1] intensities (CT: (HU + 1000) / 4000), mean ± std over the "
-        f"images. NFE: score-pc {NFE['score-pc']}, score-fast {NFE['score-fast']} "
-        f"(K = {args.samples} posterior samples, whose mean is scored).",
-        "",
-    ]
-    results: dict = {}
-    if "ct-default" in available:
-        prior = Prior.load("ct-default")
-        card = load_card("ct-default")
-        steps = card.get("total_steps", card.get("steps"))
-        images = ct_phantoms(args.n, prior.image_size, seed=1)
-        levels = [10, 20, 23, 45]
-        methods = ["fbp", "fista-tv", "score-pc", "score-fast"]
-        rows, ex = quality(prior, "ct-sparse", levels, images, methods, args.samples)
-        paths = figures(rows, ex, images, "ct-sparse", DOCS, "sparse-view CT, held-out phantoms")
-        lines += [
-            f"## Sparse-view CT, `ct-default` ({steps} training steps)",
-            "",
-            f"{args.n} held-out phantoms (seed 1), parallel beam, noiseless.",
-            "",
-            table(rows, "ct-sparse"),
-            "",
-            *[f"![{p.stem}]({p.name})" for p in paths],
-            "",
-        ]
-        results["ct-sparse"] = rows
-        curves = nfe_curve(prior, images[:2], args.budgets)
-        results["nfe_curve"] = curves
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name, pts in curves.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("PSNR (dB), 23 views")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(DOCS / "quality_nfe.png", dpi=110)
-        plt.close(fig)
-        lines += [
-            f"## NFE against PSNR (23 views, {min(2, len(images))} held-out phantoms)",
-            "",
-            "| sampler | " + " | ".join(f"NFE {p[0]}" for p in curves["fast"]) + " |",
-            "|---" * (1 + len(curves["fast"])) + "|",
-        ]
-        for name, pts in curves.items():
-            lines.append(f"| {name} | " + " | ".join(f"{p[1]:.2f} dB ({p[0]})" for p in pts) + " |")
-        lines += ["", "![nfe](quality_nfe.png)", ""]
-    else:
-        lines += ["`ct-default` is not bundled yet: no CT score results.", ""]
-    if "mri-default" in available:
-        prior = Prior.load("mri-default")
-        images = mri_phantoms(args.n, prior.image_size, seed=1)
-        methods = ["zero-filled", "cs-tv", "score-pc", "score-fast"]
-        rows, ex = quality(prior, "mri", [4, 8, 24], images, methods, args.samples)
-        paths = figures(rows, ex, images, "mri", DOCS, "MRI, held-out phantoms")
-        lines += [
-            "## Undersampled MRI, `mri-default`",
-            "",
-            table(rows, "mri"),
-            "",
-            *[f"![{p.stem}]({p.name})" for p in paths],
-            "",
-        ]
-        results["mri"] = rows
-    else:
-        lines += ["`mri-default` is not bundled yet: no MRI score results.", ""]
-    t = timing()
-    results["timing"] = t
-    lines += [
-        "## Time per slice on this CPU (`small` network, batch 1)",
-        "",
-        "| size | precision | ms / NFE | fast sampler, 100 NFE (s) | PC, 1000 NFE (s) |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {r['size']}² | {r['precision']} | {r['ms_per_nfe']:.0f} "
-            f"| {r['s_fast_100']:.1f} | {r['s_pc_1000']:.0f} |"
-            for r in t
-        ],
-        "",
-        "Data-consistency steps (projections, CG) add to these; the tables above report the "
-        "measured wall time per slice including them.",
-        "",
-    ]
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    for section in args.sections:
+        needs = "mri-default" if section == "mri" else "ct-default"
+        if section != "timing" and needs not in available:
+            print(f"skipping {section}: {needs} is not bundled")
+            continue
+        {"ct": run_ct, "mri": run_mri, "nfe": run_nfe}.get(section, _run_timing)(args, results)
+        store.write_text(json.dumps(results, indent=2, default=str))
+    lines = render(results, machine)
     (DOCS / "quality.md").write_text("\n".join(lines))
-    (DOCS / "quality.json").write_text(json.dumps(results, indent=2, default=str))
     print("\n".join(lines))
+
+
+def _run_timing(args, results: dict) -> None:
+    results["timing"] = timing()
 
 
 if __name__ == "__main__":
