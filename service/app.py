@@ -35,7 +35,7 @@ from service.dicom_export import SOURCE_KEYWORDS, job_series, source_attributes,
 from service.executor import make_executor
 from service.migrate import upgrade
 from service.oidc import OIDCVerifier
-from service.results import LocalResultStore
+from service.results import open_result_store
 from service.settings import Settings
 from service.ui import Handlers, add_ui
 
@@ -179,7 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = (settings or Settings()).prepare()
     upgrade(settings.db_url)
     jobs = JobStore(settings.db_url)
-    results = LocalResultStore(settings.results)
+    results = open_result_store(settings)
     executor = make_executor(settings, jobs, results)
     limiter = RateLimiter(settings.rate_limit_per_minute)
     oidc = None

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from service.db import JobStore
-from service.results import LocalResultStore
+from service.results import ResultStore
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class EmbeddedExecutor:
     previous process died) are picked up again.
     """
 
-    def __init__(self, settings: Settings, jobs: JobStore, results: LocalResultStore):
+    def __init__(self, settings: Settings, jobs: JobStore, results: ResultStore):
         self.settings, self.jobs, self.results = settings, jobs, results
         self.pool = ThreadPoolExecutor(settings.embedded_workers, thread_name_prefix="job")
         self.futures: dict[str, Future] = {}
@@ -87,7 +87,7 @@ class EmbeddedExecutor:
         self.pool.shutdown(wait=True, cancel_futures=False)
 
 
-def make_executor(settings: Settings, jobs: JobStore, results: LocalResultStore) -> Executor:
+def make_executor(settings: Settings, jobs: JobStore, results: ResultStore) -> Executor:
     if settings.executor == "embedded":
         return EmbeddedExecutor(settings, jobs, results)
     from workers.celery_app import CeleryExecutor  # the workers issue

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     database_url: str | None = None  # default: sqlite:///<home>/scorerecon.db
     storage_dir: Path | None = None  # default: <home>/results
+    result_store: str | None = None  # s3://bucket/prefix for an S3-compatible store
+    s3_endpoint_url: str | None = None  # MinIO, Ceph RGW, ...; unset for AWS
+    s3_region: str | None = None
     models_dir: Path | None = None  # default: <home>/models (admin-trained models)
     broker_url: str = "redis://127.0.0.1:6379/0"
     executor: Literal["embedded", "celery"] = "embedded"

@@ -15,7 +15,7 @@ import os
 from celery import Celery
 
 from service.db import JobStore
-from service.results import LocalResultStore
+from service.results import ResultStore, open_result_store
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
 def _register(app: Celery, settings: Settings) -> None:
     state: dict = {}
 
-    def stores() -> tuple[JobStore, LocalResultStore]:
+    def stores() -> tuple[JobStore, ResultStore]:
         # Opened lazily in each (forked) worker process, never shared across a fork.
         if state.get("pid") != os.getpid():
             settings.prepare()
             state.update(
                 pid=os.getpid(),
                 jobs=JobStore(settings.db_url),
-                results=LocalResultStore(settings.results),
+                results=open_result_store(settings),
             )
             if settings.torch_threads:
                 import torch

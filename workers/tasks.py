@@ -30,7 +30,7 @@ from models.physics import SpecError, from_spec, parse_spec
 from models.physics.ct import remove_metal_trace
 from models.registry import ModelError
 from service.db import FINAL, Job, JobStore, auto_export_id, now
-from service.results import LocalResultStore
+from service.results import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _claim(job, jobs: JobStore, stale_after_s: float) -> bool:
 def run_job(
     job_id: str,
     jobs: JobStore,
-    results: LocalResultStore,
+    results: ResultStore,
     models_dir: Path,
     stale_after_s: float = 120.0,
     settings=None,
@@ -201,7 +201,7 @@ def sweep(jobs: JobStore, enqueue, requeue_after_s: float, stale_after_s: float)
 
 
 def _reconstruct(
-    job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None
+    job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None
 ) -> str:
     spec = parse_spec(job.spec)
     op = from_spec(spec)
@@ -270,14 +270,14 @@ def _reconstruct(
     return _succeed(job, jobs, results, report, keys, **fields)
 
 
-def _put_npy(results: LocalResultStore, job_id: str, name: str, arr: np.ndarray) -> None:
+def _put_npy(results: ResultStore, job_id: str, name: str, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     results.put(job_id, name, buf.getvalue())
 
 
 def _succeed(
-    job, jobs: JobStore, results: LocalResultStore, report: dict, keys: list[str], **fields
+    job, jobs: JobStore, results: ResultStore, report: dict, keys: list[str], **fields
 ) -> str:
     """Write report.json, then mark the job succeeded with its result keys (CAS: a job
     cancelled meanwhile stays cancelled)."""
@@ -318,7 +318,7 @@ def _cancel_check(job, jobs: JobStore):
     return cancel
 
 
-def _sample(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
+def _sample(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
     """Admin sampling: n samples from a prior with a named sampler; NPY and a grid PNG."""
     from models.figures import grid
     from models.sampling.registry import sample
@@ -381,7 +381,7 @@ def _training_data(job, jobs: JobStore, settings) -> Path:
     return out
 
 
-def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
+def _train(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
     """Admin training: a prior trained on a registered server-side folder; the new model
     appears under ``models_dir`` (and in GET /v1/models) when it is written."""
     from models.data import load_dataset
@@ -438,7 +438,7 @@ def _train(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, set
     return _succeed(job, jobs, results, report, [])
 
 
-def _export(job, jobs: JobStore, results: LocalResultStore, models_dir: Path, settings=None) -> str:
+def _export(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
     """Push a finished reconstruction's series to a configured PACS."""
     from service.dicom_export import job_series
     from service.pacs import Destination, PermanentError, TransientError, push
