@@ -6,9 +6,11 @@ job id to the executor. Every refusal is an RFC 7807 ``application/problem+json`
 naming the field and the fix; nothing stored changes on a refused request.
 """
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import threading
 import time
 from collections import defaultdict, deque
@@ -38,6 +40,8 @@ from service.oidc import OIDCVerifier
 from service.results import open_result_store
 from service.settings import Settings
 from service.ui import Handlers, add_ui
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("pc", "em", "ald", "fast")
 
@@ -372,7 +376,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_id = new_id()
         buf = io.BytesIO()
         np.save(buf, y.numpy(), allow_pickle=False)
-        results.put(job_id, "measurement.npy", buf.getvalue())
+        try:
+            results.put(job_id, "measurement.npy", buf.getvalue())
+        except OSError as exc:
+            full = exc.errno == errno.ENOSPC
+            log.error("result store refused a measurement: %s", exc.strerror or exc)
+            raise Problem(
+                507 if full else 503,
+                "Result store full" if full else "Result store unavailable",
+                "the measurement could not be stored, so nothing was queued; retry later "
+                "(the operator has been told through the logs)",
+                "measurement",
+                retry_after=60,
+            ) from None
         job = Job(
             id=job_id,
             kind="reconstruction",

@@ -9,12 +9,23 @@ import sys
 from models.cli import main as core_main
 
 
+def _log_to_stderr() -> None:
+    """Job ids, states and retries from our modules, with the process id (which worker)."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s [pid %(process)d] %(message)s",
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
     from service.settings import Settings
 
+    _log_to_stderr()
     settings = Settings()
     print(f"scorerecon gateway on http://{args.host}:{args.port} (data in {settings.home})")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
@@ -25,6 +36,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.settings import Settings
     from workers.celery_app import make_celery
 
+    _log_to_stderr()
     app = make_celery(Settings())
     argv = ["worker", "-Q", args.queues, "--concurrency", str(args.concurrency), "-l", "info"]
     if args.beat:

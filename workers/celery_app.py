@@ -40,6 +40,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_routes={TASK: {"queue": "gpu"}, SWEEP: {"queue": "cpu"}},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
     )
     app.conf.beat_schedule = {"sweep": {"task": SWEEP, "schedule": settings.sweep_every_s}}
     _register(app, settings)
@@ -96,11 +97,16 @@ def _register(app: Celery, settings: Settings) -> None:
         )
 
 
-def send(app: Celery, job_id: str, kind: str) -> None:
+# A gateway request waits at most about a second for the broker before leaving the job to
+# the sweep.
+BRIEF_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.3, "interval_max": 0.5}
+
+
+def send(app: Celery, job_id: str, kind: str, retry_policy: dict | None = None) -> None:
     """Queue a job id: training has its own queue (and GPUs), exports run on `cpu`, the rest
     on `gpu`."""
     queue = {"training": "train", "export": "cpu"}.get(kind, "gpu")
-    app.send_task(TASK, args=[job_id], queue=queue)
+    app.send_task(TASK, args=[job_id], queue=queue, retry=True, retry_policy=retry_policy)
 
 
 class CeleryExecutor:
@@ -110,7 +116,13 @@ class CeleryExecutor:
         self.app = make_celery(settings)
 
     def enqueue(self, job_id: str, kind: str) -> None:
-        send(self.app, job_id, kind)
+        """Queue the job id; with the broker down the job stays ``queued`` in the database
+        (already durable) and the sweep sends it when the broker is back: a submission is
+        never refused or lost because Redis restarts."""
+        try:
+            send(self.app, job_id, kind, retry_policy=BRIEF_RETRY)
+        except Exception as exc:  # noqa: BLE001 - kombu/redis raise many connection errors
+            log.warning("job %s: broker unavailable (%s); the sweep will queue it", job_id, exc)
 
     def ping(self) -> bool:
         with self.app.connection_for_write() as conn:

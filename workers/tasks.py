@@ -71,6 +71,16 @@ class Transient(RuntimeError):
     """A failure worth retrying (database or storage briefly unavailable)."""
 
 
+def _stale(job, stale_after_s: float) -> bool:
+    """A running job whose worker has not beaten for ``stale_after_s`` (it died)."""
+    beat = job.heartbeat_at
+    if job.state != "running" or beat is None:
+        return False
+    if beat.tzinfo is None:
+        beat = beat.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC datetimes
+    return (now() - beat).total_seconds() > stale_after_s
+
+
 def _claim(job, jobs: JobStore, stale_after_s: float) -> bool:
     """queued → running, or reclaim a running job whose worker stopped beating."""
     fields = {
@@ -81,19 +91,8 @@ def _claim(job, jobs: JobStore, stale_after_s: float) -> bool:
     }
     if job.state == "queued":
         return jobs.transition(job.id, ["queued"], "running", **fields)
-    beat = job.heartbeat_at
-    if beat is not None and beat.tzinfo is None:
-        beat = beat.replace(tzinfo=dt.UTC)  # SQLite returns naive UTC datetimes
-    if (
-        job.state == "running"
-        and beat is not None
-        and (now() - beat).total_seconds() > stale_after_s
-    ):
-        log.warning(
-            "job %s: reclaiming from a worker silent for %.0f s",
-            job.id,
-            (now() - beat).total_seconds(),
-        )
+    if _stale(job, stale_after_s):
+        log.warning("job %s: reclaiming from a worker silent for %.0f s", job.id, stale_after_s)
         return jobs.transition(
             job.id, ["running"], "running", expect={"heartbeat_at": job.heartbeat_at}, **fields
         )
@@ -133,6 +132,20 @@ def run_job(
             phase="failed",
             error=f"gave up after {job.attempts} attempts: {reason}",
         )
+        return "failed"
+    if job.state == "running" and job.attempts >= max_attempts and _stale(job, stale_after_s):
+        # A poison job: every worker that ran it died (out of memory, a crash in native code).
+        jobs.transition(
+            job_id,
+            ["running"],
+            "failed",
+            expect={"heartbeat_at": job.heartbeat_at},
+            finished_at=now(),
+            phase="failed",
+            error=f"the worker running this job died {job.attempts} times; not retried again "
+            "(too large for the worker's memory? the operator's logs have the details)",
+        )
+        log.error("job %s failed: its worker died %d times", job_id, job.attempts)
         return "failed"
     if not _claim(job, jobs, stale_after_s):
         return "skipped"
@@ -200,9 +213,7 @@ def sweep(jobs: JobStore, enqueue, requeue_after_s: float, stale_after_s: float)
     return {"requeued": len(queued), "orphaned": len(stale)}
 
 
-def _reconstruct(
-    job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None
-) -> str:
+def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
     spec = parse_spec(job.spec)
     op = from_spec(spec)
     y = torch.from_numpy(np.load(io.BytesIO(results.get(job.id, "measurement.npy"))))

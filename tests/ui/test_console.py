@@ -11,100 +11,32 @@ tiny 32² model and a temporary folder).
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import torch
 
 from tests.service.conftest import tiny_model
+from tests.site import Site
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or DRIVER is None,
     reason="Chromium missing: run scripts/install-chromium.sh (make test does)",
 )
-BROKER = "redis://127.0.0.1:6379/14"
-SCORERECON = str(Path(sys.executable).parent / "scorerecon")
 DOCS_MODE = bool(os.environ.get("SCORERECON_SCREENSHOTS"))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args, env):
-    return subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
-def _key(env, scopes, owner) -> str:
-    out = subprocess.run(
-        [SCORERECON, "keys", "create", "--scopes", scopes, "--owner", owner],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out)["key"]
 
 
 @pytest.fixture
 def site(tmp_path):
-    redis.Redis.from_url(BROKER).flushdb()
-    home = tmp_path / "home"
-    env = {
-        **os.environ,
-        "SCORERECON_HOME": str(home),
-        "SCORERECON_EXECUTOR": "celery",
-        "SCORERECON_BROKER_URL": BROKER,
-        "SCORERECON_TORCH_THREADS": "1",
-    }
-    env.pop("REDIS_URL", None)
-    (home / "models").mkdir(parents=True)
-    tiny_model(home / "models")
-    submitter = _key(env, "recon:submit,recon:read", "radiology")
-    admin = _key(env, "admin", "physics")
-    port = _port()
-    gateway = _start([SCORERECON, "serve", "--port", str(port)], env)
-    worker = _start([sys.executable, "-m", "service.cli", "worker", "--queues", "gpu,cpu"], env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        end = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end and gateway.poll() is None, "gateway did not start"
-            time.sleep(0.2)
-        yield base, submitter, admin
-    finally:
-        _stop(worker)
-        _stop(gateway)
-        redis.Redis.from_url(BROKER).flushdb()
+    with Site(tmp_path / "home", redis_db=14) as running:
+        tiny_model(running.home / "models")
+        submitter = running.key("recon:submit,recon:read", "radiology")
+        admin = running.key("admin", "physics")
+        running.start_gateway()
+        running.start_worker()
+        yield running.base, submitter, admin
 
 
 @pytest.fixture
