@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.service.conftest import _drop_postgres_db, _postgres_db
+
 FULL = os.environ.get("SCORERECON_RELIABILITY_FULL") == "1"
 
 
@@ -54,3 +56,11 @@ def record() -> Callable[..., None]:
                 f.write(json.dumps(row) + "\n")
 
     return write
+
+
+@pytest.fixture
+def database():
+    """A throwaway PostgreSQL database (the deployment's database, not SQLite)."""
+    name = _postgres_db()
+    yield name
+    _drop_postgres_db(name)

@@ -9,14 +9,35 @@ import re
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import numpy as np
 
-from tests.service.conftest import CT_SPEC, ct_measurement
+from tests.service.conftest import CT_SPEC, PG, ct_measurement, tiny_model
+from tests.site import Site
 
 FINAL = {"succeeded", "failed", "cancelled"}
+# Recovery within seconds, not minutes, so that faults resolve inside a test.
+FAST_RECOVERY = {
+    "SCORERECON_HEARTBEAT_STALE_S": "3",
+    "SCORERECON_REQUEUE_AFTER_S": "4",
+    "SCORERECON_SWEEP_EVERY_S": "2",
+    "SCORERECON_MAX_RETRIES": "3",
+    "SCORERECON_RATE_LIMIT_PER_MINUTE": "1000000",
+}
 _DONE = re.compile(r"job ([0-9a-f]{32}) succeeded")
+
+
+def make_site(tmp_path: Path, database: str, redis_db: int, **env: str) -> Site:
+    """A site on the PostgreSQL database ``database`` with the tiny 32² model."""
+    site = Site(
+        tmp_path / "home",
+        redis_db=redis_db,
+        env={**FAST_RECOVERY, "SCORERECON_DATABASE_URL": PG + database, **env},
+    )
+    tiny_model(site.home / "models")
+    return site
 
 
 def submit(client: httpx.Client, key: str | None = None, retry_for: float = 0, **form) -> str:

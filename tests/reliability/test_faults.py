@@ -22,46 +22,15 @@ from tests.reliability.conftest import count
 from tests.reliability.jobs import (
     completions,
     get,
+    make_site,
     results_whole,
     submit,
     summary,
     wait_all,
     wait_running,
 )
-from tests.service.conftest import (
-    CT_SPEC,
-    PG,
-    _drop_postgres_db,
-    _postgres_db,
-    ct_measurement,
-    tiny_model,
-)
+from tests.service.conftest import CT_SPEC, ct_measurement
 from tests.site import Site, free_port, stop
-
-FAST_RECOVERY = {
-    "SCORERECON_HEARTBEAT_STALE_S": "3",
-    "SCORERECON_REQUEUE_AFTER_S": "4",
-    "SCORERECON_SWEEP_EVERY_S": "2",
-    "SCORERECON_MAX_RETRIES": "3",
-    "SCORERECON_RATE_LIMIT_PER_MINUTE": "1000000",
-}
-
-
-@pytest.fixture
-def database():
-    name = _postgres_db()
-    yield name
-    _drop_postgres_db(name)
-
-
-def make_site(tmp_path: Path, database: str, redis_db: int, **env: str) -> Site:
-    site = Site(
-        tmp_path / "home",
-        redis_db=redis_db,
-        env={**FAST_RECOVERY, "SCORERECON_DATABASE_URL": PG + database, **env},
-    )
-    tiny_model(site.home / "models")
-    return site
 
 
 def _healthy(site: Site) -> bool:
