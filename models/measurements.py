@@ -44,10 +44,11 @@ class MeasurementTooLarge(MeasurementError):
 
 def read_array(raw: bytes, max_inflated: int | None = None) -> np.ndarray:
     """The measurement array held by a file's bytes (format detected from its content)."""
+    limit = max_inflated or 64 * max(len(raw), 1 << 20)
     if raw.startswith(HDF5_MAGIC):
-        return _read_hdf5(raw)
+        return _read_hdf5(raw, limit)
     if raw.startswith(b"PK"):
-        return _read_npz(raw, max_inflated or 64 * max(len(raw), 1 << 20))
+        return _read_npz(raw, limit)
     try:
         return np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception:  # noqa: BLE001 - any unreadable file gets the same actionable message
@@ -68,31 +69,52 @@ def _read_npz(raw: bytes, limit: int) -> np.ndarray:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             names = set(npz.files)
             if names == {"real", "imag"}:
-                return npz["real"] + 1j * npz["imag"]
-            if len(names) != 1:
+                arrays = [npz["real"], npz["imag"]]
+            elif len(names) == 1:
+                arrays = [npz[npz.files[0]]]
+            else:
                 raise MeasurementError(
-                    f".npz must hold one array or 'real' and 'imag'; found {sorted(names)}"
+                    f".npz must hold one array or 'real' and 'imag'; found {sorted(names)[:10]}"
                 )
-            return npz[npz.files[0]]
+            if not all(isinstance(a, np.ndarray) for a in arrays):
+                raise MeasurementError(".npz members must be .npy arrays (use numpy.savez)")
+            return arrays[0] if len(arrays) == 1 else arrays[0] + 1j * arrays[1]
     except MeasurementError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise MeasurementError(f".npz could not be read ({type(exc).__name__})") from None
+        raise MeasurementError(
+            f".npz could not be read ({type(exc).__name__}); write it with numpy.savez of "
+            "numeric arrays (no pickled objects)"
+        ) from None
 
 
-def _read_hdf5(raw: bytes) -> np.ndarray:
+def _check_inflated(name: str, nbytes: int, limit: int) -> None:
+    if nbytes > limit:
+        raise MeasurementTooLarge(
+            f"{name} inflates beyond {limit >> 20} MB (to {nbytes >> 20} MB); send it uncompressed"
+        )
+
+
+def _read_hdf5(raw: bytes, limit: int) -> np.ndarray:
+    """``limit`` caps the bytes a dataset (compressed or a fill value) may inflate to."""
     import h5py
 
     try:
         with h5py.File(io.BytesIO(raw), "r") as f:
             if "kspace" in f:
-                k = np.asarray(f["kspace"])
+                ds = f["kspace"]
+                if not isinstance(ds, h5py.Dataset):
+                    raise MeasurementError("HDF5 'kspace' must be a dataset, not a group")
+                _check_inflated("kspace", ds.size * ds.dtype.itemsize, limit)
+                k = np.asarray(ds)
                 if k.ndim == 2:
                     k = k[None]
                 return k[:, None] if k.ndim == 3 else k  # (slices, coils, H, W)
             if "dataset" in f and "data" in f["dataset"]:
+                ds = f["dataset"]["data"]
+                _check_inflated("dataset/data", ds.size * ds.dtype.itemsize, limit)
                 xml = f["dataset"]["xml"][0] if "xml" in f["dataset"] else None
-                return _ismrmrd_kspace(f["dataset"]["data"][()], xml)
+                return _ismrmrd_kspace(ds[()], xml, limit)
     except MeasurementError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -116,7 +138,7 @@ def _encoded_matrix(xml) -> tuple[int, int] | None:
     return None
 
 
-def _ismrmrd_kspace(acqs: np.ndarray, xml) -> np.ndarray:
+def _ismrmrd_kspace(acqs: np.ndarray, xml, limit: int) -> np.ndarray:
     """(slices, coils, ny, nx) complex64 from ISMRMRD acquisitions (one readout each)."""
     if len(acqs) == 0:
         raise MeasurementError("ISMRMRD file holds no acquisitions")
@@ -134,7 +156,9 @@ def _ismrmrd_kspace(acqs: np.ndarray, xml) -> np.ndarray:
         )
     if ky.max() >= ny:
         raise MeasurementError(f"kspace_encode_step_1 reaches {ky.max()} beyond matrix y {ny}")
-    k = np.zeros((int(sl.max()) + 1, coils, samples, ny), np.complex64)
+    shape = (int(sl.max()) + 1, coils, samples, ny)
+    _check_inflated("ISMRMRD k-space", 8 * int(np.prod(shape, dtype=object)), limit)
+    k = np.zeros(shape, np.complex64)
     for a, data in enumerate(acqs["data"]):
         pairs = np.asarray(data, np.float32).reshape(coils, samples, 2)
         k[sl[a], :, :, ky[a]] = pairs[..., 0] + 1j * pairs[..., 1]
@@ -153,12 +177,10 @@ def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
     k-space as fastMRI and ISMRMRD store it, or every view of a sinogram) is accepted and
     subsampled to the measured entries by ``P(Λ)``.
     """
-    if not (
-        np.issubdtype(arr.dtype, np.floating)
-        or np.issubdtype(arr.dtype, np.complexfloating)
-        or np.issubdtype(arr.dtype, np.integer)
-    ):
-        raise MeasurementError(f"dtype {arr.dtype} is not numeric")
+    if arr.dtype.kind not in "iufc":
+        raise MeasurementError(
+            f"dtype {arr.dtype} is not numeric: send float32 (or complex64 k-space)"
+        )
     expected = tuple(operator.measurement_shape())
     complex_data = operator.complex_measurements
     if complex_data and not np.iscomplexobj(arr) and arr.ndim >= 1 and arr.shape[-1] == 2:
@@ -172,11 +194,14 @@ def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
         )
     if not complex_data and np.iscomplexobj(arr):
         raise MeasurementError("a CT sinogram is real: send the real array, not a complex one")
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = np.ascontiguousarray(arr.astype(np.complex64 if complex_data else np.float32))
     if not np.isfinite(arr).all():
-        raise MeasurementError("measurement contains NaN or Inf")
-    y = torch.from_numpy(
-        np.ascontiguousarray(arr.astype(np.complex64 if complex_data else np.float32))
-    )
+        raise MeasurementError(
+            "measurement contains NaN or Inf, or values beyond the float32 range; "
+            "send finite values"
+        )
+    y = torch.from_numpy(arr)
     if full is not None and tuple(y.shape[1:]) == full and full != expected:
         y = operator.subsample(y)
     if tuple(y.shape[1:]) != expected:

@@ -8,9 +8,12 @@ naming the field and the fix; nothing stored changes on a refused request.
 
 import errno
 import hashlib
+import http
 import io
 import json
 import logging
+import re
+import shutil
 import threading
 import time
 from collections import defaultdict, deque
@@ -26,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.measurements import MeasurementError, MeasurementTooLarge, as_measurement, read_array
 from models.physics import SpecError, from_spec, parse_spec
@@ -44,6 +48,8 @@ from service.ui import Handlers, add_ui
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("pc", "em", "ald", "fast")
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 class Problem(Exception):
@@ -77,7 +83,7 @@ class SamplingRequest(BaseModel):
     n: int = Field(16, ge=1, le=64)
     sampler: Literal["pc", "em", "ancestral", "ode", "ald", "fast"] = "pc"
     steps: int = Field(500, ge=2, le=5000)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class PacsSource(BaseModel):
@@ -211,12 +217,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
+        if err["type"] == "json_invalid":
+            why = err.get("ctx", {}).get("error", "invalid")
+            detail = f"the body is not valid JSON ({why}); send a JSON object"
+            return Problem(422, "Invalid request", detail, "body").response()
         field = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "header"))
+        field = field or "body"
         return Problem(422, "Invalid request", f"{field}: {err['msg']}", field).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (an unparsable body, no such route) as problem+json."""
+        title = http.HTTPStatus(exc.status_code).phrase
+        if exc.status_code != 400:
+            response = Problem(exc.status_code, title, str(exc.detail)).response()
+        else:
+            if request.headers.get("content-type", "").startswith("multipart/"):
+                hint = "send multipart/form-data with a boundary and well-formed parts"
+            else:
+                hint = "send UTF-8 JSON (an object, not nested thousands of levels deep)"
+            detail = f"{str(exc.detail).rstrip('.')}; {hint}"
+            response = Problem(400, title, detail, "body").response()
+        response.headers.update(exc.headers or {})
+        return response
 
     def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
-            raise Problem(401, "Unauthorized", "send 'Authorization: Bearer <API key>'")
+            raise Problem(
+                401, "Unauthorized", "send 'Authorization: Bearer <API key>'", "Authorization"
+            )
         credential = authorization.removeprefix("Bearer ").strip()
         if credential.startswith("sr_") or oidc is None:
             found = authenticate(jobs, credential)
@@ -224,7 +253,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             found = oidc.verify(credential)
         if found is None:
             raise Problem(
-                401, "Unauthorized", "the API key or token is unknown, revoked or expired"
+                401,
+                "Unauthorized",
+                "the API key or token is unknown, revoked or expired",
+                "Authorization",
             )
         limiter.check(found.key_id)
         return found
@@ -239,9 +271,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return check
 
     def own_job(job_id: str, p: Principal) -> Job:
-        job = jobs.get(job_id) if len(job_id) == 32 else None
+        job = jobs.get(job_id) if _is_hex_id(job_id) else None
         if job is None or (job.owner != p.owner and not p.is_admin):
-            raise Problem(404, "Not found", f"no job {job_id} for this key")
+            raise Problem(404, "Not found", f"no job {job_id!r} for this key", "job_id")
         return job
 
     @app.get("/healthz", tags=["health"])
@@ -302,7 +334,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sampler: Annotated[str, Form()] = "pc",
         nfe: Annotated[int, Form(ge=2, le=5000)] = 200,
         samples: Annotated[int, Form(ge=1, le=64)] = 1,
-        seed: Annotated[int, Form(ge=0)] = 0,
+        seed: Annotated[int, Form(ge=0, le=MAX_SEED)] = 0,
         source: Annotated[
             str | None,
             Form(
@@ -331,9 +363,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(
                 422, "Invalid sampler", f"sampler must be one of {', '.join(SAMPLERS)}", "sampler"
             )
+        if idempotency_key is not None and not idempotency_key.isprintable():
+            raise Problem(
+                422,
+                "Invalid Idempotency-Key",
+                "Idempotency-Key must be printable text (no control characters)",
+                "Idempotency-Key",
+            )
+        _check_model(model, parsed.image_size, settings)  # before the operator is built
         raw = _read_limited(measurement, settings.max_upload_mb)
         y = _parse_measurement(raw, parsed)
-        _check_model(model, parsed.image_size, settings)
         queued = jobs.count_by_state()["queued"]
         if queued >= settings.max_queue:
             raise Problem(
@@ -342,7 +381,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         params = {"sampler": sampler, "nfe": nfe, "samples": samples, "seed": seed}
         attributes = {}
         if source_dicom is not None:
-            attributes = _dicom_source(_read_limited(source_dicom, settings.max_upload_mb))
+            raw_dicom = _read_limited(source_dicom, settings.max_upload_mb, "source_dicom")
+            attributes = _check_source(_dicom_source(raw_dicom), "source_dicom")
         if source is not None:
             attributes.update(_parse_source(source))
         if attributes:
@@ -425,7 +465,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         p: Annotated[Principal, Depends(scope("recon:read"))],
         state: Annotated[str | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # a database integer
     ) -> dict:
         if state is not None and state not in STATES:
             raise Problem(
@@ -603,14 +643,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         /v1/admin/training (``dataset``); returns what was found in it."""
         from models.data import scan
 
-        raw = _read_limited(archive, settings.max_upload_mb)
+        raw = _read_limited(archive, settings.max_upload_mb, "archive")
         dataset_id = new_id()
         folder = _dataset_dir(settings, dataset_id)
         try:
             counts = extract(raw, folder, int(settings.max_upload_mb * 4 * 2**20))
         except ArchiveError as exc:
             raise Problem(422, "Invalid archive", str(exc), "archive") from None
-        found = scan(folder)
+        try:
+            found = scan(folder)
+        except Exception as exc:  # noqa: BLE001 - a malformed file is the uploader's to fix
+            shutil.rmtree(folder, ignore_errors=True)
+            raise Problem(
+                422,
+                "Invalid archive",
+                f"a file in the archive could not be read ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); fix or remove it and upload again",
+                "archive",
+            ) from None
         jobs.audit("upload-dataset", f"{counts['files']} files", p.key_id, p.owner)
         return {
             "id": dataset_id,
@@ -624,8 +674,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         p: Annotated[Principal, Depends(scope("admin"))],
         body: dict,
     ) -> dict:
+        scopes, owner = body.get("scopes", []), body.get("owner", "")
+        if not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes):
+            raise Problem(
+                422,
+                "Invalid key request",
+                'scopes must be a list of scope names, e.g. ["recon:submit", "recon:read"]',
+                "scopes",
+            )
+        if not isinstance(owner, str) or not 0 < len(owner) <= 128 or not owner.isprintable():
+            raise Problem(
+                422, "Invalid key request", "owner must be 1-128 printable characters", "owner"
+            )
         try:
-            key_id, key = create_key(jobs, list(body.get("scopes", [])), str(body.get("owner", "")))
+            key_id, key = create_key(jobs, scopes, owner)
         except ValueError as exc:
             raise Problem(422, "Invalid key request", str(exc), "scopes") from None
         jobs.audit("create-key", key_id, p.key_id, p.owner)
@@ -634,7 +696,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.delete("/v1/admin/api-keys/{key_id}", tags=["admin"])
     def delete_key(key_id: str, p: Annotated[Principal, Depends(scope("admin"))]) -> dict:
         if not revoke_key(jobs, key_id):
-            raise Problem(404, "Not found", f"no active key {key_id}")
+            raise Problem(404, "Not found", f"no active key {key_id!r}", "key_id")
         jobs.audit("revoke-key", key_id, p.key_id, p.owner)
         return {"id": key_id, "revoked": True}
 
@@ -690,14 +752,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _read_limited(upload: UploadFile, max_mb: float) -> bytes:
+def _read_limited(upload: UploadFile, max_mb: float, field: str = "measurement") -> bytes:
     limit = int(max_mb * 1024 * 1024)
     data = upload.file.read(limit + 1)
     if len(data) > limit:
         raise Problem(
-            413, "Measurement too large", f"the upload exceeds {max_mb:g} MB", "measurement"
+            413,
+            "Upload too large",
+            f"the {field} upload exceeds {max_mb:g} MB (SCORERECON_MAX_UPLOAD_MB); "
+            "send a smaller file",
+            field,
         )
     return data
+
+
+def _is_hex_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def _parse_measurement(raw: bytes, spec) -> torch.Tensor:
@@ -743,7 +813,7 @@ def _dicom_source(raw: bytes) -> dict:
 def _parse_source(text: str) -> dict:
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise Problem(422, "Invalid source", "source must be a JSON object", "source") from None
     if not isinstance(data, dict):
         raise Problem(422, "Invalid source", "source must be a JSON object", "source")
@@ -763,7 +833,19 @@ def _parse_source(text: str) -> dict:
                 f"{k} must be a string of at most 64 characters",
                 f"source.{k}",
             )
-    return data
+    return _check_source(data, "source")
+
+
+def _check_source(attributes: dict[str, str], field: str) -> dict[str, str]:
+    """Source attributes that can be written into DICOM: printable text, and UIDs as UIDs."""
+    for k, v in attributes.items():
+        if not v.isprintable():
+            detail = f"{k} must be printable text (no control characters)"
+            raise Problem(422, "Invalid source", detail, f"{field}.{k}")
+        if k.endswith("UID") and not UID.fullmatch(v):
+            detail = f"{k} must be a DICOM UID (digits and dots, e.g. 1.2.840.1234)"
+            raise Problem(422, "Invalid source", detail, f"{field}.{k}")
+    return attributes
 
 
 def _model_names(settings: Settings) -> list[str]:

@@ -48,10 +48,16 @@ def create_key(store: JobStore, scopes: list[str], owner: str) -> tuple[str, str
     return key_id, key
 
 
+def _is_key_id(key_id: str) -> bool:
+    """Key ids are hex (``create_key``): anything else (a NUL byte, which PostgreSQL text
+    cannot hold) is unknown without a query."""
+    return 0 < len(key_id) <= 16 and all(c in "0123456789abcdef" for c in key_id)
+
+
 def authenticate(store: JobStore, key: str) -> Principal | None:
     """The principal a key stands for, or None (unknown, malformed or revoked)."""
     parts = key.split("_")
-    if len(parts) < 3 or parts[0] != "sr":
+    if len(parts) < 3 or parts[0] != "sr" or not _is_key_id(parts[1]):
         return None
     with store.sessions() as s:
         row = s.get(ApiKey, parts[1])
@@ -62,6 +68,8 @@ def authenticate(store: JobStore, key: str) -> Principal | None:
 
 
 def revoke_key(store: JobStore, key_id: str) -> bool:
+    if not _is_key_id(key_id):
+        return False
     with store.session() as s:
         row = s.get(ApiKey, key_id)
         if row is None or row.revoked_at is not None:

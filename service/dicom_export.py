@@ -51,18 +51,16 @@ def source_attributes(raw: bytes) -> dict[str, str]:
     reconstructed series files into that instance's study; ValueError names what is wrong."""
     try:
         ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+        # Elements are decoded lazily: a corrupt one (an unknown VR) fails here, not above.
+        values = {kw: ds.get(kw) for kw in SOURCE_KEYWORDS}
+        out = {kw: str(v)[:64] for kw, v in values.items() if v not in (None, "")}
     except Exception as exc:  # noqa: BLE001 - any unreadable upload is the client's to fix
         raise ValueError(
             f"not a readable DICOM file ({type(exc).__name__}); send one instance (.dcm) "
             "of the source study with its preamble"
         ) from None
-    if "StudyInstanceUID" not in ds:
+    if "StudyInstanceUID" not in out:
         raise ValueError("the DICOM file has no StudyInstanceUID: send an instance of the study")
-    out = {}
-    for kw in SOURCE_KEYWORDS:
-        value = ds.get(kw)
-        if value not in (None, ""):
-            out[kw] = str(value)[:64]
     return out
 
 
