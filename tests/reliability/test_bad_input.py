@@ -734,7 +734,8 @@ def test_malformed_input_is_refused_naming_the_field(site: Gateway, case: Bad):
 def last_backend(request: pytest.FixtureRequest) -> bool:
     """Whether this is the last backend this test runs on in the session (which records the
     rows for all backends)."""
-    runs = [i for i in request.session.items if i.originalname == request.node.originalname]
+    name = request.node.originalname
+    runs = [i for i in request.session.items if getattr(i, "originalname", None) == name]
     return runs[-1] is request.node
 
 
