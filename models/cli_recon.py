@@ -27,7 +27,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     base = reconstruct_baseline(op, y, baseline_name(op))
     metal = None
     if spec.metal_threshold_hu is not None or args.metal_mask:
-        given = torch.from_numpy(np.load(args.metal_mask)).bool() if args.metal_mask else None
+        given = (
+            torch.from_numpy(np.load(args.metal_mask, allow_pickle=False)).bool()
+            if args.metal_mask
+            else None
+        )
         op, y, metal = remove_metal_trace(op, y, given, spec.metal_threshold_hu)
     prior = Prior.load(args.model, bf16=args.bf16)
     config = ReconConfig(sampler=args.sampler, method=args.method)

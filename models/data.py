@@ -12,8 +12,9 @@ and fitted to the model size:
   its maximum, so the background does not set the scale), clipped to [0, 1].
 - Images already in [0, 1] (NPY) are kept; other NPY/PNG ranges are min-max scaled.
 
-Unreadable or inconsistent files are skipped with a logged reason and counted in the
-:class:`ScanReport`; nothing in a folder makes the scan fail.
+Unreadable or inconsistent files are skipped: the log counts them (file names can carry
+patient names), the :class:`ScanReport` names each with its reason; nothing in a folder
+makes the scan fail.
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def scan(directory: str | Path) -> ScanReport:
     series, bad = read_dicom_series(dicom_files)
     volumes += series
     skipped += bad
-    for f, why in skipped:
-        log.warning("skipped %s: %s", f, why)
+    if skipped:
+        # A count, not the names: the folders of medical exports are often named after the
+        # patient. The report (``skipped``) names each file for whoever asked for the scan.
+        log.warning("skipped %d unreadable or inconsistent file(s)", len(skipped))
     return ScanReport(volumes, skipped)
 
 

@@ -27,6 +27,29 @@ class ModelError(ValueError):
     """A model directory that is missing, incomplete or corrupt."""
 
 
+PICKLED = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")  # never loaded
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a weights file that is not safetensors (a pickle, a ``torch.save`` zip) before
+    any loader reads it: a safetensors file starts with its header's length (8 bytes, little
+    endian) and the JSON header itself."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if len(head) == 9 and head[8:9] == b"{" and size <= path.stat().st_size - 8:
+        return
+    what = "not a safetensors file"
+    if head[:1] == b"\x80":
+        what = "a pickle"
+    elif head[:2] == b"PK":
+        what = "a torch.save zip (pickled)"
+    raise ModelError(
+        f"{path}: {what}; weights load from safetensors only and are never unpickled "
+        "(a pickle can run code): convert it with safetensors.torch.save_file"
+    )
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -119,7 +142,10 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN, SDE, 
     card = load_card(directory)
     wpath = directory / WEIGHTS
     if not wpath.exists():
-        raise ModelError(f"{directory}: {WEIGHTS} is missing")
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED)
+        why = f" ({', '.join(pickled)} not loaded: pickles are refused)" if pickled else ""
+        raise ModelError(f"{directory}: {WEIGHTS} is missing{why}")
+    check_safetensors(wpath)
     if sha256_file(wpath) != card.get("weights_sha256"):
         raise ModelError(f"{directory}: weights do not match the sha256 in {CARD}; re-export")
     sde = sde_from_dict(card["sde"])

@@ -108,7 +108,9 @@ class JobStore:
             if url.startswith("sqlite")
             else {"pool_pre_ping": True}
         )
-        self.engine = create_engine(url, **kwargs)
+        # hide_parameters: SQL logging and database errors never show bound values (key
+        # hashes, patient attributes in job params).
+        self.engine = create_engine(url, hide_parameters=True, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)

@@ -150,9 +150,11 @@ def _one(client, out: Path, name: str, spec: dict, image, model: str, nfe: int, 
     bar.close()
     if job["state"] != "succeeded":
         raise RuntimeError(f"{name}: job {job['id']} {job['state']}: {job['error']}")
-    recon = torch.from_numpy(np.load(io.BytesIO(_get(client, job["links"]["result_npy"]).content)))
+    recon = torch.from_numpy(
+        np.load(io.BytesIO(_get(client, job["links"]["result_npy"]).content), allow_pickle=False)
+    )
     report = _get(client, job["links"]["result_json"]).json()
-    std = np.load(io.BytesIO(_get(client, job["links"]["result_std"]).content))
+    std = np.load(io.BytesIO(_get(client, job["links"]["result_std"]).content), allow_pickle=False)
     base = reconstruct_baseline(op, y, baseline_name(op)).clamp(0, 1)
     recon = recon.clamp(0, 1)
     metrics = {

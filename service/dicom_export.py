@@ -270,8 +270,8 @@ def job_series(job, results) -> list[FileDataset]:
     second series when K > 1 (CT in HU through the model card's mapping)."""
     from models.io import HUMapping
 
-    mean = np.load(io.BytesIO(results.get(job.id, "recon.npy")))[:, 0]
-    std = np.load(io.BytesIO(results.get(job.id, "std.npy")))[:, 0]
+    mean = np.load(io.BytesIO(results.get(job.id, "recon.npy")), allow_pickle=False)[:, 0]
+    std = np.load(io.BytesIO(results.get(job.id, "std.npy")), allow_pickle=False)[:, 0]
     modality = "CT" if job.spec.get("modality") == "ct" else "MR"
     spacing = float(job.spec.get("pixel_size", 1.0))
     if modality == "CT":

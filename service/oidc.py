@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -20,10 +21,19 @@ import jwt
 from service.auth import SCOPES, Principal
 
 ALGORITHMS = ["RS256", "ES256"]
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class OIDCVerifier:
     def __init__(self, issuer: str, audience: str, jwks: str, cache_s: float = 300.0):
+        parts = urllib.parse.urlsplit(jwks)
+        scheme, host = parts.scheme, parts.hostname
+        if scheme not in ("", "https") and not (scheme == "http" and host in LOOPBACK):
+            # A key set fetched over plain HTTP (or ftp:, file:) could be swapped in transit
+            # by anyone on the path, who could then sign tokens we accept.
+            raise ValueError(
+                f"SCORERECON_OIDC_JWKS must be an https:// URL or a file path, not {jwks!r}"
+            )
         self.issuer, self.audience, self.jwks, self.cache_s = issuer, audience, jwks, cache_s
         self._keys: dict | None = None
         self._loaded = 0.0
@@ -33,7 +43,9 @@ class OIDCVerifier:
         with self._lock:
             if self._keys is None or time.monotonic() - self._loaded > self.cache_s:
                 if self.jwks.startswith(("https://", "http://")):
-                    with urllib.request.urlopen(self.jwks, timeout=5) as r:  # noqa: S310
+                    # The operator's URL, https (or http on loopback): checked in __init__.
+                    url = self.jwks
+                    with urllib.request.urlopen(url, timeout=5) as r:  # nosec B310: https only
                         data = json.load(r)
                 else:
                     data = json.loads(Path(self.jwks).read_text())

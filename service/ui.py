@@ -73,6 +73,14 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
     def login_first() -> RedirectResponse:
         return RedirectResponse("/ui/login", 303)
 
+    def lacks(p, name: str):
+        """The 403 Problem if ``p`` lacks the scope ``name`` (audited, as in the API)."""
+        try:
+            h.scoped(p, name)
+        except h.problem as exc:
+            return exc
+        return None
+
     def error_text(exc) -> str:
         body = json.loads(exc.response().body)
         field = f" ({body['field']})" if body.get("field") else ""
@@ -111,6 +119,8 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         p = user(request)
         if p is None:
             return login_first()
+        if denied := lacks(p, "recon:read"):
+            return page(request, "error.html", p, 403, error=error_text(denied))
         try:
             listing = h.list_jobs(p, state=state, limit=100, offset=0)
         except h.problem as exc:
@@ -122,6 +132,8 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         p = user(request)
         if p is None:
             return JSONResponse({"error": "log in"}, 401)
+        if denied := lacks(p, "recon:read"):
+            return denied.response()
         return JSONResponse(h.list_jobs(p, state=state, limit=100, offset=0))
 
     @app.get("/ui/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
@@ -129,6 +141,8 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         p = user(request)
         if p is None:
             return login_first()
+        if denied := lacks(p, "recon:read"):
+            return page(request, "error.html", p, 403, error=error_text(denied))
         try:
             job = h.own_job(job_id, p)
         except h.problem as exc:
@@ -154,6 +168,8 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         p = user(request)
         if p is None:
             return JSONResponse({"error": "log in"}, 401)
+        if denied := lacks(p, "recon:read"):
+            return denied.response()
         try:
             return JSONResponse(job_json(h.own_job(job_id, p)))
         except h.problem as exc:
@@ -166,6 +182,8 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         p = user(request)
         if p is None:
             return JSONResponse({"error": "log in"}, 401)
+        if denied := lacks(p, "recon:read"):
+            return denied.response()
         try:
             job = h.own_job(job_id, p)
         except h.problem as exc:
@@ -227,7 +245,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
                 request,
                 "new.html",
                 p,
-                422,
+                exc.status,  # 403 for a key without recon:submit, 422 for a bad field
                 models=h.models(),
                 samplers=h.samplers,
                 error=error_text(exc),
@@ -266,7 +284,9 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
     @app.get("/ui/models/{name}/{figure}.png", include_in_schema=False)
     def model_figure(request: Request, name: str, figure: str) -> Response:
         p = user(request)
-        if p is None or name not in h.models() or figure not in ("samples", "loss"):
+        if p is None:
+            return JSONResponse({"error": "log in"}, 401)
+        if name not in h.models() or figure not in ("samples", "loss"):
             return JSONResponse({"error": "not found"}, 404)
         path = h.model_dir(name) / f"{figure}.png"
         if path.exists():

@@ -216,7 +216,9 @@ def sweep(jobs: JobStore, enqueue, requeue_after_s: float, stale_after_s: float)
 def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
     spec = parse_spec(job.spec)
     op = from_spec(spec)
-    y = torch.from_numpy(np.load(io.BytesIO(results.get(job.id, "measurement.npy"))))
+    y = torch.from_numpy(
+        np.load(io.BytesIO(results.get(job.id, "measurement.npy")), allow_pickle=False)
+    )
     expected = tuple(op.measurement_shape())
     if y.ndim != len(expected) + 1 or tuple(y.shape[1:]) != expected:
         raise ValueError(f"stored measurement {tuple(y.shape)} does not match the spec {expected}")

@@ -1,0 +1,1141 @@
+"""Security (issue 9, part 4): who may call what, secrets, pickles, paths, logs, static checks.
+
+* the auth matrix: every route of the app (enumerated, so a new one must be classified here)
+  against anonymous, invalid, expired, wrong-audience, revoked, under-scoped, other-owner and
+  admin callers, through the API's bearer header and the console's cookie;
+* API keys: never in a log (DEBUG, SQL logging on, a real site's files) nor in any response
+  after the one that created them; compared as hashes with ``hmac.compare_digest``;
+* no pickle: checkpoints that are pickles are refused unread, uploads with object arrays are
+  refused, and the code base never unpickles;
+* paths: hostile archive members, dataset, model and job names, result formats, console
+  image and figure names and training folders are refused and write nothing outside;
+* patient data: a real site (gateway and Celery worker processes) runs, fails and refuses
+  jobs that carry a DICOM's patient attributes; none of them reaches a log;
+* bandit finds nothing of medium or high severity that is not explained (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import hmac
+import inspect
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import httpx
+import jwt
+import numpy as np
+import pydicom
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydicom.data import get_testdata_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from sqlalchemy import select
+from starlette.routing import Mount, Route
+
+import service.auth
+from models.measurements import MeasurementError, read_array
+from models.registry import ModelError, load_model, sha256_file
+from service.app import create_app
+from service.auth import authenticate, create_key, revoke_key
+from service.db import ApiKey
+from service.oidc import OIDCVerifier
+from service.settings import Settings
+from service.ui import COOKIE
+from tests.service.conftest import CT_SPEC, ct_measurement, tiny_model
+from tests.site import SCORERECON, Site
+
+ROOT = Path(__file__).resolve().parents[2]
+ISS, AUD = "https://idp.hospital.example", "scorerecon"
+ALL_SCOPES = "recon:submit recon:read admin"
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+# --- an in-process gateway: SQLite, embedded worker, OIDC, a registered data root ---------
+@dataclass
+class Gateway:
+    client: TestClient
+    app: FastAPI
+    settings: Settings
+    keys: dict[str, str]  # name → API key
+    ids: dict[str, str]  # name → key id
+    token: Callable[..., str]  # an OIDC token signed by the test's identity provider
+    job: str = ""  # alice's succeeded reconstruction
+    seen: list[httpx.Response] = field(default_factory=list)  # every response
+
+    def call(self, method: str, url: str, key=None, cookie=None, **kw) -> httpx.Response:
+        """One request with a bearer credential and/or a console cookie (none by default)."""
+        headers = dict(kw.pop("headers", None) or {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        if cookie is not None:
+            headers["Cookie"] = f"{COOKIE}={cookie}"
+        self.client.cookies.clear()  # no cookie carried over from an earlier login
+        return self.client.request(method, url, headers=headers, follow_redirects=False, **kw)
+
+    def victim(self) -> str:
+        """The id of a fresh key, for a request that revokes one."""
+        return create_key(self.app.state.jobs, ["recon:read"], "victim")[0]
+
+    def wait(self, job_id: str, timeout: float = 180) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            job = self.call("GET", f"/v1/jobs/{job_id}", self.keys["admin"]).json()
+            if job["state"] in FINAL:
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not finish")
+
+    @property
+    def five_xx(self) -> int:
+        return sum(r.status_code >= 500 for r in self.seen)
+
+
+def submit_form(model: str = "tiny32", **fields) -> dict:
+    data = {"spec": CT_SPEC, "model": model, "nfe": "4", "sampler": "fast", **fields}
+    return {"files": {"measurement": ("y.npy", ct_measurement())}, "data": data}
+
+
+@pytest.fixture
+def gw(tmp_path):
+    signer = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signer.public_key()))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}))
+    (tmp_path / "data").mkdir()
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        rate_limit_per_minute=10**6,
+        oidc_issuer=ISS,
+        oidc_audience=AUD,
+        oidc_jwks=str(jwks),
+        data_dirs=[tmp_path / "data"],
+    ).prepare()
+    Image.new("L", (8, 8)).save(tiny_model(settings.models) / "samples.png")
+    app = create_app(settings)
+    store = app.state.jobs
+    keys, ids = {}, {}
+    for name, scopes, owner in [
+        ("alice", ["recon:submit", "recon:read"], "alice"),
+        ("writer", ["recon:submit"], "alice"),
+        ("reader", ["recon:read"], "alice"),
+        ("bob", ["recon:submit", "recon:read"], "bob"),
+        ("admin", ["admin"], "ops"),
+        ("revoked", ["admin"], "ops"),
+    ]:
+        ids[name], keys[name] = create_key(store, scopes, owner)
+    revoke_key(store, ids["revoked"])
+
+    def token(scope: str = ALL_SCOPES, sub: str = "alice", **claims) -> str:
+        body = {"iss": ISS, "aud": AUD, "sub": sub, "exp": int(time.time()) + 600, **claims}
+        return jwt.encode({**body, "scope": scope}, signer, "RS256", headers={"kid": "k1"})
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        g = Gateway(client, app, settings, keys, ids, token)
+        client.event_hooks = {"response": [lambda r: (r.read(), g.seen.append(r))]}
+        r = g.call("POST", "/v1/reconstructions", keys["alice"], **submit_form())
+        assert r.status_code == 202, r.text
+        g.job = r.json()["id"]
+        assert g.wait(g.job)["state"] == "succeeded"
+        yield g
+    store.engine.dispose()
+
+
+# --- 1. the auth matrix ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    credential: str | None
+    scopes: frozenset[str] | None = None  # None: must be refused as unauthenticated
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a route is protected. kind: public, login (POST /ui/login), api (bearer header),
+    ui-page (cookie; refusals redirect to the login page) or ui-json (cookie; 401)."""
+
+    kind: str
+    ok: int  # the status for a caller who may call it
+    scope: str | None = None  # None: any authenticated caller
+    owned: bool = False  # acts on alice's job: another owner gets 404
+    request: Callable[[Gateway], dict] | None = None  # url, body, params
+
+
+def _npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+GOOD_NPY = _npy(np.random.default_rng(0).random((16, 16)).astype(np.float32))
+
+ROUTES: dict[tuple[str, str], Rule] = {
+    # Public by design: liveness and readiness probes, the Prometheus scrape (job counts
+    # only), the API's own documentation, the console's login page and static files.
+    ("GET", "/healthz"): Rule("public", 200),
+    ("GET", "/readyz"): Rule("public", 200),
+    ("GET", "/metrics"): Rule("public", 200),
+    ("GET", "/openapi.json"): Rule("public", 200),
+    ("GET", "/docs"): Rule("public", 200),
+    ("GET", "/docs/oauth2-redirect"): Rule("public", 200),
+    ("GET", "/redoc"): Rule("public", 200),
+    ("MOUNT", "/ui/static"): Rule(
+        "public", 200, request=lambda g: {"url": "/ui/static/console.js"}
+    ),
+    ("GET", "/ui/login"): Rule("public", 200),
+    ("POST", "/ui/login"): Rule("login", 303),
+    ("POST", "/ui/logout"): Rule("public", 303),
+    # The API.
+    ("POST", "/v1/reconstructions"): Rule(
+        "api", 202, "recon:submit", request=lambda g: submit_form()
+    ),
+    ("GET", "/v1/jobs"): Rule("api", 200, "recon:read"),
+    ("GET", "/v1/jobs/{job_id}"): Rule("api", 200, "recon:read", owned=True),
+    ("DELETE", "/v1/jobs/{job_id}"): Rule("api", 409, "recon:submit", owned=True),  # finished
+    ("POST", "/v1/jobs/{job_id}/export"): Rule(
+        "api", 422, "recon:submit", True, lambda g: {"json": {"destination": "nowhere"}}
+    ),
+    ("GET", "/v1/jobs/{job_id}/result"): Rule(
+        "api", 200, "recon:read", True, lambda g: {"params": {"format": "json"}}
+    ),
+    ("GET", "/v1/models"): Rule("api", 200),
+    ("GET", "/v1/models/{name}"): Rule("api", 200),
+    ("POST", "/v1/admin/sampling"): Rule(
+        "api", 422, "admin", request=lambda g: {"json": {"model": "no-such-model"}}
+    ),
+    ("POST", "/v1/admin/training"): Rule(
+        "api", 422, "admin", request=lambda g: {"json": {"data_dir": "/etc", "model_id": "x-1"}}
+    ),
+    ("POST", "/v1/admin/datasets"): Rule(
+        "api",
+        201,
+        "admin",
+        request=lambda g: {"files": {"archive": ("a.zip", _zip({"s.npy": GOOD_NPY}))}},
+    ),
+    ("POST", "/v1/admin/api-keys"): Rule(
+        "api",
+        201,
+        "admin",
+        request=lambda g: {"json": {"scopes": ["recon:read"], "owner": "carol"}},
+    ),
+    ("DELETE", "/v1/admin/api-keys/{key_id}"): Rule(
+        "api", 200, "admin", request=lambda g: {"url": f"/v1/admin/api-keys/{g.victim()}"}
+    ),
+    ("GET", "/v1/admin/api-keys"): Rule("api", 200, "admin"),
+    ("GET", "/v1/admin/audit"): Rule("api", 200, "admin"),
+    # The console.
+    ("GET", "/ui"): Rule("ui-page", 200, "recon:read"),
+    ("GET", "/ui/"): Rule("ui-page", 200, "recon:read"),
+    ("GET", "/ui/jobs.json"): Rule("ui-json", 200, "recon:read"),
+    ("GET", "/ui/jobs/{job_id}"): Rule("ui-page", 200, "recon:read", owned=True),
+    ("GET", "/ui/jobs/{job_id}/state"): Rule("ui-json", 200, "recon:read", owned=True),
+    ("GET", "/ui/jobs/{job_id}/image/{name}"): Rule(
+        "ui-json",
+        200,
+        "recon:read",
+        True,
+        lambda g: {"url": f"/ui/jobs/{g.job}/image/reconstruction"},
+    ),
+    ("GET", "/ui/new"): Rule("ui-page", 200),
+    ("POST", "/ui/new"): Rule("ui-page", 303, "recon:submit", request=lambda g: submit_form()),
+    ("GET", "/ui/models"): Rule("ui-page", 200),
+    ("GET", "/ui/models/{name}"): Rule("ui-page", 200),
+    ("GET", "/ui/models/{name}/{figure}.png"): Rule(
+        "ui-json", 200, request=lambda g: {"url": "/ui/models/tiny32/samples.png"}
+    ),
+    ("GET", "/ui/admin"): Rule("ui-page", 200, "admin"),
+    ("POST", "/ui/admin/sampling"): Rule(
+        "ui-page",
+        303,
+        "admin",
+        request=lambda g: {"data": {"model": "tiny32", "n": "1", "steps": "2", "sampler": "em"}},
+    ),
+    ("POST", "/ui/admin/training"): Rule(
+        "ui-page",
+        422,
+        "admin",
+        request=lambda g: {"data": {"model_id": "x-1", "source": "data_dir", "location": "/etc"}},
+    ),
+    ("POST", "/ui/admin/keys"): Rule(
+        "ui-page",
+        200,
+        "admin",
+        request=lambda g: {"data": {"owner": "dave", "scopes": ["recon:read"]}},
+    ),
+    ("POST", "/ui/admin/keys/{key_id}/revoke"): Rule(
+        "ui-page", 303, "admin", request=lambda g: {"url": f"/ui/admin/keys/{g.victim()}/revoke"}
+    ),
+}
+
+
+def app_routes(app: FastAPI) -> set[tuple[str, str]]:
+    """(method, path) of every route the app serves; a mount is ('MOUNT', path)."""
+    found = set()
+    for r in app.routes:
+        if isinstance(r, Mount):
+            found.add(("MOUNT", r.path))
+        elif isinstance(r, Route):
+            found |= {(m, r.path) for m in r.methods if m != "HEAD"}
+        else:
+            found.add((type(r).__name__, getattr(r, "path", repr(r))))
+    return found
+
+
+def callers(g: Gateway) -> list[Caller]:
+    both = frozenset({"recon:submit", "recon:read"})
+    return [
+        Caller("anonymous", None),
+        Caller("unknown key", "sr_0123456789ab_" + "A" * 43),
+        Caller("forged secret", f"sr_{g.ids['alice']}_" + "A" * 43),
+        Caller("malformed token", "not.a.jwt"),
+        Caller("expired OIDC", g.token(exp=int(time.time()) - 60)),
+        Caller("wrong-audience OIDC", g.token(aud="another-app")),
+        Caller("revoked key", g.keys["revoked"]),
+        Caller("read-only key", g.keys["reader"], frozenset({"recon:read"}), "alice"),
+        Caller("submit-only key", g.keys["writer"], frozenset({"recon:submit"}), "alice"),
+        Caller("OIDC without scopes", g.token(scope="openid"), frozenset(), "alice"),
+        Caller(
+            "OIDC reader", g.token(scope="openid recon:read"), frozenset({"recon:read"}), "alice"
+        ),
+        Caller("another owner", g.keys["bob"], both, "bob"),
+        Caller("owner", g.keys["alice"], both, "alice"),
+        Caller("admin", g.keys["admin"], frozenset({"admin"}), "ops"),
+    ]
+
+
+def expected(rule: Rule, c: Caller) -> int:
+    if rule.kind == "public":
+        return rule.ok
+    if rule.kind == "login":
+        return 422 if c.credential is None else rule.ok if c.scopes is not None else 401
+    if c.scopes is None:
+        return 303 if rule.kind == "ui-page" else 401
+    admin = "admin" in c.scopes
+    if rule.scope and rule.scope not in c.scopes and not admin:
+        return 403
+    if rule.owned and c.owner != "alice" and not admin:
+        return 404
+    return rule.ok
+
+
+def send(g: Gateway, method: str, path: str, rule: Rule, c: Caller, bare: bool = False):
+    kw = {} if rule.request is None else rule.request(g)
+    url = kw.pop("url", None) or path.format(job_id=g.job, name="tiny32")
+    kw = {} if bare else kw  # no body, no parameters
+    if rule.kind == "login":
+        return g.call(method, url, data={"key": c.credential} if c.credential else {})
+    key = c.credential if rule.kind in ("api", "public") else None
+    cookie = c.credential if rule.kind != "api" else None
+    return g.call(method if method != "MOUNT" else "GET", url, key, cookie, **kw)
+
+
+def test_auth_matrix_every_route_by_every_caller(gw, record):
+    found = app_routes(gw.app)
+    unclassified, stale = sorted(found - set(ROUTES)), sorted(set(ROUTES) - found)
+    wrong, cells = [], 0
+    for (method, path), rule in ROUTES.items():
+        if (method, path) not in found:
+            continue
+        for c in callers(gw):
+            r = send(gw, method, path, rule, c)
+            cells += 1
+            want = expected(rule, c)
+            ok = r.status_code == want
+            if want == 303 and rule.kind == "ui-page" and c.scopes is None:
+                ok = ok and r.headers["location"] == "/ui/login"
+            if rule.kind == "api" and r.status_code in (401, 403, 404):
+                ok = ok and r.headers["content-type"] == "application/problem+json"
+            if not ok:
+                wrong.append(f"{method} {path} as {c.name}: {r.status_code}, expected {want}")
+        if rule.kind == "api":  # refused before the body is even validated
+            r = send(gw, method, path, rule, Caller("anonymous, no body", None), bare=True)
+            cells += 1
+            if r.status_code != 401:
+                wrong.append(f"{method} {path} anonymous without a body: {r.status_code}")
+
+    # Another owner's job is indistinguishable from a job that does not exist.
+    bob = gw.call("GET", f"/v1/jobs/{gw.job}", gw.keys["bob"]).json()
+    none = gw.call("GET", f"/v1/jobs/{uuid.uuid4().hex}", gw.keys["bob"]).json()
+    hidden = {k: v for k, v in bob.items() if k != "detail"} == {
+        k: v for k, v in none.items() if k != "detail"
+    }
+    # The console's cookie: HttpOnly, SameSite=Strict, scoped to /ui.
+    login = gw.call("POST", "/ui/login", data={"key": gw.keys["alice"]})
+    cookie = login.headers.get("set-cookie", "").lower()
+    cookie_ok = all(a in cookie for a in ("httponly", "samesite=strict", "path=/ui"))
+    # The public probes say nothing about owners or jobs.
+    public = gw.call("GET", "/metrics").text + gw.call("GET", "/readyz").text
+    quiet = not any(s in public for s in ("alice", "bob", "ops", gw.job))
+    record(
+        "security",
+        "auth matrix (endpoints × callers)",
+        tried=cells,
+        five_xx=gw.five_xx,
+        outcome=f"{len(found)} routes × {len(callers(gw))} callers: "
+        + ("all as expected" if not wrong else f"{len(wrong)} unexpected")
+        + f"; unclassified routes: {len(unclassified)}",
+    )
+    assert not unclassified, f"classify these routes in ROUTES: {unclassified}"
+    assert not stale, f"ROUTES names routes the app does not serve: {stale}"
+    assert not wrong, "\n".join(wrong)
+    assert hidden, (bob, none)
+    assert cookie_ok, cookie
+    assert quiet
+    assert gw.five_xx == 0
+
+
+def test_oidc_key_set_must_come_over_https():
+    """A JWKS fetched over plain HTTP could be swapped in transit: refused at start."""
+    for url in ("http://idp.hospital.example/jwks", "ftp://idp/jwks", "file:///etc/jwks.json"):
+        with pytest.raises(ValueError, match="https"):
+            OIDCVerifier(ISS, AUD, url)
+    for ok in ("https://idp.hospital.example/jwks", "http://127.0.0.1:8080/jwks", "/etc/j.json"):
+        assert OIDCVerifier(ISS, AUD, ok).jwks == ok
+
+
+# --- 2. API keys ----------------------------------------------------------------------------
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [SCORERECON, "keys", *args], env=env, capture_output=True, text=True, check=True
+    )
+
+
+def test_api_keys_are_never_logged_or_returned(gw, caplog, record):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="sqlalchemy.engine")  # an operator debugging SQL
+    admin = gw.keys["admin"]
+    created: dict[int, str] = {}  # id(response) → the key it created (and may show)
+    r = gw.call(
+        "POST",
+        "/v1/admin/api-keys",
+        admin,
+        json={"scopes": ["recon:submit", "recon:read"], "owner": "carol"},
+    )
+    api_key, api_id = r.json()["key"], r.json()["id"]
+    created[id(r)] = api_key
+    r = gw.call(
+        "POST", "/ui/admin/keys", cookie=admin, data={"owner": "dave", "scopes": ["recon:read"]}
+    )
+    ui_key = re.search(r"sr_[0-9a-f]{12}_[\w-]{43}", r.text).group()
+    created[id(r)] = ui_key
+    env = {
+        **os.environ,
+        "SCORERECON_HOME": str(gw.settings.home),
+        "SCORERECON_DATABASE_URL": gw.settings.db_url,
+    }
+    made = _cli(env, "create", "--scopes", "recon:read", "--owner", "erin")
+    cli_key, cli_id = json.loads(made.stdout)["key"], json.loads(made.stdout)["id"]
+    outputs = [made.stderr]
+
+    used = []
+    for key in (api_key, ui_key, cli_key):
+        used.append(gw.call("GET", "/v1/jobs", key).status_code)
+        used.append(gw.call("POST", "/ui/login", data={"key": key}).status_code)
+        used.append(gw.call("GET", "/ui/", cookie=key).status_code)
+    job = gw.call("POST", "/v1/reconstructions", api_key, **submit_form())
+    gw.wait(job.json()["id"])
+    used.append(gw.call("GET", f"/v1/jobs/{job.json()['id']}", api_key).status_code)
+    gw.call("GET", "/v1/admin/api-keys", admin)
+    gw.call("GET", "/ui/admin", cookie=admin)
+    gw.call("GET", "/v1/admin/audit", admin)
+    listed = _cli(env, "list")
+    outputs += [listed.stdout, listed.stderr, _cli(env, "revoke", cli_id).stderr]
+    revoked = gw.call("DELETE", f"/v1/admin/api-keys/{api_id}", admin).status_code
+    refused = [gw.call("GET", "/v1/jobs", k).status_code for k in (api_key, cli_key)]
+
+    everything = {**gw.keys, "api": api_key, "console": ui_key, "cli": cli_key}
+    secrets = {k: (k, k.split("_", 2)[2], _sha(k)) for k in everything.values()}
+    leaks = []
+    for resp in gw.seen:
+        shown = created.get(id(resp))
+        headers = {
+            k: v
+            for k, v in resp.headers.items()
+            if not (k == "set-cookie" and resp.request.url.path == "/ui/login")
+        }  # the login's cookie holds the key the browser just sent: that is what it is for
+        text = resp.text + json.dumps(headers)
+        for key, forms in secrets.items():
+            if key != shown and any(f in text for f in forms):
+                leaks.append(f"{resp.request.method} {resp.request.url.path}")
+    logs = caplog.text + "".join(outputs)
+    logged = [k for k, forms in secrets.items() if any(f in logs for f in forms)]
+    db = Path(gw.settings.db_url.removeprefix("sqlite:///"))
+    stored = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))  # and its WAL
+    in_db = [k for k in secrets if k.encode() in stored or k.split("_", 2)[2].encode() in stored]
+    hashed = all(_sha(k).encode() in stored for k in secrets)
+    record(
+        "security",
+        "API keys in logs and responses",
+        tried=len(secrets),
+        five_xx=gw.five_xx,
+        outcome=f"{len(secrets)} keys (API, console, CLI, fixtures) created, used, listed and "
+        f"revoked; scanned {len(gw.seen)} responses, {len(caplog.records)} DEBUG log records "
+        f"(SQL logging on) and the CLI's output for the key, its secret and its SHA-256: "
+        f"{len(leaks)} responses and {len(logged)} logs showed one; {len(in_db)} stored in clear",
+    )
+    assert used == [200, 303, 200] * 3 + [200] and revoked == 200 and refused == [401, 401]
+    assert "INSERT INTO api_keys" in caplog.text  # SQL was logged: only its values are hidden
+    assert not leaks, leaks
+    assert not logged, logged
+    assert not in_db and hashed
+    assert gw.five_xx == 0
+
+
+def test_key_verification_compares_hashes_in_constant_time(gw, monkeypatch):
+    """authenticate() hashes the whole presented key and compares it with the stored (or a
+    dummy) hash through hmac.compare_digest, exactly once, whatever the key."""
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    store, alice = gw.app.state.jobs, gw.keys["alice"]
+    with store.sessions() as s:
+        stored = {row.id: row.hash for row in s.scalars(select(ApiKey))}
+    cases = [  # (key, accepted, the hash it must be compared with)
+        (alice, True, stored[gw.ids["alice"]]),
+        (f"sr_{gw.ids['alice']}_" + "A" * 43, False, stored[gw.ids["alice"]]),  # wrong secret
+        (alice[:-1] + ("B" if alice.endswith("A") else "A"), False, stored[gw.ids["alice"]]),
+        ("sr_0123456789ab_" + "A" * 43, False, _sha("dummy")),  # unknown id: same work
+        (gw.keys["revoked"], False, stored[gw.ids["revoked"]]),
+    ]
+    for key, accepted, against in cases:
+        calls.clear()
+        assert (authenticate(store, key) is not None) is accepted, key
+        assert calls == [(against, _sha(key))], calls
+    # Nothing in the verification path compares hashes with == or !=.
+    tree = ast.parse(inspect.getsource(service.auth.authenticate))
+    plain = [
+        ast.unparse(n)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Compare)
+        and any(isinstance(op, ast.Eq | ast.NotEq) for op in n.ops)
+        and ("hash" in ast.unparse(n))
+    ]
+    assert not plain, plain
+
+
+# --- 3. no pickle ---------------------------------------------------------------------------
+class Payload:
+    """Unpickling this creates ``marker``: the proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+BANNED_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "shelve", "marshal"}
+BANNED_CALLS = {"torch.load", "torch.jit.load", "yaml.load", "yaml.unsafe_load", "eval", "exec"}
+
+
+def unpickling_in_code() -> tuple[list[str], int]:
+    """Uses of pickle in models/, service/, workers/, and the number of np.load calls (each
+    must say allow_pickle=False)."""
+    found, loads = [], 0
+    for path in sorted(
+        p for d in ("models", "service", "workers") for p in (ROOT / d).rglob("*.py")
+    ):
+        where = path.relative_to(ROOT)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                )
+                found += [
+                    f"{where}:{node.lineno} imports {n}"
+                    for n in names
+                    if n.split(".")[0] in BANNED_MODULES
+                ]
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            kw = {k.arg: k.value for k in node.keywords}
+            if name in BANNED_CALLS or name.endswith(
+                ("pickle.load", "pickle.loads", "read_pickle")
+            ):
+                found.append(f"{where}:{node.lineno} calls {name}")
+            if name in ("np.load", "numpy.load"):
+                loads += 1
+                flag = kw.get("allow_pickle")
+                if not (isinstance(flag, ast.Constant) and flag.value is False):
+                    found.append(f"{where}:{node.lineno} np.load without allow_pickle=False")
+            flag = kw.get("allow_pickle")
+            if isinstance(flag, ast.Constant) and flag.value is True:
+                found.append(f"{where}:{node.lineno} allow_pickle=True")
+    return found, loads
+
+
+def _model_with_weights(src: Path, dest: Path, name: str, data: bytes) -> Path:
+    """A copy of model ``src`` whose card matches ``data`` stored as ``name``."""
+    shutil.copytree(src, dest)
+    (dest / "weights.safetensors").unlink()
+    (dest / name).write_bytes(data)
+    card = json.loads((dest / "card.json").read_text())
+    card["weights_sha256"] = sha256_file(dest / name)
+    (dest / "card.json").write_text(json.dumps(card))
+    return dest
+
+
+def test_no_pickle_is_ever_loaded(gw, tmp_path, record):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    pickled = {n: pickle.dumps(Payload(markers / n)) for n in ("pt", "st", "npy", "raw")}
+    control = markers / "control"
+    pickle.loads(pickle.dumps(Payload(control))).close()  # the payload works when unpickled
+    assert control.exists()
+    control.unlink()
+    buf = io.BytesIO()
+    torch.save({"w": Payload(markers / "zip")}, buf)
+
+    tiny, models = gw.settings.models / "tiny32", tmp_path / "checkpoints"
+    refused = {}
+    for name, weights, data in [
+        ("pt-only", "weights.pt", pickled["pt"]),
+        ("pickle-as-safetensors", "weights.safetensors", pickled["st"]),
+        ("torch-zip-as-safetensors", "weights.safetensors", buf.getvalue()),
+    ]:
+        folder = _model_with_weights(tiny, models / name, weights, data)
+        with pytest.raises(ModelError) as err:
+            load_model(folder)
+        refused[name] = str(err.value)
+    with pytest.raises(SafetensorError):  # what training resumes and the priors use
+        load_file(str(models / "pickle-as-safetensors" / "weights.safetensors"))
+
+    # Through the service: a model whose weights are a pickle fails its job, unread.
+    _model_with_weights(tiny, gw.settings.models / "evil32", "weights.safetensors", pickled["st"])
+    r = gw.call("POST", "/v1/reconstructions", gw.keys["alice"], **submit_form("evil32"))
+    evil = gw.wait(r.json()["id"])
+    # Uploads holding pickles: object arrays in .npy and .npz, a bare pickle, an archive.
+    obj = np.array([Payload(markers / "npy")], dtype=object)
+    npz = io.BytesIO()
+    np.savez(npz, y=np.array([Payload(markers / "npz")], dtype=object))
+    uploads = {"npy": _npy(obj, allow_pickle=True), "npz": npz.getvalue(), "raw": pickled["raw"]}
+    statuses = []
+    for data in uploads.values():
+        form = submit_form()
+        form["files"]["measurement"] = ("y.npy", data)
+        statuses.append(
+            gw.call("POST", "/v1/reconstructions", gw.keys["alice"], **form).status_code
+        )
+        statuses.append(gw.call("POST", "/ui/new", cookie=gw.keys["alice"], **form).status_code)
+    archive = _zip(
+        {
+            "ok/s.npy": GOOD_NPY,
+            "bad/s.npy": _npy(np.array([Payload(markers / "ds")], dtype=object), True),
+        }
+    )
+    ds = gw.call(
+        "POST", "/v1/admin/datasets", gw.keys["admin"], files={"archive": ("a.zip", archive)}
+    )
+    skipped = ds.json().get("skipped", [])
+
+    in_code, n_loads = unpickling_in_code()
+    from workers.celery_app import make_celery
+
+    conf = make_celery(Settings(home=tmp_path / "celery")).conf
+    broker_json = conf.accept_content == ["json"] and conf.task_serializer == "json"
+    ran = sorted(p.name for p in markers.iterdir())
+    record(
+        "security",
+        "pickles (checkpoints, uploads, code)",
+        tried=len(refused) + 1 + len(statuses) + 1 + n_loads,
+        five_xx=gw.five_xx,
+        outcome=f"{len(refused)} pickled checkpoints refused by the registry and 1 by a job "
+        f"({evil['state']}); {len(statuses)} uploads holding pickles (object .npy and .npz, a "
+        f"bare pickle; API and console) refused "
+        f"({sorted(set(statuses))}); the pickled dataset file skipped; payloads run: {len(ran)}; "
+        f"{n_loads} np.load calls, all allow_pickle=False; pickle in code: {len(in_code)}; "
+        f"broker JSON only: {broker_json}",
+    )
+    assert not ran, f"a pickle was executed: {ran}"
+    assert "weights.pt" in refused["pt-only"] and "pickles are refused" in refused["pt-only"]
+    assert "a pickle" in refused["pickle-as-safetensors"]
+    assert "torch.save zip" in refused["torch-zip-as-safetensors"]
+    assert all("never unpickled" in m for k, m in refused.items() if k != "pt-only")
+    assert evil["state"] == "failed" and "never unpickled" in evil["error"], evil
+    assert statuses == [422] * len(statuses), statuses
+    assert ds.status_code == 201 and [s for s in skipped if s.startswith("bad/s.npy")], ds.text
+    assert not in_code, in_code
+    assert broker_json
+    assert gw.five_xx == 0
+
+
+# --- 4. paths -------------------------------------------------------------------------------
+def _tar(members: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w:gz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as t:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                t.addfile(m)
+            else:
+                info = tarfile.TarInfo(m[0])
+                info.size = len(m[1])
+                t.addfile(info, io.BytesIO(m[1]))
+    return buf.getvalue()
+
+
+def _special(name: str, kind: bytes, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+def _zip_mode(name: str, mode: int, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("ok.npy", GOOD_NPY)
+        info = zipfile.ZipInfo(name)
+        info.create_system, info.external_attr = 3, mode << 16
+        z.writestr(info, data)
+    return buf.getvalue()
+
+
+def hostile_archives(tmp_path: Path, tag: str) -> dict[str, bytes]:
+    """Archives whose members would land outside their folder, or are not regular files."""
+    ok = ("ok.npy", GOOD_NPY)
+    outside = str(tmp_path / f"abs-{tag}.npy")
+    arch = {}
+    for kind, name in [
+        ("dot-dot", f"../escape-{tag}.npy"),
+        ("deep dot-dot", f"a/../../../escape-{tag}.npy"),
+        ("absolute", outside),
+        ("backslash", f"..\\escape-{tag}.npy"),
+        ("drive letter", f"C:/escape-{tag}.npy"),
+    ]:
+        arch[f"tar {kind}"] = _tar([ok, (name, GOOD_NPY)])
+        arch[f"zip {kind}"] = _zip({"ok.npy": GOOD_NPY, name: GOOD_NPY})
+    arch["tar symlink then a file through it"] = _tar(
+        [ok, _special("link", tarfile.SYMTYPE, str(tmp_path)), (f"link/escape-{tag}.npy", GOOD_NPY)]
+    )
+    arch["tar symlink to /etc/passwd"] = _tar(
+        [ok, _special("passwd", tarfile.SYMTYPE, "/etc/passwd")]
+    )
+    arch["tar hard link to /etc/passwd"] = _tar(
+        [ok, _special("hard", tarfile.LNKTYPE, "/etc/passwd")]
+    )
+    arch["tar character device"] = _tar([ok, _special("tty", tarfile.CHRTYPE)], "w")
+    arch["tar block device"] = _tar([ok, _special("sda", tarfile.BLKTYPE)], "w")
+    arch["tar fifo"] = _tar([ok, _special("fifo", tarfile.FIFOTYPE)], "w")
+    arch["zip symlink"] = _zip_mode("passwd", 0o120777, b"/etc/passwd")
+    arch["zip character device"] = _zip_mode("tty", 0o020644, b"")
+    arch["zip fifo"] = _zip_mode("fifo", 0o010644, b"")
+    return arch
+
+
+def _tree(root: Path) -> dict[str, int]:
+    """Every path under ``root`` with its size (-1 for folders), the job database aside."""
+    return {
+        str(p.relative_to(root)): p.lstat().st_size if p.is_file() else -1
+        for p in root.rglob("*")
+        if not p.name.startswith("jobs.db")
+    }
+
+
+def test_paths_from_clients_are_never_joined_unsafely(gw, tmp_path, record):
+    tag = uuid.uuid4().hex[:8]
+    root = tmp_path / "data"  # the registered training root
+    (tmp_path / "data-evil").mkdir()  # a sibling whose name extends the root's
+    (tmp_path / "outside").mkdir()
+    (root / "escape").symlink_to(tmp_path / "outside")  # a link out of the root
+    (gw.settings.home / "datasets").mkdir(exist_ok=True)  # where uploads are unpacked
+    before = _tree(tmp_path)
+    admin, alice, job = gw.keys["admin"], gw.keys["alice"], gw.job
+    cases: list[tuple[str, int, httpx.Response]] = []
+
+    def check(what: str, want: int, r: httpx.Response) -> None:
+        cases.append((what, want, r))
+
+    for kind, raw in hostile_archives(tmp_path, tag).items():
+        files = {"archive": ("a.tar.gz", raw)}
+        check(f"archive: {kind}", 422, gw.call("POST", "/v1/admin/datasets", admin, files=files))
+    train = {"model_id": "escape-1", "image_size": 16, "steps": 1}
+    for name in ("../../etc", "/etc/passwd", "..%2F..%2Fetc", "0" * 31 + "/", "f" * 32):
+        r = gw.call("POST", "/v1/admin/training", admin, json={**train, "dataset": name})
+        check(f"dataset {name!r}", 422, r)
+    for data_dir in (
+        "/etc",
+        str(root / ".."),
+        str(root / "ct" / ".." / ".."),
+        str(tmp_path / "data-evil"),
+        str(root / "escape"),
+        "data",
+        "~",
+    ):
+        r = gw.call("POST", "/v1/admin/training", admin, json={**train, "data_dir": data_dir})
+        check(f"data_dir {data_dir!r}", 422, r)
+        form = {"model_id": "escape-1", "source": "data_dir", "location": data_dir}
+        check(
+            f"console data_dir {data_dir!r}",
+            422,
+            gw.call("POST", "/ui/admin/training", cookie=admin, data=form),
+        )
+    for name in ("..%2F..%2Fetc", "%2e%2e", "tiny32%2F..%2F..%2Fjobs.db", "%00"):
+        check(f"model URL {name}", 404, gw.call("GET", f"/v1/models/{name}", alice))
+        check(f"console model {name}", 404, gw.call("GET", f"/ui/models/{name}", cookie=alice))
+    for name in (
+        "../tiny32",
+        "/etc/passwd",
+        "tiny32/../tiny32",
+        str(gw.settings.models / "tiny32"),
+    ):
+        check(
+            f"model field {name!r}",
+            422,
+            gw.call("POST", "/v1/reconstructions", alice, **submit_form(name)),
+        )
+        r = gw.call("POST", "/v1/admin/sampling", admin, json={"model": name, "n": 1, "steps": 2})
+        check(f"sampling model {name!r}", 422, r)
+    for name in ("../escape", "a/b", "..", "/abs"):
+        check(
+            f"model_id {name!r}",
+            422,
+            gw.call(
+                "POST",
+                "/v1/admin/training",
+                admin,
+                json={**train, "model_id": name, "data_dir": str(root)},
+            ),
+        )
+    for bad in ("..%2F..%2Fetc", "%2e%2e", job[:-2] + "%2F..", job.upper(), job + "%00", "x" * 32):
+        check(f"job id {bad}", 404, gw.call("GET", f"/v1/jobs/{bad}", alice))
+        check(f"result of job id {bad}", 404, gw.call("GET", f"/v1/jobs/{bad}/result", alice))
+        check(f"cancel job id {bad}", 404, gw.call("DELETE", f"/v1/jobs/{bad}", alice))
+        check(f"console job id {bad}", 404, gw.call("GET", f"/ui/jobs/{bad}/state", cookie=alice))
+    for fmt in ("../../etc/passwd", "npy/../../jobs.db", "json\n", "dicom\x00", "NPY", "recon.npy"):
+        r = gw.call("GET", f"/v1/jobs/{job}/result", alice, params={"format": fmt})
+        check(f"format {fmt!r}", 422, r)
+    for name in ("..%2F..%2F..%2Fjobs.db", "recon.npy", "measurement.npy", "%2e%2e", "std"):
+        check(
+            f"console image {name}",
+            404,
+            gw.call("GET", f"/ui/jobs/{job}/image/{name}", cookie=alice),
+        )
+    for figure in ("..%2Fcard", "..%2F..%2Ftiny32%2Fsamples", "weights", "card.json%00"):
+        r = gw.call("GET", f"/ui/models/tiny32/{figure}.png", cookie=alice)
+        check(f"console figure {figure}", 404, r)
+    for name in ("..%2Fapp.py", "%2e%2e/app.py", "..%2F..%2Fservice%2Fapp.py"):
+        check(f"static {name}", 404, gw.call("GET", f"/ui/static/{name}"))
+    check("key id ../", 404, gw.call("DELETE", "/v1/admin/api-keys/..%2F..%2Fx", admin))
+
+    after = _tree(tmp_path)
+    escaped = [p for p in after if tag in p] + [str(p) for p in Path("/tmp").glob(f"*{tag}*")]
+    datasets = gw.settings.home / "datasets"
+    left = sorted(p.name for p in datasets.iterdir()) if datasets.exists() else []
+    wrong = [
+        f"{w}: {r.status_code} (expected {want})" for w, want, r in cases if r.status_code != want
+    ]
+    leaked = [w for w, _, r in cases if "def create_app" in r.text or "root:x:0:0" in r.text]
+    record(
+        "security",
+        "paths (archives, names, ids, formats, folders)",
+        tried=len(cases),
+        five_xx=gw.five_xx,
+        outcome=f"{len(cases)} hostile paths: {len(cases) - len(wrong)} refused as expected "
+        f"({sorted({r.status_code for _, _, r in cases})}); files written outside: "
+        f"{len(escaped)}; datasets left behind: {len(left)}; tree unchanged: {after == before}",
+    )
+    assert not wrong, "\n".join(wrong)
+    assert not escaped and not left and after == before, (escaped, left)
+    assert not leaked, leaked
+    assert gw.five_xx == 0
+
+
+# --- 5. no patient data in logs -------------------------------------------------------------
+def patient_dicom() -> tuple[bytes, dict[str, str]]:
+    """pydicom's CT_small.dcm with a birth date and an accession number added."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientBirthDate, ds.AccessionNumber = "19610704", "ACC7731XQ"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    keys = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
+    return buf.getvalue(), {k: str(ds.get(k)) for k in keys}
+
+
+SOURCE = {  # patient attributes given as JSON
+    "PatientName": "Oakenfold^Janelle^Q",
+    "PatientID": "PID5552X",
+    "PatientBirthDate": "19480213",
+    "AccessionNumber": "ACC990KL",
+}
+
+
+def broken_model(models: Path) -> None:
+    """A model the gateway accepts (its card is fine) and the worker fails to load."""
+    shutil.copytree(models / "tiny32", models / "broken32")
+    (models / "broken32" / "weights.safetensors").write_bytes(b"\0" * 64)
+
+
+def patient_traffic(post: Callable, get: Callable, wait: Callable, upload: Callable) -> dict:
+    """Jobs that succeed, fail and are refused, all carrying patient data; every result
+    fetched; training archives in folders named after the patient. ``post``, ``get`` and
+    (as admin) ``upload`` take (path, **kw) and return responses; returns what was seen."""
+    dcm, _ = patient_dicom()
+    seen: dict[str, int] = {}
+    folder = SOURCE["PatientName"]  # exports often name folders after the patient
+    archive = {f"{folder}/IM0001.dcm": dcm, f"{folder}/IM0002.dcm": dcm[:300], "s.npy": GOOD_NPY}
+    r = upload("/v1/admin/datasets", files={"archive": ("a.zip", _zip(archive))})
+    seen["dataset with an unreadable file"] = r.status_code
+    archive = {**archive, f"../{folder}/IM0003.dcm": dcm}
+    r = upload("/v1/admin/datasets", files={"archive": ("a.zip", _zip(archive))})
+    seen["refused: dataset"] = r.status_code
+
+    def submit(what: str, model: str = "tiny32", measurement: bytes | None = None, **extra):
+        form = submit_form(model)
+        if measurement is not None:
+            form["files"]["measurement"] = ("y.npy", measurement)
+        form["files"].update(extra.pop("files", {}))
+        form["data"].update(extra)
+        r = post("/v1/reconstructions", **form)
+        seen[what] = r.status_code
+        return r.json().get("id")
+
+    done = [
+        submit("from DICOM", files={"source_dicom": ("s.dcm", dcm)}),
+        submit("from JSON", source=json.dumps(SOURCE)),
+        submit("failing", "broken32", files={"source_dicom": ("s.dcm", dcm)}),
+    ]
+    wrong_shape = _npy(np.zeros((1, 3, 3), np.float32))
+    submit("refused: shape", measurement=wrong_shape, files={"source_dicom": ("s.dcm", dcm)})
+    submit("refused: truncated DICOM", files={"source_dicom": ("s.dcm", dcm[:300])})
+    submit(
+        "refused: control char",
+        source=json.dumps({**SOURCE, "PatientName": "Oakenfold^Janelle^Q\x07"}),
+    )
+    submit("refused: too long", source=json.dumps({**SOURCE, "PatientID": "PID5552X" * 10}))
+    submit("refused: not a source attribute", source=json.dumps({**SOURCE, "PatientAddress": "x"}))
+    for job_id in done:
+        job = wait(job_id)
+        seen[f"job {job['state']}"] = seen.get(f"job {job['state']}", 0) + 1
+        if job_id == done[0]:  # the patient's attributes did reach the job
+            carried = job["params"]["dicom_source"].items() >= patient_dicom()[1].items()
+            seen["attributes carried"] = int(carried)
+        if job["state"] == "succeeded":
+            for fmt in ("npy", "std", "baseline", "png", "json", "dicom"):
+                seen[f"result {fmt}"] = get(
+                    f"/v1/jobs/{job_id}/result", params={"format": fmt}
+                ).status_code
+    seen["list"] = get("/v1/jobs").status_code
+    return seen
+
+
+def scan(text: str, values: dict[str, str]) -> list[str]:
+    return [f"{k}={v!r}" for k, v in values.items() if v in text]
+
+
+def test_no_patient_data_in_logs(gw, tmp_path, caplog, record):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="sqlalchemy.engine")  # an operator debugging SQL
+    _, from_dicom = patient_dicom()
+    values = {
+        **{f"DICOM {k}": v for k, v in from_dicom.items()},
+        **{f"JSON {k}": v for k, v in SOURCE.items()},
+        "DICOM family name": from_dicom["PatientName"].split("^")[0],  # however it is written
+        "JSON family name": SOURCE["PatientName"].split("^")[0],
+    }
+    # In process: caplog at DEBUG with SQL logging on.
+    broken_model(gw.settings.models)
+    alice = gw.keys["alice"]
+    here = patient_traffic(
+        lambda path, **kw: gw.call("POST", path, alice, **kw),
+        lambda path, **kw: gw.call("GET", path, alice, **kw),
+        gw.wait,
+        lambda path, **kw: gw.call("POST", path, gw.keys["admin"], **kw),
+    )
+    sql_logged = "INSERT INTO jobs" in caplog.text
+    in_caplog = scan(caplog.text, values)
+    # A real site: a `scorerecon serve` gateway and a Celery worker process.
+    with Site(tmp_path / "site", redis_db=12) as site:
+        broken_model(tiny_model(site.home / "models").parent)
+        key, admin = site.key("recon:submit,recon:read", "alice"), site.key("admin", "ops")
+        site.start_gateway()
+        site.start_worker()
+        with site.client(key) as c, site.client(admin) as a:
+
+            def wait(job_id: str, timeout: float = 180) -> dict:
+                end = time.monotonic() + timeout
+                while time.monotonic() < end:
+                    job = c.get(f"/v1/jobs/{job_id}").json()
+                    if job["state"] in FINAL:
+                        return job
+                    time.sleep(0.2)
+                raise AssertionError(f"job {job_id} did not finish")
+
+            there = patient_traffic(c.post, c.get, wait, a.post)
+        site.stop_all()
+        logs = site.all_logs()
+    in_site_logs = scan(logs, values)
+    key_logged = any(k in logs or _sha(k) in logs for k in (key, admin))
+    expected = {
+        "dataset with an unreadable file": 201,
+        "refused: dataset": 422,
+        "from DICOM": 202,
+        "from JSON": 202,
+        "failing": 202,
+        "refused: shape": 422,
+        "refused: truncated DICOM": 422,
+        "refused: control char": 422,
+        "refused: too long": 422,
+        "refused: not a source attribute": 422,
+        "job succeeded": 2,
+        "job failed": 1,
+        "attributes carried": 1,
+        **{f"result {f}": 200 for f in ("npy", "std", "baseline", "png", "json", "dicom")},
+        "list": 200,
+    }
+    record(
+        "security",
+        "patient data in logs",
+        tried=2 * len(expected),
+        five_xx=gw.five_xx,
+        outcome=f"on an in-process gateway (DEBUG, SQL logging on) and a real site (gateway "
+        f"and Celery worker processes): 2 jobs succeeded, 1 failed, 5 uploads refused, all "
+        f"results fetched (format=dicom too), a training archive in a folder named after the "
+        f"patient uploaded, another refused; {len(values)} patient values searched in "
+        f"{len(caplog.records)} log records and {len(logs.splitlines())} log lines: found "
+        f"{len(in_caplog) + len(in_site_logs)}; API key in the site's logs: {key_logged}",
+    )
+    assert here == expected, here
+    assert there == expected, there
+    assert sql_logged and re.search(r"job [0-9a-f]{32} succeeded", logs)  # the logs are real
+    assert not in_caplog, in_caplog
+    assert not in_site_logs, in_site_logs
+    assert not key_logged
+    assert gw.five_xx == 0
+
+
+def _with_header(raw: bytes, xml: str) -> bytes:
+    """An ISMRMRD file with its XML header replaced."""
+    buf = io.BytesIO(raw)
+    with h5py.File(buf, "r+") as f:
+        del f["dataset"]["xml"]
+        f["dataset"].create_dataset("xml", data=[xml.encode()], dtype=h5py.string_dtype())
+    return buf.getvalue()
+
+
+def test_ismrmrd_header_with_a_dtd_is_refused(gw):
+    """bandit B314: the ISMRMRD XML header of an upload is parsed only without a DTD, so no
+    entity (nested, external) is ever expanded."""
+    from tests.models import test_measurements as tm
+
+    k, op = tm._kspace(1)
+    raw = tm._ismrmrd(op.pad(k).numpy(), np.flatnonzero(op.mask.any(dim=0).numpy()))
+    plain = tm.XML.format(nx=tm.SIZE, ny=tm.SIZE)
+    body = plain.removeprefix('<?xml version="1.0"?>')
+    laughs = '<!ENTITY a "aaaaaaaaaa">' + "".join(
+        f'<!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">' for i in range(8)
+    )
+    dtds = {
+        "internal entity": ('<!ENTITY n "32">', "<x>32</x>", "<x>&n;</x>"),
+        "billion laughs": (laughs, "<z>1</z>", "<z>&i;</z>"),
+        "external entity": ('<!ENTITY e SYSTEM "file:///etc/passwd">', "<z>1</z>", "<z>&e;</z>"),
+    }
+    assert read_array(_with_header(raw, plain)).shape == (1, 1, tm.SIZE, tm.SIZE)
+    spec = json.dumps(tm.MRI)
+    for what, (dtd, old, new) in dtds.items():
+        xml = f'<?xml version="1.0"?><!DOCTYPE ismrmrdHeader [{dtd}]>' + body.replace(old, new)
+        with pytest.raises(MeasurementError, match="must not declare a DTD"):
+            read_array(_with_header(raw, xml))
+        form = submit_form()
+        form["files"]["measurement"] = ("k.h5", _with_header(raw, xml))
+        form["data"]["spec"] = spec
+        r = gw.call("POST", "/v1/reconstructions", gw.keys["alice"], **form)
+        assert r.status_code == 422 and "DTD" in r.json()["detail"], (what, r.text)
+
+
+# --- 6. bandit ------------------------------------------------------------------------------
+NOSEC = re.compile(r"#\s*nosec\b(.*)$")
+
+
+def test_bandit_finds_nothing_unexplained(record):
+    """No medium or high finding in models/, service/, workers/ unless its line carries
+    ``# nosec BXXX: reason`` and docs/security.md explains it."""
+    bandit = Path(sys.executable).parent / "bandit"
+    assert bandit.exists(), "install the test extra: pip install -e '.[test]' (bandit)"
+
+    def run(*extra: str) -> list[dict]:
+        out = subprocess.run(
+            [str(bandit), "-r", "models", "service", "workers", "-f", "json", "-q", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        return [
+            r
+            for r in json.loads(out.stdout)["results"]
+            if r["issue_severity"] in ("MEDIUM", "HIGH")
+        ]
+
+    def where(f: dict) -> str:
+        return f"{f['filename'].removeprefix('./')}:{f['line_number']} {f['test_id']}"
+
+    open_findings = [where(f) for f in run()]
+    every = run("--ignore-nosec")  # with the findings the nosec comments silence
+    docs = (ROOT / "docs" / "security.md").read_text()
+    unexplained = []
+    for f in every:
+        path = f["filename"].removeprefix("./")
+        m = NOSEC.search((ROOT / path).read_text().splitlines()[f["line_number"] - 1])
+        reason = m and re.match(rf"\s*{f['test_id']}:\s*\S", m.group(1))
+        if where(f) not in open_findings and not (reason and f["test_id"] in docs and path in docs):
+            unexplained.append(where(f))
+    # Every nosec comment names its test and a reason.
+    bare = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for d in ("models", "service", "workers")
+        for p in (ROOT / d).rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if (m := NOSEC.search(line)) and not re.match(r"\s*B\d{3}:\s*\S", m.group(1))
+    ]
+    record(
+        "security",
+        "bandit (models, service, workers)",
+        tried=len(every),
+        outcome=f"{len(every)} medium/high findings: {len(open_findings)} open, "
+        f"{len(every) - len(open_findings) - len(unexplained)} explained (nosec and "
+        f"docs/security.md), {len(unexplained)} unexplained; nosec without a reason: {len(bare)}",
+    )
+    assert not open_findings, open_findings
+    assert not unexplained, unexplained
+    assert not bare, bare
