@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean orthanc chromium screenshots
+.PHONY: setup demo test lint bench clean orthanc chromium screenshots audit
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: setup
 	$(PY) benchmarks/reliability.py
 	$(PY) benchmarks/gateway.py
 	$(PY) benchmarks/queue_latency.py
+
+audit: setup  # bandit on our code, pip-audit on the environment (needs PyPI's JSON API); docs/security.md
+	$(VENV)/bin/bandit -q -r models service workers -ll
+	$(VENV)/bin/pip-audit --progress-spinner off
 
 clean:
 	rm -rf $(VENV) out

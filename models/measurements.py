@@ -132,7 +132,7 @@ def _encoded_matrix(xml) -> tuple[int, int] | None:
         raise MeasurementError(
             "the ISMRMRD header must not declare a DTD or entities; send the plain XML header"
         )
-    root = ET.fromstring(text)  # nosec B314: no DTD, so no entity expansion (refused above)
+    root = ET.fromstring(text)  # nosec B314 # no DTD, so no entity expansion (refused above)
     for el in root.iter():
         if el.tag.split("}")[-1] == "encodedSpace":
             size = {c.tag.split("}")[-1]: c for c in el}.get("matrixSize")

@@ -45,7 +45,7 @@ class OIDCVerifier:
                 if self.jwks.startswith(("https://", "http://")):
                     # The operator's URL, https (or http on loopback): checked in __init__.
                     url = self.jwks
-                    with urllib.request.urlopen(url, timeout=5) as r:  # nosec B310: https only
+                    with urllib.request.urlopen(url, timeout=5) as r:  # nosec B310 # https only
                         data = json.load(r)
                 else:
                     data = json.loads(Path(self.jwks).read_text())
