@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -68,37 +69,44 @@ def latency_plot(rows: list[dict], path: Path) -> bool:
 
 
 def _merge(rows: list[dict], previous: Path) -> list[dict]:
-    """This run's rows, plus the earlier report's rows for tests not run now (``-k``)."""
+    """This run's rows, plus the earlier report's rows for tests not run now (``-k``); a kept
+    row without its own date takes the date in the earlier report's header."""
     if not previous.exists():
         return rows
     ran = {(r["area"], r["attack"]) for r in rows}
     kept = [r for r in json.loads(previous.read_text()) if (r["area"], r["attack"]) not in ran]
+    md = previous.with_suffix(".md")
+    found = re.search(r"\d{4}-\d{2}-\d{2}", md.read_text()) if md.exists() else None
+    for r in kept:
+        r.setdefault("measured", found.group(0) if found else "earlier")
     return kept + rows
 
 
-def render(rows: list[dict], rc: int, minutes: float) -> str:
+def render(rows: list[dict], rc: int, minutes: float, select: str | None) -> str:
+    which = f"the tests matching `-k {select}`" if select else "the whole suite"
     lines = [
         "# Reliability and security",
         "",
         f"Measured by `python benchmarks/reliability.py` on {platform.machine()}, "
-        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, in {minutes:.0f} minutes: the "
-        "suite in `tests/reliability` at its full counts, against real processes on loopback "
-        "(a `scorerecon serve` gateway, Celery workers, Redis, PostgreSQL). "
-        f"Suite exit status: {rc} ({'all passed' if rc == 0 else 'FAILURES: see below'}).",
+        f"{os.cpu_count()} cores: the suite in `tests/reliability` at its full counts, against "
+        "real processes on loopback (a `scorerecon serve` gateway, Celery workers, Redis, "
+        "PostgreSQL). Each row says when it was measured. The last run "
+        f"({time.strftime('%Y-%m-%d')}, {which}) took {minutes:.0f} minutes; its exit status: "
+        f"{rc} ({'all passed' if rc == 0 else 'FAILURES: see below'}).",
         "",
         "*lost*: jobs that never reached a final state (or accepted uploads without a job); "
         "*duplicated*: jobs that ran to success more than once, or one upload that made two "
         "jobs; *5xx*: server errors other than the deliberate ones (507 for a full result "
         "store). CI runs the same tests with smaller counts.",
         "",
-        "| area | fault or attack | tried | lost | duplicated | 5xx | outcome |",
-        "|---|---|---|---|---|---|---|",
+        "| area | fault or attack | tried | lost | duplicated | 5xx | outcome | measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         outcome = str(r.get("outcome", "")).replace("|", "/").replace("\n", " ")
         lines.append(
             f"| {r['area']} | {r['attack']} | {r['tried']} | {r['lost']} | {r['duplicated']} "
-            f"| {r['five_xx']} | {outcome} |"
+            f"| {r['five_xx']} | {outcome} | {r.get('measured', '')} |"
         )
     lines += ["", "![latency under load](reliability_latency.png)", ""]
     return "\n".join(lines)
@@ -118,13 +126,15 @@ def main() -> None:
             if report.exists()
             else []
         )
+    for r in rows:
+        r["measured"] = time.strftime("%Y-%m-%d")
     rows = _merge(rows, DOCS / "reliability.json")
     order = {"faults": 0, "load": 1, "bad input": 2, "security": 3}
     rows.sort(key=lambda r: order.get(r["area"], 9))
     DOCS.mkdir(exist_ok=True)
     (DOCS / "reliability.json").write_text(json.dumps(rows, indent=1))
     latency_plot(rows, DOCS / "reliability_latency.png")
-    text = render(rows, rc, minutes)
+    text = render(rows, rc, minutes, args.select)
     (DOCS / "reliability.md").write_text(text)
     print(text)
     sys.exit(rc)
