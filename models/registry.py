@@ -133,7 +133,17 @@ def update_card(model: str | Path, updates: dict) -> Path:
 
 
 def load_card(directory: str | Path) -> dict:
-    return json.loads((resolve(directory) / CARD).read_text())
+    """The model card; a missing, unreadable or malformed card is a :class:`ModelError`."""
+    path = resolve(directory) / CARD
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path.parent}: {CARD} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable ({exc}); re-export the model") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"{path}: not a JSON object; re-export the model")
+    return card
 
 
 def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN, SDE, dict]:

@@ -562,7 +562,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/models", tags=["models"])
     def models(_: Annotated[Principal, Depends(principal)]) -> dict:
-        return {"items": [_model_summary(n, settings) for n in _model_names(settings)]}
+        """The usable models; a model folder whose card cannot be read is listed under
+        ``unusable`` with the reason, so one broken folder never hides the others."""
+        return {
+            "items": [_model_summary(n, settings) for n in _model_names(settings)],
+            "unusable": [{"id": n, "error": why} for n, why in _unusable_models(settings)],
+        }
 
     @app.get("/v1/models/{name}", tags=["models"])
     def model_card(name: str, _: Annotated[Principal, Depends(principal)]) -> dict:
@@ -849,8 +854,21 @@ def _check_source(attributes: dict[str, str], field: str) -> dict[str, str]:
 
 
 def _model_names(settings: Settings) -> list[str]:
+    """Bundled models and the model folders whose card reads as a JSON object."""
+    bad = {n for n, _ in _unusable_models(settings)}
     own = [p.parent.name for p in settings.models.glob("*/card.json")]
-    return sorted(set(bundled_models()) | set(own))
+    return sorted((set(bundled_models()) | set(own)) - bad)
+
+
+def _unusable_models(settings: Settings) -> list[tuple[str, str]]:
+    """(name, reason) of each model folder whose card cannot be read."""
+    bad = []
+    for path in sorted(settings.models.glob("*/card.json")):
+        try:
+            load_card(path.parent)
+        except ModelError as exc:
+            bad.append((path.parent.name, str(exc).replace(str(settings.models), "<models>")))
+    return bad
 
 
 def _model_path(name: str, settings: Settings):

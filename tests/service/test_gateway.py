@@ -232,6 +232,27 @@ def test_health_readiness_metrics_and_models(gateway):
     assert client.get("/v1/models/../etc", headers=auth(keys["alice"])).status_code == 404
 
 
+def test_a_broken_model_card_is_listed_as_unusable_and_breaks_nothing(gateway, settings):
+    """A model folder whose card.json is corrupt (a half-copied export, an editor's leftover)
+    used to make GET /v1/models and every submission a 500."""
+    client, keys, _ = gateway
+    for name, text in (("half-copied", '{"image_size": 3'), ("a-list", "[1, 2]")):
+        (settings.models / name).mkdir()
+        (settings.models / name / "card.json").write_text(text)
+    r = client.get("/v1/models", headers=auth(keys["alice"]))
+    assert r.status_code == 200
+    ids = [m["id"] for m in r.json()["items"]]
+    assert "tiny32" in ids and "half-copied" not in ids and "a-list" not in ids
+    unusable = {u["id"]: u["error"] for u in r.json()["unusable"]}
+    assert set(unusable) == {"half-copied", "a-list"}
+    assert "re-export" in unusable["half-copied"] and str(settings.home) not in str(unusable)
+    assert client.get("/v1/models/half-copied", headers=auth(keys["alice"])).status_code == 404
+    bad = submit(client, keys["alice"], model="half-copied")
+    assert bad.status_code == 422 and bad.json()["field"] == "model"
+    job = submit(client, keys["alice"]).json()
+    assert wait(client, keys["alice"], job["id"])["state"] == "succeeded"
+
+
 def test_a_stack_of_slices_runs_in_batches_and_keeps_slice_order(gateway):
     client, keys, _ = gateway
     stack = np.stack([np.load(io.BytesIO(ct_measurement()))[0] * s for s in (0.0, 1.0, 2.0)])
