@@ -218,8 +218,4 @@ def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
 
 
 def _full_shape(operator) -> tuple[int, ...] | None:
-    if not operator.has_decomposition:
-        return None
-    n = operator.image_size
-    with torch.no_grad():
-        return tuple(operator.T(torch.zeros(1, 1, n, n)).shape[1:])
+    return tuple(operator.range_shape()) if operator.has_decomposition else None

@@ -110,6 +110,21 @@ class DecomposedOperator(LinearOperator):
                 return axis, torch.nonzero(reduced_any).flatten()
         return None
 
+    def range_shape(self) -> tuple[int, ...]:
+        """Shape of one element of T's range (without the batch dimension), from Λ alone."""
+        return (1, *self.mask.shape)
+
+    def measurement_shape(self) -> tuple[int, ...]:
+        """Shape of ``P(Λ) T x`` from Λ alone: validating a request never runs T (a large
+        declared geometry would otherwise cost a full projection before any check)."""
+        sel = self._line_selection()
+        if sel is None:
+            return (1, int(self.mask.sum()))
+        axis, idx = sel
+        shape = list(self.mask.shape)
+        shape[axis] = len(idx)
+        return (1, *shape)
+
     def subsample(self, z: torch.Tensor) -> torch.Tensor:
         """P(Λ): keep the entries of ``z`` (in T's range) that Λ marks as measured."""
         sel = self._line_selection()

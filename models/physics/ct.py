@@ -219,6 +219,10 @@ class CTOperator(DecomposedOperator):
         if tuple(self.mask.shape) != shape:
             raise ValueError(f"mask must have shape {shape}, got {tuple(self.mask.shape)}")
 
+    @property
+    def complex_measurements(self) -> bool:
+        return False
+
     def close(self) -> None:
         """Release the ASTRA objects now (they are also released on garbage collection)."""
         self._proj.close()

@@ -99,6 +99,10 @@ class MRIOperator(DecomposedOperator):
         self.image_size = image_size
         self.mask = mask.bool()
 
+    @property
+    def complex_measurements(self) -> bool:
+        return True
+
     def T(self, x: torch.Tensor) -> torch.Tensor:
         return fft2c(x.to(torch.complex64) if not x.is_complex() else x)
 

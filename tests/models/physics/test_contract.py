@@ -93,3 +93,20 @@ def test_pad_inverts_subsample(op):
     padded = op.pad(op.subsample(z))
     assert torch.equal(padded, z * op.mask)
     assert op.subsample(z).shape[1:] == op.measurement_shape()
+
+
+def test_measurement_shape_and_dtype_come_from_the_mask_without_running_the_operator(op):
+    """The analytic shapes (used to validate uploads) agree with what the operator computes,
+    and a decomposed operator finds them without running T."""
+    x = torch.zeros(1, 1, op.image_size, op.image_size)
+    y = op.forward(x)
+    expected = (tuple(y.shape[1:]), y.is_complex())
+    if op.has_decomposition:
+        full = tuple(op.T(x).shape[1:])
+
+        def refuse(*_):
+            raise AssertionError("T ran")
+
+        op.T = op.forward = refuse
+        assert tuple(op.range_shape()) == full
+    assert (tuple(op.measurement_shape()), op.complex_measurements) == expected
