@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima", ""}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MR_PERCENTILE = 99.5
+MAX_VOXELS = 2**29  # one volume read for training: at most 2 GiB as float32
 HU = HUMapping()
 
 
@@ -121,14 +122,32 @@ def _position(ds) -> float | None:
     return float(np.dot(normal, np.array(pos, float)))
 
 
+def _header(ds) -> tuple[tuple[int, int], float | None, int, float, float]:
+    """(rows, columns), slice position, instance number, rescale slope and intercept of one
+    file; a value that does not parse raises (the file is then skipped, not the scan)."""
+    shape = (int(ds.Rows), int(ds.Columns))
+    instance = int(getattr(ds, "InstanceNumber", 0) or 0)
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    return shape, _position(ds), instance, slope, intercept
+
+
+def _number(value, default: float = math.nan) -> float:
+    """A DICOM decimal string as float; ``default`` when absent or malformed."""
+    try:
+        return float(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
 def read_dicom_series(files: list[Path]) -> tuple[list[Volume], list[tuple[str, str]]]:
     """Group DICOM files by SeriesInstanceUID, sort by position, convert to HU.
 
-    Files that are not DICOM, have no pixel data or no series UID, or whose size differs
-    from the rest of their series, are skipped with the reason. A missing RescaleSlope or
-    RescaleIntercept is taken as 1 or 0 (stored values are then HU).
+    Files that are not DICOM, have no pixel data, no series UID or a malformed header value,
+    or whose size differs from the rest of their series, are skipped with the reason. A
+    missing RescaleSlope or RescaleIntercept is taken as 1 or 0 (stored values are then HU).
     """
-    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    groups: dict[str, list[tuple[Path, pydicom.Dataset, tuple]]] = defaultdict(list)
     skipped: list[tuple[str, str]] = []
     for path in files:
         try:
@@ -143,44 +162,48 @@ def read_dicom_series(files: list[Path]) -> tuple[list[Volume], list[tuple[str, 
         if not uid:
             skipped.append((str(path), "no SeriesInstanceUID"))
             continue
-        groups[str(uid)].append((path, ds))
+        try:
+            header = _header(ds)
+        except Exception as exc:  # noqa: BLE001 - any malformed value skips this file only
+            skipped.append((str(path), f"malformed header value ({type(exc).__name__})"))
+            continue
+        groups[str(uid)].append((path, ds, header))
     volumes = []
     for uid, members in groups.items():
-        shapes = [(int(ds.Rows), int(ds.Columns)) for _, ds in members]
+        shapes = [header[0] for _, _, header in members]
         common = max(set(shapes), key=shapes.count)
         kept = []
-        for (path, ds), shape in zip(members, shapes, strict=True):
-            if shape != common:
-                skipped.append((str(path), f"size {shape} differs from its series' {common}"))
+        for path, ds, header in members:
+            if header[0] != common:
+                skipped.append((str(path), f"size {header[0]} differs from its series' {common}"))
             else:
-                kept.append((path, ds))
-        positions = [_position(ds) for _, ds in kept]
+                kept.append((path, ds, header))
+        positions = [header[1] for _, _, header in kept]
         if all(p is not None for p in positions):
             order = np.argsort(positions)
         else:
-            order = np.argsort([int(getattr(ds, "InstanceNumber", 0) or 0) for _, ds in kept])
+            order = np.argsort([header[2] for _, _, header in kept])
         kept = [kept[i] for i in order]
         slices, paths = [], []
-        for path, ds in kept:
+        for path, ds, (_, _, _, slope, intercept) in kept:
             try:
                 arr = ds.pixel_array.astype(np.float32)
             except Exception as exc:  # noqa: BLE001 - e.g. a codec that is not installed
                 skipped.append((str(path), f"pixel data not decodable ({exc})"))
                 continue
-            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
             arr = arr * slope + intercept
             slices.extend(arr if arr.ndim == 3 else [arr])
             paths.append(str(path))
         if not slices:
             continue
         first = kept[0][1]
-        pixel = [float(v) for v in getattr(first, "PixelSpacing", [math.nan, math.nan])]
+        spacing = getattr(first, "PixelSpacing", None)
+        pixel = [_number(v) for v in spacing] if spacing and len(spacing) == 2 else [math.nan] * 2
         ordered = sorted(p for p in positions if p is not None)
         dz = (
             float(np.median(np.diff(ordered)))
             if len(ordered) > 1
-            else float(getattr(first, "SliceThickness", math.nan) or math.nan)
+            else _number(getattr(first, "SliceThickness", None))
         )
         volumes.append(
             Volume(
@@ -204,11 +227,14 @@ def read_nifti(path: str | Path) -> Volume:
     import nibabel as nib
 
     img = nib.load(str(path))
-    data = np.asarray(img.get_fdata(dtype=np.float32))
-    if data.ndim == 4:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"expected a 3-D volume, got shape {data.shape}")
+    shape = tuple(img.shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"expected a 3-D volume, got shape {shape}")
+    if math.prod(shape[:3]) > MAX_VOXELS:
+        # Checked before reading: a small .nii.gz can declare (and inflate to) any size.
+        raise ValueError(f"declares {shape[:3]} voxels, more than {MAX_VOXELS} per volume")
+    # The first volume of a 4-D series only: the others are never read or inflated.
+    data = np.asarray(img.dataobj[..., 0] if len(shape) == 4 else img.dataobj, np.float32)
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
     vol = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, :])  # (k, j, i), j up
     return Volume(

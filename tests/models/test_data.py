@@ -66,6 +66,47 @@ def test_dicom_series_are_grouped_sorted_and_converted(tmp_path):
     assert "corrupt.dcm" in report.summary()
 
 
+def test_a_malformed_header_value_skips_that_file_not_the_scan(tmp_path):
+    """Header values that do not parse (an orientation with 4 numbers, a slope that is not a
+    number, a missing Rows) used to abort the whole scan; now only their file is skipped."""
+    random.seed(1)
+    uid = generate_uid()
+    names = _write_series(tmp_path, uid, 6)
+    bad = [pydicom.dcmread(n) for n in names[:3]]
+    bad[0].ImageOrientationPatient = [1, 0, 0, 0]
+    bad[1].add_new(0x00281053, "DS", "")  # RescaleSlope emptied, then made non-numeric
+    bad[1][0x00281053]._value = "slope"
+    del bad[2].Rows
+    for ds, name in zip(bad, names[:3], strict=True):
+        ds.save_as(name)
+    report = scan(tmp_path)
+    assert len(report.volumes) == 1 and report.volumes[0].data.shape[0] == 3
+    reasons = [r for _, r in report.skipped]
+    assert len(reasons) == 3 and all("malformed header value" in r for r in reasons), reasons
+
+
+def test_a_nifti_declaring_a_huge_volume_is_skipped_before_it_is_inflated(tmp_path):
+    """A few hundred bytes of .nii.gz can declare 2048³ voxels; the header is checked before
+    any voxel is read. A 4-D series contributes its first volume only."""
+    import gzip
+    import struct
+
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), tmp_path / "s.nii")
+    raw = bytearray((tmp_path / "s.nii").read_bytes())
+    raw[40:56] = struct.pack("<8h", 3, 2048, 2048, 2048, 1, 1, 1, 1)  # the header's dim
+    (tmp_path / "s.nii").unlink()
+    (tmp_path / "bomb.nii.gz").write_bytes(gzip.compress(bytes(raw)))
+    series = np.arange(4 * 5 * 6 * 3, dtype=np.float32).reshape(4, 5, 6, 3)
+    nib.save(nib.Nifti1Image(series, np.eye(4)), tmp_path / "series.nii.gz")
+    report = scan(tmp_path)
+    assert [r for _, r in report.skipped] == [
+        f"ValueError: declares (2048, 2048, 2048) voxels, more than {2**29} per volume"
+    ]
+    (vol,) = report.volumes
+    assert vol.data.shape == (6, 5, 4)
+    assert np.array_equal(vol.data, np.transpose(series[..., 0], (2, 1, 0))[:, ::-1, :])
+
+
 def test_hu_mapping_round_trip():
     m = HUMapping()
     hu = np.array([-1000.0, -500.0, 0.0, 40.0, 1000.0, 3000.0])
