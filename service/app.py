@@ -14,9 +14,6 @@ import json
 import logging
 import re
 import shutil
-import threading
-import time
-from collections import defaultdict, deque
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
@@ -41,6 +38,7 @@ from service.dicom_export import SOURCE_KEYWORDS, job_series, source_attributes,
 from service.executor import make_executor
 from service.migrate import upgrade
 from service.oidc import OIDCVerifier
+from service.ratelimit import RateLimited, make_rate_limiter
 from service.results import open_result_store
 from service.settings import Settings
 from service.ui import Handlers, add_ui
@@ -128,30 +126,6 @@ class ExportRequest(BaseModel):
     destination: str = Field(..., description="a PACS named in SCORERECON_PACS")
 
 
-class RateLimiter:
-    """A sliding one-minute window per key (per gateway process)."""
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self.hits: dict[str, deque] = defaultdict(deque)
-        self.lock = threading.Lock()
-
-    def check(self, key_id: str) -> None:
-        t = time.monotonic()
-        with self.lock:
-            q = self.hits[key_id]
-            while q and t - q[0] > 60:
-                q.popleft()
-            if len(q) >= self.per_minute:
-                raise Problem(
-                    429,
-                    "Too many requests",
-                    f"more than {self.per_minute} requests per minute with this key",
-                    retry_after=int(60 - (t - q[0])) + 1,
-                )
-            q.append(t)
-
-
 def job_json(job: Job) -> dict:
     base = f"/v1/jobs/{job.id}"
     links = {"self": base, "cancel": base}
@@ -191,7 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     jobs = JobStore(settings.db_url)
     results = open_result_store(settings)
     executor = make_executor(settings, jobs, results)
-    limiter = RateLimiter(settings.rate_limit_per_minute)
+    limiter = make_rate_limiter(
+        settings.executor, settings.broker_url, settings.rate_limit_per_minute
+    )
     oidc = None
     if settings.oidc_issuer and settings.oidc_audience and settings.oidc_jwks:
         oidc = OIDCVerifier(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks)
@@ -258,7 +234,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "the API key or token is unknown, revoked or expired",
                 "Authorization",
             )
-        limiter.check(found.key_id)
+        try:
+            limiter.check(found.key_id)
+        except RateLimited as exc:
+            raise Problem(429, "Too many requests", str(exc), retry_after=exc.retry_after) from None
         return found
 
     def scope(name: str):

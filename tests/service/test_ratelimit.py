@@ -1,0 +1,92 @@
+"""The request limit is shared by every gateway on one Redis, and survives Redis outages."""
+
+import socket
+import uuid
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.auth import create_key
+from service.ratelimit import LocalRateLimiter, RateLimited, RedisRateLimiter, make_rate_limiter
+from tests.service.conftest import auth
+
+REDIS = "redis://127.0.0.1:6379/11"
+
+
+@pytest.fixture
+def prefix():
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    p = f"scorerecon-test:{uuid.uuid4().hex}:"
+    yield p
+    r = redis.Redis.from_url(REDIS)
+    for key in r.scan_iter(p + "*"):
+        r.delete(key)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_limiters_on_one_redis_share_the_window(prefix):
+    a, b = RedisRateLimiter(REDIS, 5, prefix), RedisRateLimiter(REDIS, 5, prefix)
+    for limiter in (a, b, a, b, a):
+        limiter.check("key1")
+    with pytest.raises(RateLimited) as exc:
+        b.check("key1")
+    assert 1 <= exc.value.retry_after <= 61
+    b.check("key2")  # another key has its own window
+    assert redis.Redis.from_url(REDIS).ttl(prefix + "key1") in range(1, 62)
+
+
+def test_refused_requests_do_not_extend_the_window(prefix):
+    limiter = RedisRateLimiter(REDIS, 2, prefix)
+    limiter.check("k")
+    limiter.check("k")
+    for _ in range(5):
+        with pytest.raises(RateLimited):
+            limiter.check("k")
+    assert redis.Redis.from_url(REDIS).zcard(prefix + "k") == 2
+
+
+def test_without_redis_each_process_still_counts(caplog, monkeypatch):
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{closed_port()}/0", 3)
+    calls = []
+    script = limiter.script
+    monkeypatch.setattr(limiter, "script", lambda **kw: calls.append(1) or script(**kw))
+    for _ in range(3):
+        limiter.check("k")
+    with pytest.raises(RateLimited):
+        limiter.check("k")
+    assert "counting per process" in caplog.text
+    assert len(calls) == 1  # Redis is not asked again on every request while it is down
+    limiter._retry_at = 0.0
+    with pytest.raises(RateLimited):
+        limiter.check("k")
+    assert len(calls) == 2
+
+
+def test_the_limiter_follows_the_executor():
+    assert isinstance(make_rate_limiter("embedded", REDIS, 10), LocalRateLimiter)
+    assert isinstance(make_rate_limiter("celery", REDIS, 10), RedisRateLimiter)
+
+
+def test_two_gateways_enforce_one_limit(settings):
+    """Two gateway apps (as two replicas behind a load balancer) on one database and one
+    Redis: a key's fourth request is refused whichever gateway it reaches."""
+    settings.executor, settings.broker_url = "celery", REDIS
+    settings.rate_limit_per_minute = 3
+    apps = [create_app(settings), create_app(settings)]
+    key_id, key = create_key(apps[0].state.jobs, ["recon:read"], "alice")
+    with TestClient(apps[0]) as one, TestClient(apps[1]) as two:
+        statuses = [c.get("/v1/jobs", headers=auth(key)).status_code for c in (one, two, one)]
+        assert statuses == [200, 200, 200]
+        refused = two.get("/v1/jobs", headers=auth(key))
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert "per minute" in refused.json()["detail"]
+    for app in apps:
+        app.state.jobs.engine.dispose()
+    redis.Redis.from_url(REDIS).delete("scorerecon:rate:" + key_id)
