@@ -91,14 +91,18 @@ def wait_running(client: httpx.Client, job_id: str, timeout: float = 120, attemp
 
 
 def wait_all(client: httpx.Client, ids: list[str], timeout: float) -> dict[str, dict]:
-    """Each job's JSON once all are final or ``timeout`` passed (then some are not final:
-    the caller counts them as lost)."""
-    end, latest = time.monotonic() + timeout, {}
+    """Each job's JSON once all are final, or once ``timeout`` seconds passed without any of
+    them becoming final (the caller counts those not final as lost). A queue that drains
+    slowly on a busy machine is waited for; one that stopped moving is not."""
+    end, latest, done = time.monotonic() + timeout, {}, 0
     while True:
         for job_id in ids:
             if latest.get(job_id, {}).get("state") not in FINAL:
                 latest[job_id] = get(client, job_id)
-        if all(j["state"] in FINAL for j in latest.values()) or time.monotonic() > end:
+        final = sum(j["state"] in FINAL for j in latest.values())
+        if final > done:
+            done, end = final, time.monotonic() + timeout
+        if final == len(ids) or time.monotonic() > end:
             return latest
         time.sleep(0.3)
 
