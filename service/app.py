@@ -645,12 +645,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 f"{str(exc)[:200]}); fix or remove it and upload again",
                 "archive",
             ) from None
+        skipped = [f"{Path(f).relative_to(folder)}: {why}" for f, why in found.skipped]
+        if not found.volumes:
+            shutil.rmtree(folder, ignore_errors=True)
+            why = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if skipped[5:] else "")
+            raise Problem(
+                422,
+                "Invalid archive",
+                "no readable volume in the archive"
+                + (f" ({why}); fix or remove the files named" if skipped else "")
+                + "; it should hold DICOM series, NIfTI volumes, NPY or PNG images",
+                "archive",
+            )
         jobs.audit("upload-dataset", f"{counts['files']} files", p.key_id, p.owner)
         return {
             "id": dataset_id,
             **counts,
             "volumes": [v.describe() for v in found.volumes],
-            "skipped": [f"{Path(f).relative_to(folder)}: {why}" for f, why in found.skipped][:50],
+            "skipped": skipped[:50],
         }
 
     @app.post("/v1/admin/api-keys", status_code=201, tags=["admin"])

@@ -678,10 +678,10 @@ CORPUS = [
          422, "archive", "fix or remove it", "was a 500 and left the dataset behind"),
         ("DICOM with text for a position",
          dataset(archive_zip({"a.dcm": dicom_with(ImagePositionPatient=(0x00200032, "LO", "a"))})),
-         422, "archive", "fix or remove it", "was a 500 and left the dataset behind"),
+         422, "archive", "fix or remove", "was a 500 and left the dataset behind"),
         ("DICOM with text for Rows",
          dataset(archive_zip({"a.dcm": dicom_with(Rows=(0x00280010, "LO", "many"))})),
-         422, "archive", "fix or remove it", "was a 500 and left the dataset behind"),
+         422, "archive", "fix or remove", "was a 500 and left the dataset behind"),
     ),
 ]
 # fmt: on
