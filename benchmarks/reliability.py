@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -69,16 +68,12 @@ def latency_plot(rows: list[dict], path: Path) -> bool:
 
 
 def _merge(rows: list[dict], previous: Path) -> list[dict]:
-    """This run's rows, plus the earlier report's rows for tests not run now (``-k``); a kept
-    row without its own date takes the date in the earlier report's header."""
+    """This run's rows, plus the earlier report's rows (with their dates) for tests not run
+    now (``-k``)."""
     if not previous.exists():
         return rows
     ran = {(r["area"], r["attack"]) for r in rows}
     kept = [r for r in json.loads(previous.read_text()) if (r["area"], r["attack"]) not in ran]
-    md = previous.with_suffix(".md")
-    found = re.search(r"\d{4}-\d{2}-\d{2}", md.read_text()) if md.exists() else None
-    for r in kept:
-        r.setdefault("measured", found.group(0) if found else "earlier")
     return kept + rows
 
 

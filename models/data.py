@@ -24,6 +24,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -122,14 +123,24 @@ def _position(ds) -> float | None:
     return float(np.dot(normal, np.array(pos, float)))
 
 
-def _header(ds) -> tuple[tuple[int, int], float | None, int, float, float]:
-    """(rows, columns), slice position, instance number, rescale slope and intercept of one
-    file; a value that does not parse raises (the file is then skipped, not the scan)."""
-    shape = (int(ds.Rows), int(ds.Columns))
-    instance = int(getattr(ds, "InstanceNumber", 0) or 0)
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    return shape, _position(ds), instance, slope, intercept
+class _Header(NamedTuple):
+    shape: tuple[int, int]
+    position: float | None
+    instance: int
+    slope: float
+    intercept: float
+
+
+def _header(ds) -> _Header:
+    """The header values a series needs from one file; a value that does not parse raises
+    (the file is then skipped, not the scan)."""
+    return _Header(
+        (int(ds.Rows), int(ds.Columns)),
+        _position(ds),
+        int(getattr(ds, "InstanceNumber", 0) or 0),
+        float(getattr(ds, "RescaleSlope", 1.0) or 1.0),
+        float(getattr(ds, "RescaleIntercept", 0.0) or 0.0),
+    )
 
 
 def _number(value, default: float = math.nan) -> float:
@@ -147,7 +158,7 @@ def read_dicom_series(files: list[Path]) -> tuple[list[Volume], list[tuple[str, 
     or whose size differs from the rest of their series, are skipped with the reason. A
     missing RescaleSlope or RescaleIntercept is taken as 1 or 0 (stored values are then HU).
     """
-    groups: dict[str, list[tuple[Path, pydicom.Dataset, tuple]]] = defaultdict(list)
+    groups: dict[str, list[tuple[Path, pydicom.Dataset, _Header]]] = defaultdict(list)
     skipped: list[tuple[str, str]] = []
     for path in files:
         try:
@@ -170,28 +181,29 @@ def read_dicom_series(files: list[Path]) -> tuple[list[Volume], list[tuple[str, 
         groups[str(uid)].append((path, ds, header))
     volumes = []
     for uid, members in groups.items():
-        shapes = [header[0] for _, _, header in members]
+        shapes = [header.shape for _, _, header in members]
         common = max(set(shapes), key=shapes.count)
         kept = []
         for path, ds, header in members:
-            if header[0] != common:
-                skipped.append((str(path), f"size {header[0]} differs from its series' {common}"))
+            if header.shape != common:
+                why = f"size {header.shape} differs from its series' {common}"
+                skipped.append((str(path), why))
             else:
                 kept.append((path, ds, header))
-        positions = [header[1] for _, _, header in kept]
+        positions = [header.position for _, _, header in kept]
         if all(p is not None for p in positions):
             order = np.argsort(positions)
         else:
-            order = np.argsort([header[2] for _, _, header in kept])
+            order = np.argsort([header.instance for _, _, header in kept])
         kept = [kept[i] for i in order]
         slices, paths = [], []
-        for path, ds, (_, _, _, slope, intercept) in kept:
+        for path, ds, header in kept:
             try:
                 arr = ds.pixel_array.astype(np.float32)
             except Exception as exc:  # noqa: BLE001 - e.g. a codec that is not installed
                 skipped.append((str(path), f"pixel data not decodable ({exc})"))
                 continue
-            arr = arr * slope + intercept
+            arr = arr * header.slope + header.intercept
             slices.extend(arr if arr.ndim == 3 else [arr])
             paths.append(str(path))
         if not slices:

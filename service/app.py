@@ -543,9 +543,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def models(_: Annotated[Principal, Depends(principal)]) -> dict:
         """The usable models; a model folder whose card cannot be read is listed under
         ``unusable`` with the reason, so one broken folder never hides the others."""
+        names, unusable = _model_catalogue(settings)
         return {
-            "items": [_model_summary(n, settings) for n in _model_names(settings)],
-            "unusable": [{"id": n, "error": why} for n, why in _unusable_models(settings)],
+            "items": [_model_summary(n, settings) for n in names],
+            "unusable": [{"id": n, "error": why} for n, why in unusable],
         }
 
     @app.get("/v1/models/{name}", tags=["models"])
@@ -606,7 +607,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     + (", ".join(web) or "none configured (SCORERECON_PACS)"),
                     "pacs.destination",
                 )
-        if body.model_id in _model_names(settings):
+        names, unusable = _model_catalogue(settings)
+        if body.model_id in names or body.model_id in dict(unusable):
             raise Problem(
                 409,
                 "Model exists",
@@ -844,22 +846,23 @@ def _check_source(attributes: dict[str, str], field: str) -> dict[str, str]:
     return attributes
 
 
-def _model_names(settings: Settings) -> list[str]:
-    """Bundled models and the model folders whose card reads as a JSON object."""
-    bad = {n for n, _ in _unusable_models(settings)}
-    own = [p.parent.name for p in settings.models.glob("*/card.json")]
-    return sorted((set(bundled_models()) | set(own)) - bad)
-
-
-def _unusable_models(settings: Settings) -> list[tuple[str, str]]:
-    """(name, reason) of each model folder whose card cannot be read."""
-    bad = []
+def _model_catalogue(settings: Settings) -> tuple[list[str], list[tuple[str, str]]]:
+    """Usable model names (bundled, and model folders whose card reads as a JSON object),
+    and (name, reason) for each model folder whose card cannot be read."""
+    own, unusable = [], []
     for path in sorted(settings.models.glob("*/card.json")):
         try:
             load_card(path.parent)
         except ModelError as exc:
-            bad.append((path.parent.name, str(exc).replace(str(settings.models), "<models>")))
-    return bad
+            reason = str(exc).replace(str(settings.models), "<models>")
+            unusable.append((path.parent.name, reason))
+        else:
+            own.append(path.parent.name)
+    return sorted(set(bundled_models()) | set(own)), unusable
+
+
+def _model_names(settings: Settings) -> list[str]:
+    return _model_catalogue(settings)[0]
 
 
 def _model_path(name: str, settings: Settings):

@@ -44,7 +44,6 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -63,7 +62,7 @@ from service.db import ApiKey
 from service.oidc import OIDCVerifier
 from service.settings import Settings
 from service.ui import COOKIE
-from tests.service.conftest import CT_SPEC, ct_measurement, tiny_model
+from tests.service.conftest import CT_SPEC, ct_measurement, signing_key, tiny_model
 from tests.site import SCORERECON, Site
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,10 +118,8 @@ def submit_form(model: str = "tiny32", **fields) -> dict:
 
 @pytest.fixture
 def gw(tmp_path):
-    signer = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signer.public_key()))
     jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}))
+    signer = signing_key(jwks)
     (tmp_path / "data").mkdir()
     settings = Settings(
         home=tmp_path / "home",

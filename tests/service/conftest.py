@@ -2,12 +2,15 @@
 127.0.0.1:5432), a tiny 32² model, keys for two owners and an admin."""
 
 import io
+import json
 import uuid
 
+import jwt
 import numpy as np
 import psycopg
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 
 from models.nets.ncsnpp import build
@@ -69,6 +72,15 @@ def gateway(settings):
     with TestClient(app) as client:
         yield client, keys, app
     jobs.engine.dispose()
+
+
+def signing_key(jwks_path, kid: str = "k1"):
+    """A new RSA key of an identity provider, its public half written to ``jwks_path`` as
+    the provider's key set (RS256, ``kid``)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwks_path.write_text(json.dumps({"keys": [{**jwk, "kid": kid, "use": "sig", "alg": "RS256"}]}))
+    return key
 
 
 def auth(key):

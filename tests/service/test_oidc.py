@@ -1,7 +1,6 @@
 """OIDC bearer tokens against a local key set: valid, expired, wrong audience or issuer,
 forged signature, unknown key id; scopes from the token; API keys still work."""
 
-import json
 import time
 
 import jwt
@@ -11,16 +10,15 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.auth import create_key
+from tests.service.conftest import signing_key
 
 ISS, AUD = "https://idp.hospital.example", "scorerecon"
 
 
 @pytest.fixture
 def idp(tmp_path):
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}))
+    key = signing_key(jwks)
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     def token(signer=key, kid="k1", **claims):
