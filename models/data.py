@@ -88,8 +88,14 @@ def scan(directory: str | Path) -> ScanReport:
     volumes: list[Volume] = []
     skipped: list[tuple[str, str]] = []
     dicom_files: list[Path] = []
+    real_root = root.resolve()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
+        if path.is_symlink() or real_root not in path.resolve().parents:
+            # A link could make a training run read any file the server can (another
+            # tenant's results, the environment): only files inside the folder are read.
+            skipped.append((str(path), "a link (only regular files inside the folder are read)"))
+            continue
         try:
             if _is_nifti(path):
                 volumes.append(read_nifti(path))

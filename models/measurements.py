@@ -62,6 +62,12 @@ def _read_npz(raw: bytes, limit: int) -> np.ndarray:
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as z:
             for info in z.infolist():
+                kind = (info.external_attr >> 16) & 0o170000  # 0: no type recorded (numpy)
+                if kind not in (0, 0o100000) or not _plain_npy(info.filename):
+                    raise MeasurementError(
+                        ".npz members must be plain .npy files at the top of the archive "
+                        "(no folders or links); write it with numpy.savez"
+                    )
                 if info.file_size > limit:
                     raise MeasurementTooLarge(
                         f"{info.filename} inflates beyond {limit >> 20} MB; send a plain .npy"
@@ -88,6 +94,10 @@ def _read_npz(raw: bytes, limit: int) -> np.ndarray:
         ) from None
 
 
+def _plain_npy(name: str) -> bool:
+    return name.endswith(".npy") and "/" not in name and "\\" not in name and ".." not in name
+
+
 def _check_inflated(name: str, nbytes: int, limit: int) -> None:
     if nbytes > limit:
         raise MeasurementTooLarge(
@@ -95,30 +105,108 @@ def _check_inflated(name: str, nbytes: int, limit: int) -> None:
         )
 
 
+# HDF5 filters built into the library: anything else would load a plugin from disk.
+BUILTIN_FILTERS = {
+    1: "deflate",
+    2: "shuffle",
+    3: "fletcher32",
+    4: "szip",
+    5: "nbit",
+    6: "scaleoffset",
+}
+
+
+def _hdf5_node(f, path: str):
+    """The object at ``path`` if every link on the way is a hard link; ``None`` if absent.
+
+    Links are inspected without being followed (``H5Lexists``/``H5Lget_info``): resolving a
+    soft or external link, even to test that it exists, would open another file.
+    """
+    import h5py
+    from h5py import h5l
+
+    node = f
+    for depth, part in enumerate(path.split("/"), 1):
+        name = part.encode()
+        if not isinstance(node, h5py.Group) or not node.id.links.exists(name):
+            return None
+        kind = node.id.links.get_info(name).type
+        if kind != h5l.TYPE_HARD:
+            what = {h5l.TYPE_SOFT: "a soft link", h5l.TYPE_EXTERNAL: "an external link"}
+            raise MeasurementError(
+                f"HDF5 '{'/'.join(path.split('/')[:depth])}' is {what.get(kind, 'a user link')}; "
+                "links are refused: store the data itself in the uploaded file"
+            )
+        node = node[part]
+    return node
+
+
+def _hdf5_dataset(f, path: str, limit: int):
+    """The dataset at ``path``, refused unless its bytes lie inside the uploaded file.
+
+    External raw storage, virtual datasets (whose sources are other files) and filters that
+    are not built into HDF5 (a plugin loaded from disk) are refused; so is a dataset that
+    would inflate beyond ``limit`` bytes.
+    """
+    import h5py
+    from h5py import h5d
+
+    ds = _hdf5_node(f, path)
+    if ds is None:
+        return None
+    if not isinstance(ds, h5py.Dataset):
+        raise MeasurementError(f"HDF5 '{path}' must be a dataset, not a group")
+    plist = ds.id.get_create_plist()
+    if plist.get_layout() not in (h5d.COMPACT, h5d.CONTIGUOUS, h5d.CHUNKED):
+        raise MeasurementError(
+            f"HDF5 '{path}' is a virtual dataset (its data lie in other files); "
+            "write the data into the uploaded file"
+        )
+    if plist.get_external_count():
+        raise MeasurementError(
+            f"HDF5 '{path}' declares external raw storage (its data lie in other files); "
+            "write the data into the uploaded file"
+        )
+    for i in range(plist.get_nfilters()):
+        code = plist.get_filter(i)[0]
+        if code not in BUILTIN_FILTERS:
+            raise MeasurementError(
+                f"HDF5 '{path}' uses filter {code}, which is not built into HDF5; "
+                f"use one of {sorted(BUILTIN_FILTERS.values())} (gzip is deflate) or none"
+            )
+    _check_inflated(path, ds.size * ds.dtype.itemsize, limit)
+    return ds
+
+
 def _read_hdf5(raw: bytes, limit: int) -> np.ndarray:
-    """``limit`` caps the bytes a dataset (compressed or a fill value) may inflate to."""
+    """``limit`` caps the bytes a dataset (compressed or a fill value) may inflate to.
+
+    The file is opened from memory (no path on disk); only hard-linked datasets stored in
+    the upload itself are read (:func:`_hdf5_dataset`).
+    """
     import h5py
 
     try:
         with h5py.File(io.BytesIO(raw), "r") as f:
-            if "kspace" in f:
-                ds = f["kspace"]
-                if not isinstance(ds, h5py.Dataset):
-                    raise MeasurementError("HDF5 'kspace' must be a dataset, not a group")
-                _check_inflated("kspace", ds.size * ds.dtype.itemsize, limit)
-                k = np.asarray(ds)
+            ds = _hdf5_dataset(f, "kspace", limit)
+            if ds is not None:
+                k = np.asarray(ds[()])
                 if k.ndim == 2:
                     k = k[None]
                 return k[:, None] if k.ndim == 3 else k  # (slices, coils, H, W)
-            if "dataset" in f and "data" in f["dataset"]:
-                ds = f["dataset"]["data"]
-                _check_inflated("dataset/data", ds.size * ds.dtype.itemsize, limit)
-                xml = f["dataset"]["xml"][0] if "xml" in f["dataset"] else None
+            ds = _hdf5_dataset(f, "dataset/data", limit)
+            if ds is not None:
+                header = _hdf5_dataset(f, "dataset/xml", limit)
+                xml = header[0] if header is not None else None
                 return _ismrmrd_kspace(ds[()], xml, limit)
     except MeasurementError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise MeasurementError(f"HDF5 measurement could not be read ({exc})") from None
+        # The library's own text can name files on the server: only its kind is returned.
+        raise MeasurementError(
+            f"HDF5 measurement could not be read ({type(exc).__name__}); write it with h5py "
+            "or the fastMRI/ISMRMRD tools, with the data stored in the file"
+        ) from None
     raise MeasurementError(
         "HDF5 measurement needs a 'kspace' dataset (fastMRI) or 'dataset/data' (ISMRMRD)"
     )

@@ -161,3 +161,18 @@ def test_augment_keeps_range_and_shape():
     assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
     assert not torch.equal(x, y)
     assert float(y.sum()) == pytest.approx(float(x.sum()), rel=0.3)
+
+
+def test_links_out_of_a_training_folder_are_never_read(tmp_path):
+    """Issue 17: a link in a training folder (to a file, or to a folder holding one) could
+    make a training run read any server file; only regular files inside are read."""
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    np.save(root / "own.npy", np.zeros((2, 8, 8), np.float32))
+    np.save(outside / "other.npy", np.ones((2, 8, 8), np.float32))
+    (root / "file-link.npy").symlink_to(outside / "other.npy")
+    (root / "folder-link").symlink_to(outside, target_is_directory=True)
+    report = scan(root)
+    assert [v.data.max() for v in report.volumes] == [0.0]
+    assert any("file-link" in f and "link" in why for f, why in report.skipped)

@@ -3,6 +3,7 @@ h5py as those tools write them, read back to exactly what the operator produced.
 
 import io
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -206,3 +207,111 @@ def test_npz_bomb_is_refused_before_inflating():
         z.writestr("y.npy", b"\0" * (8 << 20))
     with pytest.raises(MeasurementTooLarge, match="inflates beyond"):
         read_array(buf.getvalue(), max_inflated=1 << 20)
+
+
+def hostile_containers(secret: Path, k: np.ndarray) -> dict[str, bytes]:
+    """HDF5 and NPZ uploads whose data would come from ``secret`` (a raw file) or the HDF5
+    file ``secret.h5`` beside it (issue 17: an upload must never read a server file)."""
+    other = secret.with_suffix(".h5")
+    with h5py.File(other, "w") as f:
+        f["kspace"] = k
+        f.create_group("dataset").create_dataset("data", data=np.zeros(4))
+    nbytes = k.size * k.dtype.itemsize
+    dt = k.dtype
+
+    def external(f):
+        f.create_dataset("kspace", k.shape, dt, external=[(str(secret), 0, nbytes)])
+
+    def virtual(f):
+        layout = h5py.VirtualLayout(k.shape, dt)
+        layout[...] = h5py.VirtualSource(str(other), "kspace", k.shape, dt)
+        f.create_virtual_dataset("kspace", layout)
+
+    def external_link(f):
+        f["kspace"] = h5py.ExternalLink(str(other), "kspace")
+
+    def soft_to_external(f):
+        f["elsewhere"] = h5py.ExternalLink(str(other), "kspace")
+        f["kspace"] = h5py.SoftLink("/elsewhere")
+
+    def soft_link(f):
+        f["real"] = k
+        f["kspace"] = h5py.SoftLink("/real")
+
+    def ismrmrd_group_link(f):
+        f["dataset"] = h5py.ExternalLink(str(other), "dataset")
+
+    def ismrmrd_external_header(f):
+        g = f.create_group("dataset")
+        g.create_dataset("data", data=np.zeros(4))
+        g.create_dataset("xml", (1,), "S64", external=[(str(secret), 0, 64)])
+
+    def plugin_filter(f):  # blosc (32001), not built into HDF5: reading would load a plugin
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        plist.set_chunk(k.shape)
+        plist.set_filter(32001, h5py.h5z.FLAG_OPTIONAL)
+        space = h5py.h5s.create_simple(k.shape)
+        h5py.h5d.create(f.id, b"kspace", h5py.h5t.py_create(dt), space, dcpl=plist)
+
+    files = {
+        name: _h5(write)
+        for name, write in {
+            "HDF5 external raw storage": external,
+            "HDF5 virtual dataset": virtual,
+            "HDF5 external link": external_link,
+            "HDF5 soft link to an external link": soft_to_external,
+            "HDF5 soft link": soft_link,
+            "ISMRMRD group as an external link": ismrmrd_group_link,
+            "ISMRMRD header with external storage": ismrmrd_external_header,
+            "HDF5 filter plugin": plugin_filter,
+        }.items()
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        link = zipfile.ZipInfo("kspace.npy")
+        link.external_attr = 0o120777 << 16
+        z.writestr(link, str(secret))
+    files["NPZ member that is a symlink"] = buf.getvalue()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("../../kspace.npy", _npy_bytes(k))
+    files["NPZ member outside the archive root"] = buf.getvalue()
+    return files
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def test_containers_that_point_outside_the_upload_are_refused(tmp_path):
+    """Issue 17: external storage, virtual datasets, soft and external links and filter
+    plugins are refused by what they are, naming the dataset and never the server path."""
+    k, _ = _kspace(1)
+    arr = k.numpy()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.full(arr.size * 2, 7, np.float32).tobytes())
+    for name, raw in hostile_containers(secret, arr).items():
+        with pytest.raises(MeasurementError) as info:
+            read_array(raw)
+        message = str(info.value)
+        assert str(tmp_path) not in message and "secret" not in message, (name, message)
+        assert any(w in message for w in ("link", "external", "virtual", "filter", ".npz")), (
+            name,
+            message,
+        )
+    # The ordinary files still read: chunked and compressed, and contiguous.
+    plain = _h5(lambda f: f.create_dataset("kspace", data=arr, compression="gzip", chunks=True))
+    assert np.array_equal(read_array(plain), arr)
+
+
+def test_hdf5_library_errors_are_not_echoed(tmp_path):
+    """A damaged file gets the library's error kind, not its text (which can name paths)."""
+    k, _ = _kspace(1)
+    raw = _h5(lambda f: f.create_dataset("kspace", data=k.numpy()))
+    broken = raw[: len(raw) // 2]
+    with pytest.raises(MeasurementError) as info:
+        read_array(broken)
+    kind = str(info.value).split("(")[1].split(")")[0]
+    assert kind.isidentifier(), str(info.value)  # an exception's class name, nothing more

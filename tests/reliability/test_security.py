@@ -1137,3 +1137,60 @@ def test_bandit_finds_nothing_unexplained(record):
     assert not open_findings, open_findings
     assert not unexplained, unexplained
     assert not bare, bare
+
+
+# --- 7. containers that point outside the upload (issue 17, part 1) -------------------------
+def _stored_bytes(root: Path) -> bytes:
+    """Every byte stored under ``root``."""
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_hostile_containers_never_read_server_files(gw, tmp_path, record):
+    """HDF5 external storage, virtual datasets, soft and external links, filter plugins and
+    NPZ links are refused with a 4xx naming the measurement and not the server path; no
+    job is created; no byte of the targeted file reaches anything the site stores."""
+    from tests.models import test_measurements as tm
+
+    k, _ = tm._kspace(1)
+    arr = k.numpy()
+    marker = f"SECRET-{uuid.uuid4().hex}".encode()
+    secret = tmp_path / "environ"
+    secret.write_bytes((marker * (arr.nbytes // len(marker) + 2))[: arr.nbytes * 2])
+    spec = json.dumps(tm.MRI)
+    before = gw.call("GET", "/v1/jobs", gw.keys["alice"]).json()
+    refused = []
+    for name, raw in tm.hostile_containers(secret, arr).items():
+        form = submit_form()
+        form["files"]["measurement"] = ("k.h5", raw)
+        form["data"]["spec"] = spec
+        r = gw.call("POST", "/v1/reconstructions", gw.keys["alice"], **form)
+        body = r.json()
+        assert r.status_code == 422 and body["field"] == "measurement", (name, r.text)
+        assert str(tmp_path) not in r.text and "environ" not in r.text, (name, r.text)
+        refused.append(name)
+    after = gw.call("GET", "/v1/jobs", gw.keys["alice"]).json()
+    assert after == before  # nothing queued
+    # An ordinary HDF5 upload reaches the worker as exactly its own bytes.
+    plain = tm._h5(lambda f: f.create_dataset("kspace", data=arr))
+    form = submit_form()
+    form["files"]["measurement"] = ("k.h5", plain)
+    form["data"]["spec"] = spec
+    r = gw.call("POST", "/v1/reconstructions", gw.keys["alice"], **form)
+    assert r.status_code == 202, r.text
+    stored = np.load(io.BytesIO(gw.app.state.results.get(r.json()["id"], "measurement.npy")))
+    assert np.array_equal(stored.reshape(arr.shape), arr)
+    gw.wait(r.json()["id"])
+    stored = _stored_bytes(gw.settings.home) + b"".join(
+        p.read_bytes() for p in tmp_path.glob("jobs.db*")
+    )
+    assert marker not in stored
+    assert not any(marker in r.content for r in gw.seen)
+    assert gw.five_xx == 0
+    record(
+        "security",
+        "hostile HDF5/NPZ containers (external storage, virtual dataset, external/soft links, "
+        "filter plugin, NPZ links)",
+        len(refused),
+        outcome=f"all {len(refused)} refused with 422 naming the measurement; 0 bytes of the "
+        "targeted server file in any response or stored file",
+    )
