@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess  # nosec B404 - apt-get and dpkg-deb with fixed arguments, no shell
+import subprocess  # apt-get and dpkg-deb with fixed argument lists, no shell
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -439,9 +439,7 @@ SOURCES: tuple[Source, ...] = (
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(  # nosec B603 - fixed argument lists, no shell
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=900, check=False
-    )
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
 
 
 def _tail(text: str, n: int = 3) -> str:
