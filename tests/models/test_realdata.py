@@ -354,6 +354,33 @@ def test_data_fetch_command(tmp_path, monkeypatch, capsys):
     assert main(["data", "fetch", "--only", "nope"]) == 2
 
 
+def test_apt_failures_say_what_failed(tmp_path, monkeypatch):
+    """Without package lists `apt-get download` fails: as root the fetch runs `apt-get
+    update` once and retries; otherwise it says that the update needs root."""
+    import subprocess
+
+    calls = []
+
+    def run(cmd, cwd=None):
+        calls.append(cmd[:2])
+        if cmd[:2] == ["apt-get", "download"] and ["apt-get", "update"] not in calls:
+            return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package x")
+        if cmd[:2] == ["apt-get", "download"]:
+            (cwd / f"{cmd[2]}_1.0_all.deb").write_bytes(b"")
+        return subprocess.CompletedProcess(cmd, 0, "1.0\n", "")
+
+    monkeypatch.setattr(realdata, "_run", run)
+    monkeypatch.setattr(realdata.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(realdata.os, "geteuid", lambda: 1000)
+    with pytest.raises(FetchError, match="needs root: run `sudo apt-get update`"):
+        realdata._Apt(tmp_path).get("x")
+    assert ["apt-get", "update"] not in calls
+    monkeypatch.setattr(realdata.os, "geteuid", lambda: 0)
+    root, version = realdata._Apt(tmp_path).get("x")
+    assert ["apt-get", "update"] in calls and version == "1.0"
+    assert calls.count(["apt-get", "download"]) == 3
+
+
 def test_train_default_can_add_the_real_train_split(synthetic, monkeypatch):
     import dataclasses
 
