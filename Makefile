@@ -1,8 +1,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+REALDATA ?= .cache/realdata
 
-.PHONY: setup demo test lint bench clean orthanc chromium screenshots audit
+.PHONY: setup demo test lint bench clean orthanc chromium screenshots audit realdata
 
 setup: $(STAMP)
 
@@ -16,6 +17,10 @@ $(STAMP): pyproject.toml
 orthanc:  # the test PACS; without it the PACS tests skip and say why
 	bash scripts/install-orthanc.sh || echo "warning: Orthanc could not be installed; PACS tests will skip"
 
+realdata: setup  # real CT/MR slices from Debian packages, once (docs/data.md); without them the real-data tests skip
+	@if [ -f $(REALDATA)/sources.json ]; then echo "real data: $(REALDATA) (already fetched)"; \
+	else PYTHON=$(PY) bash scripts/fetch-training-data.sh --dest $(REALDATA) || echo "warning: no real data could be fetched; real-data tests will skip"; fi
+
 chromium:  # headless browser for the console's end-to-end tests; without it they skip
 	bash scripts/install-chromium.sh || echo "warning: Chromium could not be installed; console tests will skip"
 
@@ -25,7 +30,7 @@ screenshots: setup chromium  # docs/ui/*.png from the console test, on a phantom
 demo: setup
 	$(PY) -m service.demo --out out
 
-test: setup orthanc chromium
+test: setup orthanc chromium realdata
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -148,12 +149,45 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0 if report.volumes else 1
 
 
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from models import realdata
+
+    only = [s for s in (args.only or "").split(",") if s] or None
+    result = realdata.fetch(args.dest, only, say=lambda s: print(s, file=sys.stderr))
+    print(result.summary())
+    if result.failed:
+        print(
+            f"warning: {len(result.failed)} source(s) could not be fetched (see above); "
+            "the others are usable",
+            file=sys.stderr,
+        )
+    return 0 if result.fetched else 1
+
+
 def add_commands(sub) -> None:
-    d = sub.add_parser("data", help="inspect training data").add_subparsers(dest="data_cmd")
+    from models.realdata import SOURCES, data_dir
+
+    d = sub.add_parser("data", help="inspect or fetch training data").add_subparsers(
+        dest="data_cmd"
+    )
     di = d.add_parser("inspect", help="list the series/volumes in a folder and write a montage")
     di.add_argument("dir")
     di.add_argument("--montage", default="montage.png")
     di.set_defaults(func=cmd_data_inspect)
+    df = d.add_parser(
+        "fetch",
+        help="fetch the real CT/MR sources from Debian packages (docs/data.md)",
+        description="Download (apt-get download), unpack (dpkg-deb -x) and convert the real "
+        "CT/MR sources into DEST: <split>/<ct|mr|complex>/ files and sources.json. A source "
+        "that cannot be had is reported and the others go on; the exit status is 1 only if "
+        "nothing could be fetched.",
+    )
+    df.add_argument(
+        "--dest",
+        help=f"folder to write (default: $SCORERECON_REALDATA, else {data_dir()})",
+    )
+    df.add_argument("--only", help="comma-separated sources: " + ",".join(s.name for s in SOURCES))
+    df.set_defaults(func=cmd_data_fetch)
     t = sub.add_parser("train", help="train a score prior on a folder of images")
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True, help="model directory to write")

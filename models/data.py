@@ -260,6 +260,29 @@ def read_nifti(path: str | Path) -> Volume:
     )
 
 
+def write_nifti(
+    path: str | Path,
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    dtype=None,
+    z0: int = 0,
+) -> None:
+    """Write a (Z, Y, X) volume (Y up, as :func:`read_nifti` returns it) so that
+    :func:`read_nifti` reads it back unchanged; ``spacing`` is (z, y, x) in mm and ``z0`` the
+    index of its first slice in a larger volume (kept in the affine's offset)."""
+    import nibabel as nib
+
+    data = np.transpose(np.asarray(volume)[:, ::-1, :], (2, 1, 0))
+    if dtype is not None:
+        data = data.astype(dtype)
+    dz, dy, dx = (float(s) for s in spacing)
+    affine = np.diag([dx, dy, dz, 1.0])
+    affine[2, 3] = z0 * dz
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.header.set_zooms((dx, dy, dz))
+    nib.save(img, str(path))
+
+
 def _read_npy(path: Path) -> Volume:
     arr = np.load(path, allow_pickle=False)
     if arr.ndim == 2:

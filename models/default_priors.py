@@ -9,9 +9,12 @@ Where no checkpoint exists (a fresh clone) but the bundled prior does, training 
 from the bundled weights with a fresh optimiser, and the card's step count adds up.
 
 Training data (DESIGN.md, Data): CT uses the procedural phantoms of :mod:`models.phantoms`
-(thorax, abdomen and head; no real CT training set is reachable offline); MRI uses the
-MNI152 T1 template that nilearn ships, sliced along all three axes and augmented, mixed
-with MRI phantoms. Each recipe also names its validation data (never trained on).
+(thorax, abdomen and head); MRI uses the MNI152 T1 template that nilearn ships, sliced along
+all three axes and augmented, mixed with MRI phantoms. Each recipe also names its validation
+data (never trained on). ``--real-data`` adds the train split of the real CT / MR that
+``scorerecon data fetch`` takes from Debian packages (:mod:`models.realdata`: a head CT and
+the Colin27 T1), repeated to about ``REAL_FRACTION`` of the training set, and records their
+packages and licences in the card.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ def _mri_data(n: int, size: int, split: str) -> torch.Tensor:
     return torch.cat([mni.repeat(reps, 1, 1, 1), phantoms])
 
 
+REAL_FRACTION = 0.25  # share of the training set that the real slices are repeated to
+
+
 @dataclass(frozen=True)
 class PriorRecipe:
     """What a bundled prior is trained on and how."""
@@ -101,11 +107,37 @@ class PriorRecipe:
     intensity: str
     data: list[dict]
     make_data: Callable[[int, int, str], torch.Tensor]
+    modality: str  # of the real data (models/realdata.py) that ``real=True`` adds
     augment: bool = False
 
-    def training_data(self, split: str = "train") -> torch.Tensor:
+    def training_data(
+        self, split: str = "train", real: bool = False, real_fraction: float = REAL_FRACTION
+    ) -> torch.Tensor:
+        """The recipe's data of ``split``; with ``real``, the fetched real slices of the same
+        split (models/realdata.py, ``scorerecon data fetch``) are added, repeated in the
+        training set to about ``real_fraction`` of it."""
         n = self.n_train if split == "train" else 256
-        return self.make_data(n, self.image_size, split)
+        if not real:
+            return self.make_data(n, self.image_size, split)
+        extra = real_training_slices(self.modality, split, self.image_size)
+        if split != "train":
+            return torch.cat([self.make_data(n, self.image_size, split), extra])
+        if not 0 < real_fraction < 1:
+            raise ValueError("real_fraction must be in (0, 1)")
+        reps = max(1, round(real_fraction * n / max(len(extra), 1)))
+        base = self.make_data(max(1, n - reps * len(extra)), self.image_size, split)
+        return torch.cat([extra.repeat(reps, 1, 1, 1), base])
+
+
+def real_training_slices(modality: str, split: str, size: int) -> torch.Tensor:
+    """The real slices of ``split`` (models/realdata.py) as (N, 1, size, size); a clear error
+    when they have not been fetched."""
+    from models.realdata import real_slices
+
+    arr = real_slices(modality, split, size)
+    if len(arr) == 0:
+        raise ValueError(f"no real {modality} slices in the {split} split of the fetched data")
+    return torch.from_numpy(arr)[:, None]
 
 
 HU = HUMapping()
@@ -125,6 +157,7 @@ RECIPES = {
             }
         ],
         make_data=_ct_data,
+        modality="ct",
     ),
     "mri-default": PriorRecipe(
         name="mri-default",
@@ -148,6 +181,7 @@ RECIPES = {
             },
         ],
         make_data=_mri_data,
+        modality="mr",
         augment=True,
     ),
 }
@@ -164,10 +198,20 @@ def train_default(
     runs: Path = ROOT / "runs",
     out: Path = BUNDLED,
     figures: Path = ROOT / "docs" / "models",
+    real_data: bool = False,
 ) -> int:
-    """Train ``name`` until ``steps`` (total, this run's) or ``hours`` of wall time."""
+    """Train ``name`` until ``steps`` (total, this run's) or ``hours`` of wall time; with
+    ``real_data``, on the recipe's data plus the train split of the fetched real data."""
     recipe = RECIPES[name]
-    data = recipe.training_data("train")
+    data = recipe.training_data("train", real=real_data)
+    sources = list(recipe.data)
+    if real_data:
+        from models.realdata import training_sources
+
+        sources += [
+            e | {"share": f"repeated to ~{REAL_FRACTION:.0%} of the training set"}
+            for e in training_sources("train", recipe.modality)
+        ]
     ckpt = runs / name / "checkpoint.safetensors"
     model_dir = out / name
     previous_steps, previous_wall = 0, 0.0
@@ -198,7 +242,7 @@ def train_default(
         "name": name,
         "image_size": recipe.image_size,
         "intensity": recipe.intensity,
-        "training_data": recipe.data,
+        "training_data": sources,
         "n_images": len(data),
         "steps_before_run": previous_steps,
         "wall_time_s_before_run": previous_wall,
@@ -242,10 +286,22 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (~1.8x faster on CPU)")
+    p.add_argument(
+        "--real-data",
+        action="store_true",
+        help="add the train split of the fetched real data (scorerecon data fetch)",
+    )
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return train_default(args.name, args.steps, args.hours, args.batch_size, bf16=args.bf16)
+    return train_default(
+        args.name,
+        args.steps,
+        args.hours,
+        args.batch_size,
+        bf16=args.bf16,
+        real_data=args.real_data,
+    )

@@ -10,7 +10,16 @@ import torch
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from models.data import augment, load_dataset, read_nifti, scan, slices, split_by_volume, to_unit
+from models.data import (
+    augment,
+    load_dataset,
+    read_nifti,
+    scan,
+    slices,
+    split_by_volume,
+    to_unit,
+    write_nifti,
+)
 from models.io import HUMapping
 
 
@@ -176,3 +185,12 @@ def test_links_out_of_a_training_folder_are_never_read(tmp_path):
     report = scan(root)
     assert [v.data.max() for v in report.volumes] == [0.0]
     assert any("file-link" in f and "link" in why for f, why in report.skipped)
+
+
+def test_write_nifti_is_read_back_unchanged(tmp_path):
+    vol = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5) - 1024
+    write_nifti(tmp_path / "v.nii.gz", vol, (2.0, 0.5, 0.25), np.int16, z0=7)
+    got = read_nifti(tmp_path / "v.nii.gz")
+    np.testing.assert_array_equal(got.data, vol)
+    assert got.spacing == (2.0, 0.5, 0.25) and got.modality == "CT"
+    assert nib.load(str(tmp_path / "v.nii.gz")).affine[2, 3] == 14.0  # slab position kept
