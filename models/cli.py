@@ -16,6 +16,7 @@ from models.baselines import METHODS, reconstruct_baseline
 from models.cli_prior import add_commands
 from models.io import load_image, load_measurement, save_png
 from models.metrics import data_residual, psnr, ssim
+from models.noise import add_noise
 from models.physics import SpecError, from_spec, parse_spec
 
 
@@ -34,13 +35,8 @@ def simulate(args: argparse.Namespace) -> int:
     op = from_spec(spec)
     with torch.no_grad():
         y = op.forward(image)
-    noise_std = args.noise_std if args.noise_std is not None else spec.noise_std
-    if noise_std > 0:
-        g = torch.Generator().manual_seed(args.seed)
-        noise = torch.randn(y.shape, generator=g) * noise_std
-        if y.is_complex():
-            noise = torch.complex(noise, torch.randn(y.shape, generator=g) * noise_std) / 2**0.5
-        y = y + noise
+    noise_std = args.noise_std if args.noise_std is not None else (spec.noise_std or 0.0)
+    y = add_noise(y, noise_std, torch.Generator().manual_seed(args.seed))
     np.save(args.out, y.numpy())
     if args.reference_out:
         np.save(args.reference_out, image.numpy())
@@ -86,7 +82,9 @@ def build_parser(extensions=()) -> argparse.ArgumentParser:
     s.add_argument("--spec", required=True, help="measurement spec JSON file")
     s.add_argument("--out", required=True, help="measurement .npy to write")
     s.add_argument("--reference-out", help="write the image actually used here (.npy)")
-    s.add_argument("--noise-std", type=float, help="Gaussian noise std (overrides the spec)")
+    s.add_argument(
+        "--noise-std", type=float, help="Gaussian noise std per real component (overrides the spec)"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=simulate)
     b = sub.add_parser("baseline", help="reconstruct with a classical method")

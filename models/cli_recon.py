@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,19 @@ from tqdm import tqdm
 
 from models.baselines import baseline_name, reconstruct_baseline
 from models.figures import preview
-from models.inverse import METHODS, RECON_SAMPLERS, Prior, ReconConfig, reconstruct, steps_for_nfe
+from models.inverse import (
+    DEFAULT_NFE,
+    DEFAULT_SAMPLER,
+    METHODS,
+    RECON_SAMPLERS,
+    Prior,
+    ReconConfig,
+    reconstruct,
+)
 from models.io import load_measurement, save_png
 from models.metrics import psnr, ssim
 from models.physics import from_spec, parse_spec
 from models.physics.ct import remove_metal_trace
-from models.tuning import tuned_key
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -34,13 +42,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         )
         op, y, metal = remove_metal_trace(op, y, given, spec.metal_threshold_hu)
     prior = Prior.load(args.model, bf16=args.bf16)
-    config = ReconConfig(sampler=args.sampler, method=args.method)
-    tuned = prior.card.get("tuned", {}).get(tuned_key(spec.modality, args.sampler), {})
-    for key in ("lam", "snr"):
-        value = getattr(args, key)
-        setattr(config, key, value if value is not None else tuned.get(key, getattr(config, key)))
-    config.n_steps = steps_for_nfe(config, args.nfe) if args.nfe else config.n_steps
-    bar = tqdm(total=config.n_steps, desc=f"reconstruct ({args.sampler})", unit="step")
+    config = ReconConfig.for_prior(prior, spec.modality, args.sampler, args.nfe)
+    config.method = args.method
+    for key in ("lam", "snr", "rho"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    total = config.n_steps * config.nfe_per_step()
+    bar = tqdm(total=total, desc=f"reconstruct ({config.sampler})", unit="NFE")
 
     def progress(i: int, n: int) -> None:
         bar.n = i
@@ -48,18 +56,25 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     rec = reconstruct(op, y, prior, config, args.samples, args.seed, spec.noise_std, progress)
     bar.close()
+    if rec.diverged is not None:
+        print(f"error: the reconstruction diverged ({rec.diverged})", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if metal is not None:
         np.save(out / "metal_mask.npy", metal.numpy())
     np.save(out / "recon.npy", rec.mean.numpy())
     np.save(out / "std.npy", rec.std.numpy())
+    if rec.phase is not None:
+        np.save(out / "phase.npy", rec.phase.numpy())
     image, std_scale = preview(rec.mean[0], rec.std[0], base[0])
     save_png(out / "preview.png", image)
     report = {
         "nfe": rec.nfe,
         "seconds": round(rec.seconds, 3),
         "residual": rec.residual,
+        "noise_std_used": rec.noise_std_used,
+        "warnings": rec.warnings,
         "provenance": {**rec.provenance, "spec": spec.model_dump(exclude_none=True)},
         "preview": "reconstruction | posterior std (scaled to its max "
         f"{std_scale:.4g}) | {baseline_name(op)}",
@@ -111,20 +126,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from models.evaluate import task_spec
-    from models.phantoms import ct_phantoms, mri_phantoms
     from models.registry import update_card
-    from models.tuning import tune
+    from models.tuning import tune, validation_images
 
     prior = Prior.load(args.model)
-    make = ct_phantoms if args.task.startswith("ct") else mri_phantoms
-    images = make(args.n, prior.image_size, seed=args.phantom_seed)
-    spec = task_spec(args.task, args.level, prior.image_size)
-    best = tune(prior, images, spec, args.sampler, args.nfe, args.trials, args.seed)
-    key = tuned_key(spec["modality"], args.sampler)
-    tuned = {**prior.card.get("tuned", {}), key: best}
-    path = update_card(args.model, {"tuned": tuned})
-    print(json.dumps({"key": key, **best, "card": str(path)}))
+    modality = "ct" if args.task.startswith("ct") else "mri"
+    images = validation_images(modality, prior.image_size, args.n, args.data)
+    best = tune(
+        prior,
+        images,
+        args.task,
+        args.level,
+        args.sampler,
+        args.nfe,
+        args.trials,
+        args.seed,
+        args.noise,
+    )
+    best["data"] = args.data
+    recon = {**(prior.card.get("recon") or {}), modality: best}
+    path = update_card(args.model, {"recon": recon})
+    print(json.dumps({"modality": modality, **best, "card": str(path)}))
     return 0
 
 
@@ -135,12 +157,18 @@ def add_commands(sub) -> None:
         "--task", default="ct-sparse", choices=("ct-sparse", "ct-fan", "mri", "mri-random")
     )
     t.add_argument("--level", type=int, default=23, help="views (CT) or acceleration (MRI)")
-    t.add_argument("--sampler", default="pc", choices=RECON_SAMPLERS)
+    t.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=RECON_SAMPLERS)
     t.add_argument("--trials", type=int, default=20)
     t.add_argument("--n", type=int, default=4, help="validation images")
-    t.add_argument("--nfe", type=int, default=100)
+    t.add_argument("--nfe", type=int, default=DEFAULT_NFE)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--phantom-seed", type=int, default=2, help="validation phantoms (not 0)")
+    t.add_argument(
+        "--data",
+        default="real",
+        choices=("real", "phantoms"),
+        help="validation slabs of the fetched real data (scorerecon data fetch), or phantoms",
+    )
+    t.add_argument("--noise", help="poisson:<I0>, gaussian:<fraction> (CT), complex:<std> (MRI)")
     t.set_defaults(func=cmd_tune)
     e = sub.add_parser("evaluate", help="compare score-based and classical reconstructions")
     e.add_argument("--model", help="bundled prior name or model directory")
@@ -166,13 +194,20 @@ def add_commands(sub) -> None:
     r.add_argument("--spec", required=True, help="measurement spec JSON file")
     r.add_argument("--model", default="ct-default", help="bundled prior name or model directory")
     r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--sampler", default="pc", choices=RECON_SAMPLERS)
+    r.add_argument(
+        "--sampler", choices=RECON_SAMPLERS, help=f"default: the card's, else {DEFAULT_SAMPLER}"
+    )
     r.add_argument("--method", default="auto", choices=("auto", *METHODS))
-    r.add_argument("--nfe", type=int, help="spend about this many network evaluations")
+    r.add_argument(
+        "--nfe",
+        type=int,
+        help=f"spend about this many network evaluations (default: the card's, else {DEFAULT_NFE})",
+    )
     r.add_argument("--samples", type=int, default=1, help="posterior samples K (std map)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--lam", type=float, help="λ of the proximal step (default: tuned or 1)")
     r.add_argument("--snr", type=float, help="corrector signal-to-noise ratio r")
+    r.add_argument("--rho", type=float, help="map step: the estimate's error scale ρ")
     r.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
     r.add_argument("--reference", help="reference image .npy for PSNR/SSIM")
     r.add_argument("--metal-mask", help="boolean image .npy: metal artifact removal")

@@ -1,29 +1,40 @@
 """Solving inverse problems with an unconditional score prior (seed 002, ch. 8, app. B.6).
 
 ``reconstruct(operator, y, prior, config)`` draws K posterior samples per measurement as one
-batch with one of the samplers of :mod:`models.sampling`, adding a data-consistency step
-``k(x, ŷ_t, λ)`` before every predictor and corrector step (Eqs. 8.6-8.7) through the
-samplers' ``consistency`` hook, and returns their mean, per-pixel standard deviation, NFE,
-data residual and provenance.
+batch with one of the samplers of :mod:`models.sampling`, with a data-consistency step
+through the samplers' hooks, and returns their mean, per-pixel standard deviation, NFE,
+data residual, the noise level it assumed, warnings, and provenance.
 
-Data-consistency methods (``ReconConfig.method``):
+Data consistency (``ReconConfig.method``; every step is the solution of a proximal problem,
+computed exactly where the operator allows it):
 
-- ``proximal`` (Theorem 8.1, Eq. 8.9) for operators A = P(Λ) T:
-  x' = T⁻¹[λ Λ P⁻¹(Λ) ŷ_t + (1 − λ) Λ T x + (I − Λ) T x], with ŷ_t = α(t) y + β(t) A z
-  (ch. 8.3.2; α, β the SDE's marginal mean coefficient and standard deviation). Computed in
-  the equivalent residual form x' = x + λ T⁻¹ P⁻¹(Λ)(ŷ_t − A x), which is identical for an
-  exact T⁻¹ and, where T⁻¹ is approximate (FBP), applies the approximation to the residual
-  only instead of re-reconstructing the whole image at every step.
-- ``cg``: least squares, x' = argmin λ||A x − ŷ_t||² + (1 − λ)||x − x_t||², by a few
-  conjugate-gradient iterations; for operators with no exact T⁻¹ (fan beam, multi-coil MRI).
-- ``score-sde``: the crude conditional score of app. B.5.9 (replace the measured part by
-  ŷ_t, i.e. the proximal step with λ = 1); a comparison method of ch. 8.4.
+- ``proximal`` (Theorem 8.1): Eq. 8.8 with the Euclidean norm,
+  x' = argmin_z (1 − λ)||z − x||² + λ min{||z − u||² : A u = ŷ_t}, whose solution is
+  x' = x + λ A⁺(ŷ_t − A x) (:func:`proximal_step`). For A = P(Λ) T with unitary T (MRI)
+  A⁺ = T⁻¹ P⁻¹(Λ) and this is Eq. 8.9 exactly; for CT, where the Radon transform on the
+  dense angle set is not invertible, A⁺ is computed by conjugate gradients, so the step
+  is still the exact solution of Eq. 8.8 rather than FBP's approximation of it (which
+  removed only n_views/n_dense of the residual). ŷ_t = α(t) y + β(t) A z (ch. 8.3.2).
+- ``map`` (the default): x' = argmin ||A x' − y||² + μ_t ||x' − x||² with
+  μ_t = σ_y² / r_t², r_t = ρ β(t)/α(t): the maximum a posteriori step for Gaussian noise of
+  std σ_y when the current estimate is off by about r_t (:func:`prox_step`). For noiseless
+  data μ_t = 0 and it is the projection onto {A x = y}; noisy data are never fitted
+  exactly. Closed form for single-coil MRI, conjugate gradients otherwise.
+- ``score-sde``: the crude conditional score of app. B.5.9 (Eq. B.36),
+  s(x, t) + ∇ log p_t(ŷ_t | x) with p_t(ŷ_t | x) ≈ N(A x, (α² σ_y² + β² ||A||²) I).
 - ``langevin``: annealed Langevin dynamics on s(x, σ) + Aᵀ(y − A x)/(σ_y² + γ² σ²) (Jalal et
   al.); the other comparison method of ch. 8.4 (sampler ``ald`` only).
 
-For noiseless measurements a final step projects the mean-free sample onto {x : A x = y}
-(λ = 1, solved by CG on A Aᵀ), so the returned images reproduce the data (B.6.4). The fast
-sampler (``sampler="fast"``) instead applies the least-squares step to each Tweedie estimate.
+MR images are complex: for an MRI operator the image in data consistency is
+x = (u + i v) e^{iφ}, where u is what the sampler and the prior see (a magnitude-like real
+image), v the part of the image in quadrature that only the data determine, and φ a smooth
+phase estimated from the calibration lines (Chung & Ye score the real and imaginary parts
+alike; a magnitude prior scores u only). Results are |x|; the phase is kept.
+
+The noise level σ_y is the spec's ``noise_std`` when stated, else estimated from the data
+(:mod:`models.noise`), and is reported (``noise_std_used``). Each result is checked for
+divergence (values far outside the data range, a saturated posterior std, non-finite
+values): ``Reconstruction.diverged`` says why, so a caller can fail the job.
 """
 
 from __future__ import annotations
@@ -31,18 +42,25 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from models.noise import estimate_noise
 from models.physics.base import LinearOperator, conjugate_gradient, real_inner
+from models.physics.mri import MRIOperator
 from models.sampling.pc import Cancelled, Progress
 from models.sampling.registry import sample
 from models.sde import SDE, VESDE, ScoreFn, per_sample
 
-METHODS = ("proximal", "cg", "score-sde", "langevin")
-RECON_SAMPLERS = ("pc", "em", "ald", "fast")
+METHODS = ("map", "proximal", "score-sde", "langevin")
+RECON_SAMPLERS = ("fast", "pc", "em", "ald")
+DEFAULT_SAMPLER, DEFAULT_NFE = "fast", 100
 __all__ = ["Cancelled", "Prior", "ReconConfig", "Reconstruction", "reconstruct"]
+
+# Divergence: a reconstruction on the [0, 1] scale with more than 1 % of its pixels beyond
+# these bounds, or a posterior std above STD_SATURATED on average, is not an image.
+RANGE_LOW, RANGE_HIGH, RANGE_FRACTION, STD_SATURATED = -0.5, 1.5, 0.01, 0.25
 
 
 @dataclass
@@ -71,24 +89,56 @@ class Prior:
             card,
         )
 
+    @property
+    def modality(self) -> str | None:
+        """``ct`` or ``mri`` when the card says what the prior was trained on."""
+        from models.registry import card_modality
+
+        return card_modality(self.card, self.name)
+
 
 @dataclass
 class ReconConfig:
-    """Sampler and data-consistency settings (app. B.6.4 defaults for the PC sampler)."""
+    """Sampler and data-consistency settings.
 
-    sampler: str = "pc"
-    method: str = "auto"  # proximal where A = P(Λ)T, else cg
-    n_steps: int = 500
-    lam: float = 1.0  # λ of Eq. 8.9 (1: full replacement of the measured part)
+    Defaults: the fast sampler at 100 NFE with the ``map`` step, which is the best sampler at
+    that budget on held-out data (``docs/benchmarks/quality.md``); PC with λ and r of
+    app. B.6.4 remains available by name. A prior's card may hold tuned values
+    (``recon`` → modality → settings), which :meth:`for_prior` applies.
+    """
+
+    sampler: str = DEFAULT_SAMPLER
+    method: str = "auto"  # map, except proximal for PC on operators A = P(Λ)T
+    n_steps: int = DEFAULT_NFE
+    lam: float = 1.0  # λ of Eqs. 8.8-8.9
     snr: float = 0.16  # r, the corrector's signal-to-noise ratio
-    cg_iters: int = 3  # per data-consistency step (method cg and the fast sampler)
-    final_projection: bool = True  # λ = 1 step at the end for noiseless data
+    rho: float = 1.0  # r_t = ρ β/α: the estimate's error scale in the map step
+    cg_iters: int = 5  # per data-consistency step solved by CG
+    final_projection: bool = True  # exact projection at the end for noiseless data
     final_cg_iters: int = 400
     eta: float = 0.5  # fast sampler: fraction of fresh noise when re-noising
+    clip: bool = True  # fast sampler: clip each clean estimate to [0, 1] before data consistency
     langevin_gamma: float = 1.0
 
     def nfe_per_step(self) -> int:
         return 2 if self.sampler == "pc" else 3 if self.sampler == "ald" else 1
+
+    @classmethod
+    def for_prior(
+        cls, prior: Prior | None, modality: str, sampler: str | None = None, nfe: int | None = None
+    ) -> ReconConfig:
+        """The defaults, then the prior card's tuned values for this modality and sampler,
+        then the caller's sampler and NFE budget."""
+        tuned = ((prior.card if prior else {}).get("recon") or {}).get(modality) or {}
+        sampler = sampler or tuned.get("sampler", DEFAULT_SAMPLER)
+        config = cls(sampler=sampler)
+        if tuned.get("sampler", DEFAULT_SAMPLER) == sampler:
+            names = {f.name for f in fields(cls)} - {"sampler", "n_steps"}
+            for key, value in tuned.items():
+                if key in names:
+                    setattr(config, key, type(getattr(config, key))(value))
+        config.n_steps = steps_for_nfe(config, nfe or int(tuned.get("nfe", DEFAULT_NFE)))
+        return config
 
 
 def steps_for_nfe(config: ReconConfig, nfe: int) -> int:
@@ -98,13 +148,17 @@ def steps_for_nfe(config: ReconConfig, nfe: int) -> int:
 
 @dataclass
 class Reconstruction:
-    mean: torch.Tensor  # (B, 1, H, W)
+    mean: torch.Tensor  # (B, 1, H, W), magnitude for MRI
     std: torch.Tensor  # (B, 1, H, W), over the K posterior samples
     samples: torch.Tensor  # (B, K, H, W)
     nfe: int
     residual: list[float]  # ||A x̄ − y|| / ||y|| per slice
     seconds: float
     provenance: dict
+    noise_std_used: list[float] = field(default_factory=list)  # σ_y per slice
+    phase: torch.Tensor | None = None  # (B, 1, H, W) radians, MRI only
+    warnings: list[str] = field(default_factory=list)
+    diverged: str | None = None  # why the result is not an image, or None
 
 
 def _coefficients(sde: SDE, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,59 +167,113 @@ def _coefficients(sde: SDE, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean.flatten(), std
 
 
+def _adjoint(op: LinearOperator, x_like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Aᴴ into the image domain of ``x_like`` (complex images need the complex adjoint)."""
+    return op.adjoint_complex if x_like.is_complex() else op.adjoint
+
+
+def prox_step(
+    op: LinearOperator,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mu: torch.Tensor | float,
+    iters: int,
+) -> torch.Tensor:
+    """argmin ||A x' − y||² + μ ||x' − x||² (μ ≥ 0 per sample); μ = 0: the nearest x' to x
+    with A x' = y (the minimum-norm correction).
+
+    Closed form for single-coil MRI (T = F unitary): on measured k-space samples
+    (y + μ F x)/(1 + μ), elsewhere F x. Otherwise CG on (AᴴA + μ) δ = Aᴴ(y − A x) from
+    δ = 0, whose iterates stay in range(Aᴴ) + μ-damped directions, in float64 for MRI.
+    """
+    mu_t = torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
+    if isinstance(op, MRIOperator) and x.is_complex():
+        z = op.T(x)
+        measured = op.subsample(z)
+        w = per_sample(1.0 / (1.0 + mu_t.to(torch.float32)), measured)
+        return op.T_inv(z + op.pad(w * (y - measured)))
+    adjoint = _adjoint(op, x)
+    mu_b = per_sample(mu_t.to(torch.float32), x)
+    dtype = x.dtype
+    work = torch.complex128 if x.is_complex() else torch.float64
+    rhs = adjoint(y - op.forward(x)).to(work)
+
+    def normal(v: torch.Tensor) -> torch.Tensor:
+        return adjoint(op.forward(v.to(dtype))).to(work) + mu_b * v
+
+    return x + conjugate_gradient(normal, rhs, n_iter=iters).to(dtype)
+
+
+def proximal_step(
+    op: LinearOperator, x: torch.Tensor, y: torch.Tensor, lam: float, iters: int = 30
+) -> torch.Tensor:
+    """Theorem 8.1 / Eq. 8.8 (Euclidean norm): x + λ A⁺(y − A x); Eq. 8.9 when T is unitary."""
+    return x + lam * (prox_step(op, x, y, 0.0, iters) - x)
+
+
 def project_affine(
     op: LinearOperator, x: torch.Tensor, y: torch.Tensor, iters: int, rounds: int = 3
 ) -> torch.Tensor:
-    """The nearest x' to x with A x' = y, by CGLS: CG on AᵀA δ = Aᵀ(y − A x) from δ = 0.
-
-    The iterates stay in range(Aᵀ), so the limit is the minimum-norm correction (the
-    projection), and ||A x' − y|| decreases monotonically with the iterations. CG stops
-    relative to its starting residual, so a start far from the data is refined by up to
-    ``rounds`` restarts until ||A x' − y|| ≤ 1e-5 ||y||.
-    """
-    normal = lambda v: op.adjoint(op.forward(v))  # noqa: E731
+    """The nearest x' to x with A x' = y, by CGLS restarted up to ``rounds`` times until
+    ||A x' − y|| ≤ 1e-5 ||y|| (CG stops relative to its starting residual)."""
     y_norm = float(real_inner(y, y)) ** 0.5
     for _ in range(rounds):
         r = y - op.forward(x)
         if float(real_inner(r, r)) ** 0.5 <= 1e-5 * y_norm:
             break
-        x = x + conjugate_gradient(normal, op.adjoint(r), n_iter=iters)
+        x = prox_step(op, x, y, 0.0, iters)
     return x
-
-
-def least_squares_step(
-    op: LinearOperator, x: torch.Tensor, y: torch.Tensor, lam: float, iters: int
-) -> torch.Tensor:
-    """argmin λ||A x' − y||² + (1 − λ)||x' − x||² by CG started at x."""
-    if lam >= 1.0:
-        return project_affine(op, x, y, iters)
-    rhs = lam * op.adjoint(y) + (1 - lam) * x
-    return conjugate_gradient(
-        lambda v: lam * op.adjoint(op.forward(v)) + (1 - lam) * v, rhs, n_iter=iters, x0=x
-    )
-
-
-def proximal_step(op, x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
-    """Eq. 8.9 in residual form: x + λ T⁻¹ P⁻¹(Λ)(y − A x)."""
-    return x + lam * op.T_inv(op.pad(y - op.forward(x)))
 
 
 def _resolve_method(op: LinearOperator, config: ReconConfig) -> str:
     method = config.method
     if method == "auto":
-        method = "proximal" if op.has_decomposition and _exact_inverse(op) else "cg"
+        method = "proximal" if config.sampler == "pc" and op.has_decomposition else "map"
+        method = "langevin" if config.sampler == "ald" else method
+    if method == "cg":  # the earlier name of the least-squares step
+        method = "map"
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)} or 'auto'; got {method!r}")
-    if method in ("proximal", "score-sde") and not op.has_decomposition:
-        raise ValueError(f"method {method!r} needs an operator A = P(Λ)T; use 'cg'")
     if method == "langevin" and config.sampler != "ald":
         raise ValueError("method 'langevin' runs with sampler 'ald'")
+    if config.sampler == "fast" and method not in ("map", "proximal"):
+        raise ValueError("sampler 'fast' runs with method 'map' or 'proximal'")
     return method
 
 
-def _exact_inverse(op: LinearOperator) -> bool:
-    geometry = getattr(op, "geometry", None)
-    return geometry is None or geometry.beam == "parallel"
+class _ImageDomain:
+    """Between the sampler's real images u and the operator's images x.
+
+    CT: x = u. MRI: x = (u + i v) e^{iφ} with φ from the calibration lines, fixed, and v the
+    quadrature part, updated by every data-consistency step (one per posterior sample).
+    """
+
+    def __init__(self, op: LinearOperator, y: torch.Tensor):
+        self.complex = op.complex_measurements and hasattr(op, "adjoint_complex")
+        self.phase = self.v = None
+        if self.complex:
+            low = op.low_resolution(y) if hasattr(op, "low_resolution") else op.adjoint_complex(y)
+            mag = low.abs()
+            floor = 1e-3 * mag.flatten(1).amax(dim=1).clamp_min(1e-30)
+            unit = torch.where(mag > per_sample(floor, mag), low / mag.clamp_min(1e-30), 1.0)
+            self.phase = unit.to(torch.complex64)
+            self.v = torch.zeros(low.shape, dtype=torch.float32)
+
+    def join(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.complex(u, self.v) * self.phase if self.complex else u
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.complex:
+            return x
+        w = x * self.phase.conj()
+        self.v = w.imag.to(torch.float32)
+        return w.real.to(torch.float32)
+
+    def magnitude(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.complex(u, self.v).abs() if self.complex else u
+
+    def angle(self, u: torch.Tensor) -> torch.Tensor | None:
+        return self.join(u).angle() if self.complex else None
 
 
 def reconstruct(
@@ -175,16 +283,22 @@ def reconstruct(
     config: ReconConfig | None = None,
     n_samples: int = 1,
     seed: int = 0,
-    noise_std: float = 0.0,
+    noise_std: float | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Reconstruction:
-    """K = ``n_samples`` posterior samples for each of the B measurements in ``y``."""
+    """K = ``n_samples`` posterior samples for each of the B measurements in ``y``.
+
+    ``noise_std``: σ_y in measurement units; ``None`` estimates it from ``y``; 0 declares
+    the data noiseless (they are then fitted exactly). ``progress(nfe_done, nfe_total)``.
+    """
     config = config or ReconConfig()
     if config.sampler not in RECON_SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(RECON_SAMPLERS)}")
     if n_samples < 1:
         raise ValueError("n_samples must be at least 1")
+    if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError("noise_std must be a finite number >= 0 (or None: estimated)")
     if operator.image_size != prior.image_size:
         raise ValueError(
             f"image_size {operator.image_size} differs from the prior's {prior.image_size}; "
@@ -197,28 +311,63 @@ def reconstruct(
     b, k, n = y.shape[0], n_samples, prior.image_size
     y_rep = y.repeat_interleave(k, dim=0)
     shape = (b * k, 1, n, n)
-    lam = 1.0 if method == "score-sde" else config.lam
+    sigma = (
+        estimate_noise(op, y).to(torch.float64)
+        if noise_std is None
+        else torch.full((b,), float(noise_std), dtype=torch.float64)
+    )
+    sigma_rep = sigma.repeat_interleave(k)
+    domain = _ImageDomain(op, y_rep)
+    op_norm = op.norm() if method == "score-sde" else 1.0
 
     def noisy_measurement(t: torch.Tensor) -> torch.Tensor:
         alpha, beta = _coefficients(sde, t)
         z = torch.randn(shape, generator=gen)
         return per_sample(alpha, y_rep) * y_rep + per_sample(beta, y_rep) * op.forward(z)
 
-    def consistency(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y_t = noisy_measurement(t)
-        if method == "cg":
-            return least_squares_step(op, x, y_t, lam, config.cg_iters)
-        return proximal_step(op, x, y_t, lam)
+    def map_weight(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """μ_t = (scale σ_y)² / r_t², r_t = ρ β(t)/α(t) (scale α(t) for ŷ_t: noise α σ_y)."""
+        alpha, beta = (c.to(torch.float64) for c in _coefficients(sde, t))
+        r = (config.rho * beta / alpha).clamp_min(1e-12)
+        return (scale * sigma_rep) ** 2 / r**2
+
+    def consistency(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Eqs. 8.6-8.7: a step towards ŷ_t before each predictor and corrector step."""
+        x = domain.join(u)
+        if method == "proximal":
+            x = proximal_step(op, x, noisy_measurement(t), config.lam)
+        else:
+            alpha = _coefficients(sde, t)[0].to(torch.float64)
+            x = prox_step(op, x, noisy_measurement(t), map_weight(t) * alpha**2, config.cg_iters)
+        return domain.split(x)
 
     def project(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return least_squares_step(op, x0, y_rep, lam, config.cg_iters)
+        """The fast sampler's step on its clean (Tweedie) estimate, towards y itself; the
+        estimate is first clipped to the prior's intensity range [0, 1] (its support)."""
+        x = domain.join(x0.clamp(0.0, 1.0) if config.clip else x0)
+        if method == "proximal":
+            x = proximal_step(op, x, y_rep, config.lam)
+        else:
+            x = prox_step(op, x, y_rep, map_weight(t), config.cg_iters)
+        return domain.split(x)
 
     score_fn = prior.score_fn
     if method == "langevin":
-        score_fn = _likelihood_score(prior.score_fn, sde, op, y_rep, noise_std, config)
-    hook = {} if method == "langevin" else {"consistency": consistency}
+        score_fn = _likelihood_score(prior.score_fn, sde, op, y_rep, sigma_rep, config)
+    if method == "score-sde":
+        score_fn = _conditional_score(
+            prior.score_fn, sde, op, noisy_measurement, sigma_rep, op_norm
+        )
     if config.sampler == "fast":
-        hook = {"project": project, "eta": config.eta}
+        hook: dict = {"project": project, "eta": config.eta}
+    else:
+        hook = {} if method in ("langevin", "score-sde") else {"consistency": consistency}
+    per_step = config.nfe_per_step()
+
+    def nfe_progress(i: int, total: int) -> None:
+        if progress is not None:
+            progress(i * per_step, total * per_step)
+
     res = sample(
         config.sampler,
         sde,
@@ -227,22 +376,33 @@ def reconstruct(
         n_steps=config.n_steps,
         snr=config.snr,
         generator=gen,
-        progress=progress,
+        progress=nfe_progress,
         cancel=cancel,
         **hook,
     )
-    x = res.samples
-    if config.final_projection and noise_std == 0:
-        x = project_affine(op, x, y_rep, config.final_cg_iters)
-    samples = x.reshape(b, k, n, n)
+    u = res.samples
+    noiseless = bool((sigma_rep == 0).all())
+    if noiseless and config.final_projection:
+        u = domain.split(project_affine(op, domain.join(u), y_rep, config.final_cg_iters))
+    elif not noiseless and config.sampler != "fast" and method != "proximal":
+        # A last MAP step at the smallest noise level (the fast sampler ended with one).
+        t0 = torch.full((b * k,), 1e-3)
+        u = domain.split(prox_step(op, domain.join(u), y_rep, map_weight(t0), config.cg_iters))
+    images = domain.magnitude(u)
+    samples = images.reshape(b, k, n, n)
     mean = samples.mean(dim=1, keepdim=True)
     std = samples.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(mean)
+    phase = None
+    if domain.complex:
+        phase = domain.angle(u).reshape(b, k, n, n)[:, :1]
     with torch.no_grad():
-        r = op.forward(mean) - y
+        fitted = domain.join(u).reshape(b, k, 1, n, n).mean(dim=1) if domain.complex else mean
+        r = op.forward(fitted) - y
     residual = [
         math.sqrt(float(real_inner(r[i], r[i])) / max(float(real_inner(y[i], y[i])), 1e-30))
         for i in range(b)
     ]
+    diverged, warnings = _check(mean, std, residual, sigma, y)
     return Reconstruction(
         mean=mean,
         std=std,
@@ -258,19 +418,69 @@ def reconstruct(
             "samples": k,
             "seed": seed,
             "noise_std": noise_std,
+            "noise_std_used": [float(s) for s in sigma],
+            "noise_std_source": "spec" if noise_std is not None else "estimated from the data",
+            "complex_image": domain.complex,
             **{f"config.{key}": v for key, v in asdict(config).items()},
         },
+        noise_std_used=[float(s) for s in sigma],
+        phase=phase,
+        warnings=warnings,
+        diverged=diverged,
     )
 
 
-def _likelihood_score(score_fn: ScoreFn, sde: SDE, op, y, noise_std: float, config) -> ScoreFn:
+def _check(
+    mean: torch.Tensor, std: torch.Tensor, residual: list[float], sigma: torch.Tensor, y
+) -> tuple[str | None, list[str]]:
+    """Why the result is not an image (or None), and warnings for one that is doubtful."""
+    if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(std).all()):
+        return "the sampler produced non-finite values", []
+    outside = ((mean < RANGE_LOW) | (mean > RANGE_HIGH)).flatten(1).float().mean(dim=1)
+    for i, frac in enumerate(outside.tolist()):
+        if frac > RANGE_FRACTION:
+            lo, hi = float(mean[i].min()), float(mean[i].max())
+            return (
+                f"slice {i}: {100 * frac:.1f} % of pixels lie outside [{RANGE_LOW}, {RANGE_HIGH}] "
+                f"(values {lo:.3g} to {hi:.3g} on the [0, 1] scale): the sampler diverged; "
+                "raise nfe, or state the measurement's noise_std"
+            ), []
+    saturated = std.flatten(1).mean(dim=1)
+    for i, s in enumerate(saturated.tolist()):
+        if s > STD_SATURATED:
+            return f"slice {i}: posterior std {s:.3g} is saturated: the sampler diverged", []
+    warnings = []
+    for i, rel in enumerate(residual):
+        y_norm = float(real_inner(y[i], y[i])) ** 0.5
+        explained = float(sigma[i]) * math.sqrt(2 * y[i].numel()) / max(y_norm, 1e-30)
+        if rel > 5 * explained + 0.05:
+            warnings.append(
+                f"slice {i}: data residual {rel:.3g} is more than the estimated noise explains "
+                f"({explained:.3g}); the prior may not fit this anatomy"
+            )
+    return None, warnings
+
+
+def _conditional_score(score_fn: ScoreFn, sde: SDE, op, noisy_measurement, sigma, op_norm):
+    """Eq. B.36: s(x, t) + Aᵀ(ŷ_t − A x)/(α² σ_y² + β² ||A||²), with a fresh ŷ_t."""
+
+    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, beta = _coefficients(sde, t)
+        variance = alpha.double() ** 2 * sigma**2 + beta.double() ** 2 * op_norm**2
+        weight = per_sample((1.0 / variance).float(), x)
+        return score_fn(x, t) + weight * op.adjoint(noisy_measurement(t) - op.forward(x))
+
+    return score
+
+
+def _likelihood_score(score_fn: ScoreFn, sde: SDE, op, y, sigma, config) -> ScoreFn:
     """s(x, t) + Aᵀ(y − A x) / (σ_y² + γ² σ(t)²): Jalal et al.'s posterior score for ALD."""
     if not isinstance(sde, VESDE):
         raise ValueError("method 'langevin' needs a VE prior")
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = sde.sigma(t)
-        weight = 1.0 / (noise_std**2 + (config.langevin_gamma * sigma) ** 2)
-        return score_fn(x, t) + per_sample(weight, x) * op.adjoint(y - op.forward(x))
+        s = sde.sigma(t).double()
+        weight = per_sample((1.0 / (sigma**2 + (config.langevin_gamma * s) ** 2)).float(), x)
+        return score_fn(x, t) + weight * op.adjoint(y - op.forward(x))
 
     return score

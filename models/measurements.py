@@ -302,7 +302,32 @@ def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
             f"measurement shape {tuple(arr.shape[1:])} does not match the spec, "
             f"which expects {expected}{also}"
         )
+    _check_calibration(operator, y)
     return y
+
+
+def _check_calibration(operator, y: torch.Tensor) -> None:
+    """MRI k-space whose fully sampled centre is all zero cannot be reconstructed (and its
+    phase and noise cannot be estimated): refused, naming the lines."""
+    from models.physics.mri import calibration_lines
+
+    mask = getattr(operator, "mask", None)
+    if not operator.complex_measurements or mask is None or y.ndim != 4:
+        return
+    lines = calibration_lines(mask)
+    if len(lines) == 0:
+        return
+    if y.shape[-1] != mask.shape[-1]:  # only the measured lines: find the centre among them
+        measured = mask.any(dim=0).nonzero().flatten().tolist()
+        lines = torch.tensor([measured.index(int(i)) for i in lines])
+    empty = (y[..., lines] == 0).flatten(1).all(dim=1)
+    if bool(empty.any()):
+        first = int(empty.nonzero()[0])
+        raise MeasurementError(
+            f"slice {first}: the k-space calibration lines (the fully sampled centre, columns "
+            f"{int(calibration_lines(mask)[0])}-{int(calibration_lines(mask)[-1])}) are all zero; "
+            "send the acquired centre of k-space, or a mask that matches the data"
+        )
 
 
 def _full_shape(operator) -> tuple[int, ...] | None:

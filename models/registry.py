@@ -146,6 +146,19 @@ def load_card(directory: str | Path) -> dict:
     return card
 
 
+def card_modality(card: dict, name: str = "") -> str | None:
+    """``ct`` or ``mri``: the card's ``modality``, else the ``ct-``/``mri-`` prefix of its
+    name; ``None`` when neither says (such a model is not checked against the spec)."""
+    value = str(card.get("modality", "")).lower()
+    if value in ("ct", "mri"):
+        return value
+    for text in (str(card.get("name", "")), name):
+        prefix = text.lower().split("-")[0]
+        if prefix in ("ct", "mri"):
+            return prefix
+    return None
+
+
 def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN, SDE, dict]:
     """Load a model (directory or bundled name), verifying the weights' sha256 against the card."""
     directory = resolve(directory)

@@ -28,9 +28,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.inverse import DEFAULT_NFE, DEFAULT_SAMPLER, RECON_SAMPLERS
 from models.measurements import MeasurementError, MeasurementTooLarge, as_measurement, read_array
 from models.physics import SpecError, from_spec, parse_spec
-from models.registry import ModelError, bundled_models, load_card, resolve
+from models.registry import ModelError, bundled_models, card_modality, load_card, resolve
 from service.archives import ArchiveError, extract
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
 from service.db import FINAL, STATES, AuditEntry, Job, JobStore, auto_export_id, new_id
@@ -45,7 +46,7 @@ from service.ui import Handlers, add_ui
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("pc", "em", "ald", "fast")
+SAMPLERS = RECON_SAMPLERS  # the first is the default: the best at the default budget
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
@@ -310,8 +311,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         ],
         model: Annotated[str, Form()] = "ct-default",
-        sampler: Annotated[str, Form()] = "pc",
-        nfe: Annotated[int, Form(ge=2, le=5000)] = 200,
+        sampler: Annotated[str, Form()] = DEFAULT_SAMPLER,
+        nfe: Annotated[int, Form(ge=2, le=5000)] = DEFAULT_NFE,
         samples: Annotated[int, Form(ge=1, le=64)] = 1,
         seed: Annotated[int, Form(ge=0, le=MAX_SEED)] = 0,
         source: Annotated[
@@ -349,7 +350,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "Idempotency-Key must be printable text (no control characters)",
                 "Idempotency-Key",
             )
-        _check_model(model, parsed.image_size, settings)  # before the operator is built
+        _check_model(model, parsed.image_size, settings, parsed.modality)  # before the operator
         raw = _read_limited(measurement, settings.max_upload_mb)
         y = _parse_measurement(raw, parsed)
         queued = jobs.count_by_state()["queued"]
@@ -880,7 +881,7 @@ def _model_summary(name: str, settings: Settings) -> dict:
     }
 
 
-def _check_model(name: str, image_size: int, settings: Settings) -> None:
+def _check_model(name: str, image_size: int, settings: Settings, modality: str) -> None:
     if name not in _model_names(settings):
         raise Problem(
             422, "Unknown model", f"model '{name}' not found; see GET /v1/models", "model"
@@ -889,6 +890,15 @@ def _check_model(name: str, image_size: int, settings: Settings) -> None:
         card = load_card(_model_path(name, settings))
     except ModelError as exc:
         raise Problem(422, "Unusable model", str(exc), "model") from None
+    trained_on = card_modality(card, name)
+    if trained_on is not None and trained_on != modality:
+        raise Problem(
+            422,
+            "Model modality mismatch",
+            f"model '{name}' is a {trained_on.upper()} prior but the spec's modality is "
+            f"'{modality}'; choose a {modality.upper()} model (see GET /v1/models)",
+            "model",
+        )
     if card.get("image_size") != image_size:
         raise Problem(
             422,

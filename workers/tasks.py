@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from models.baselines import baseline_name, reconstruct_baseline
 from models.figures import preview
-from models.inverse import Cancelled, Prior, ReconConfig, reconstruct, steps_for_nfe
+from models.inverse import Cancelled, Prior, ReconConfig, reconstruct
 from models.io import save_png
 from models.physics import SpecError, from_spec, parse_spec
 from models.physics.ct import remove_metal_trace
@@ -227,8 +227,7 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     if spec.metal_threshold_hu is not None:
         op, y, _ = remove_metal_trace(op, y, threshold_hu=spec.metal_threshold_hu)
     prior = load_prior(resolve_model(job.model, models_dir))
-    config = ReconConfig(sampler=params.get("sampler", "pc"))
-    config.n_steps = steps_for_nfe(config, int(params.get("nfe", 200)))
+    config = ReconConfig.for_prior(prior, spec.modality, params.get("sampler"), params.get("nfe"))
     progress, cancel = _progress_writer(job, jobs, "sampling"), _cancel_check(job, jobs)
 
     # A stack of slices runs in batches of ``batch_slices`` (× K samples each); the
@@ -236,7 +235,7 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     k = int(params.get("samples", 1))
     per = max(1, int(params.get("batch_slices", 4)))
     chunks = list(range(0, y.shape[0], per))
-    means, stds, nfe, residual, seconds = [], [], 0, [], 0.0
+    means, stds, nfe, residual, seconds, sigmas, warnings = [], [], 0, [], 0.0, [], []
     for c, start in enumerate(chunks):
 
         def chunk_progress(step: int, total: int, c: int = c) -> None:
@@ -254,8 +253,13 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
             chunk_progress,
             cancel,
         )
+        if part.diverged is not None:
+            # Never a success: a diverged result would be exported and read as an image.
+            raise ValueError(f"the reconstruction diverged ({part.diverged})")
         means.append(part.mean)
         stds.append(part.std)
+        sigmas += part.noise_std_used
+        warnings += part.warnings
         nfe += part.nfe
         residual += part.residual
         seconds += part.seconds
@@ -273,11 +277,14 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
         "seconds": round(seconds, 3),
         "residual": residual,
         "slices": int(y.shape[0]),
+        "noise_std_used": sigmas,
+        "noise_std_source": provenance["noise_std_source"],
+        "warnings": warnings,
         "provenance": {**provenance, "spec": job.spec, "batch_slices": per},
         "preview": f"reconstruction | posterior std (max {scale:.4g}) | {baseline_name(op)}",
         "baseline": baseline_name(op),
     }
-    steps = config.n_steps * len(chunks)
+    steps = config.n_steps * config.nfe_per_step() * len(chunks)
     fields = {"progress_step": steps, "progress_total": steps}
     keys = ["recon.npy", "std.npy", "baseline.npy", "preview.png"]
     return _succeed(job, jobs, results, report, keys, **fields)

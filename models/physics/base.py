@@ -158,25 +158,31 @@ def conjugate_gradient(
     tol: float = 1e-6,
     x0: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Solve ``M x = rhs`` for a symmetric positive semi-definite ``M`` (batched, real).
+    """Solve ``M x = rhs`` for a symmetric (Hermitian) positive semi-definite ``M``, batched.
 
-    Each batch element has its own step sizes; iteration stops when every residual
-    has dropped below ``tol`` times the norm of its right-hand side.
+    Real or complex: inner products are Re⟨a, b⟩, so a Hermitian ``M`` on complex images
+    is solved as the symmetric real operator it is on (real, imaginary) pairs. Each batch
+    element has its own step sizes; iteration stops when every residual has dropped below
+    ``tol`` times the norm of its right-hand side.
     """
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - normal_op(x) if x0 is not None else rhs.clone()
     p = r.clone()
     dims = tuple(range(1, rhs.ndim))
-    rs = (r * r).sum(dim=dims, keepdim=True)
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a.conj() * b).real.sum(dim=dims, keepdim=True)
+
+    rs = dot(r, r)
     stop = (tol * rhs.flatten(1).norm(dim=1)).view(-1, *([1] * (rhs.ndim - 1))) ** 2
     for _ in range(n_iter):
         if bool((rs <= stop).all()):
             break
         mp = normal_op(p)
-        alpha = rs / (p * mp).sum(dim=dims, keepdim=True).clamp_min(1e-30)
+        alpha = rs / dot(p, mp).clamp_min(1e-30)
         x = x + alpha * p
         r = r - alpha * mp
-        rs_new = (r * r).sum(dim=dims, keepdim=True)
+        rs_new = dot(r, r)
         p = r + (rs_new / rs.clamp_min(1e-30)) * p
         rs = rs_new
     return x

@@ -77,6 +77,38 @@ def _check_mask_args(size: int, acceleration: float, center_fraction: float) -> 
         raise ValueError(f"image size must be >= 2, got {size}")
 
 
+def calibration_lines(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the fully sampled centre: the run of measured lines through the centre."""
+    measured = mask.any(dim=0)
+    centre = mask.shape[-1] // 2
+    if not bool(measured[centre]):
+        return torch.zeros(0, dtype=torch.long)
+    lo = hi = centre
+    while lo > 0 and bool(measured[lo - 1]):
+        lo -= 1
+    while hi + 1 < len(measured) and bool(measured[hi + 1]):
+        hi += 1
+    return torch.arange(lo, hi + 1)
+
+
+def calibration_window(mask: torch.Tensor) -> torch.Tensor:
+    """A separable Hann window over the calibration lines (zero elsewhere): a low-pass whose
+    image has little ringing, so its phase is a smooth estimate of the object's."""
+    lines = calibration_lines(mask)
+    rows, cols = mask.shape
+    window = torch.zeros(rows, cols)
+    if len(lines) == 0:
+        return window
+    width = len(lines)
+    col = torch.hann_window(width + 2, periodic=False)[1:-1]
+    row_width = min(rows, width * rows // max(cols, 1) + 2)
+    row = torch.zeros(rows)
+    start = (rows - row_width) // 2
+    row[start : start + row_width] = torch.hann_window(row_width + 2, periodic=False)[1:-1]
+    window[:, lines] = row[:, None] * col[None, :]
+    return window
+
+
 def acceleration_of(mask: torch.Tensor) -> float:
     """Achieved acceleration: all k-space samples over the measured ones."""
     return mask.numel() / max(1, int(mask.sum()))
@@ -110,8 +142,17 @@ class MRIOperator(DecomposedOperator):
         return ifft2c(z).real
 
     def T_inv(self, z: torch.Tensor) -> torch.Tensor:
-        """Exact inverse of T = F (real part: the prior models real images)."""
-        return ifft2c(z).real
+        """Exact inverse of T = F, complex: MR images carry a phase, and taking the real part
+        here would halve every correction whose mirror line is not measured."""
+        return ifft2c(z)
+
+    def adjoint_complex(self, y: torch.Tensor) -> torch.Tensor:
+        """Aᴴ y as a complex image (``adjoint`` is its real part, for real-image solvers)."""
+        return ifft2c(self.pad(y))
+
+    def low_resolution(self, y: torch.Tensor) -> torch.Tensor:
+        """The complex image of the calibration lines alone, Hann-windowed (phase estimates)."""
+        return ifft2c(self.pad(y) * calibration_window(self.mask))
 
     def zero_filled(self, y: torch.Tensor) -> torch.Tensor:
         """Zero-filled reconstruction |Fᴴ P⁻¹(Λ) y| (the classical MRI baseline)."""
@@ -140,8 +181,16 @@ class MultiCoilMRIOperator(LinearOperator):
         return fft2c(coil_images) * self.mask
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self.adjoint_complex(y).real
+
+    def adjoint_complex(self, y: torch.Tensor) -> torch.Tensor:
+        """Aᴴ y as a complex image."""
         coil_images = ifft2c(y * self.mask) * torch.conj(self.sensitivities[None])
-        return coil_images.sum(dim=1, keepdim=True).real
+        return coil_images.sum(dim=1, keepdim=True)
+
+    def low_resolution(self, y: torch.Tensor) -> torch.Tensor:
+        """Coil-combined complex image of the calibration lines alone (phase estimates)."""
+        return self.adjoint_complex(y * calibration_window(self.mask))
 
 
 def birdcage_sensitivities(image_size: int, coils: int) -> torch.Tensor:

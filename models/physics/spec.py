@@ -65,7 +65,13 @@ class MeasurementSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     modality: Literal["ct", "mri"]
     image_size: int = Field(..., ge=8, le=1024)
-    noise_std: float = Field(0.0, ge=0, description="Gaussian noise std in measurement units")
+    noise_std: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Gaussian noise std in measurement units (per real component for k-space); "
+        "omitted: estimated from the data; 0: the data are noiseless and fitted exactly",
+    )
     # CT
     geometry: Literal["parallel", "fan"] = "parallel"
     n_views: int | None = Field(None, ge=1, le=4096)
@@ -117,11 +123,28 @@ class MeasurementSpec(BaseModel):
                 )
             if self.mask.lines and max(self.mask.lines) >= self.image_size:
                 raise ValueError(f"mask.lines must be in [0, {self.image_size - 1}]")
+            _check_acceleration(self.mask, self.image_size)
             if self.n_views is not None or self.angles is not None:
                 raise ValueError("n_views and angles apply to modality 'ct' only; remove them")
             if self.metal_threshold_hu is not None:
                 raise ValueError("metal_threshold_hu applies to modality 'ct' only; remove it")
         return self
+
+
+def _check_acceleration(mask: MaskSpec, size: int) -> None:
+    """A mask must reach the acceleration it states: a fully sampled centre wider than the
+    lines that acceleration allows would silently measure more (24× becoming 12.8×)."""
+    if mask.kind == "explicit" or mask.acceleration is None:
+        return
+    allowed = int(round(size / mask.acceleration))
+    centre = max(1, int(round(size * mask.center_fraction)))
+    if centre > allowed:
+        most = allowed / size
+        raise ValueError(
+            f"mask.center_fraction {mask.center_fraction} keeps {centre} centre lines, more than "
+            f"the {allowed} lines of acceleration {mask.acceleration:g} at image_size {size}; "
+            f"set center_fraction to at most {most:.4f} or lower the acceleration"
+        )
 
 
 def parse_spec(data: dict | str | bytes) -> MeasurementSpec:

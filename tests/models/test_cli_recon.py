@@ -22,7 +22,8 @@ def test_reconstruct_writes_images_std_preview_and_report(tmp_path, capsys):
     model = _model(tmp_path)
     np.save(tmp_path / "ref.npy", ct_phantoms(1, 32, seed=5)[0, 0].numpy())
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"modality": "ct", "image_size": 32, "n_views": 10}))
+    # noise_std 0 declares the simulated data noiseless: they are then fitted exactly.
+    spec.write_text(json.dumps({"modality": "ct", "image_size": 32, "n_views": 10, "noise_std": 0}))
     meas = tmp_path / "y.npy"
     assert (
         main(
@@ -61,18 +62,23 @@ def test_reconstruct_writes_images_std_preview_and_report(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["nfe"] == 20 and report["residual"][0] < 1e-3
     assert {"psnr", "ssim", "baseline_psnr", "provenance"} <= set(report)
-    assert report["provenance"]["samples"] == 3 and report["provenance"]["method"] == "proximal"
+    assert report["provenance"]["samples"] == 3 and report["provenance"]["method"] == "map"
     assert np.load(out / "recon.npy").shape == (1, 1, 32, 32)
     std = np.load(out / "std.npy")
     assert std.shape == (1, 1, 32, 32) and std.max() > 0
     assert (out / "preview.png").stat().st_size > 500
-    assert main(args[:-2] + ["--sampler", "fast", "--out", str(tmp_path / "fast")]) == 0
+    # PC at 20 NFE with this untrained model returns noise far outside [0, 1]: refused as
+    # diverged, with the reason, rather than written as an image.
+    capsys.readouterr()
+    assert main(args[:-2] + ["--sampler", "pc", "--out", str(tmp_path / "pc")]) == 1
+    assert "diverged" in capsys.readouterr().err
+    assert not (tmp_path / "pc" / "recon.npy").exists()
 
 
 def test_reconstruct_explains_bad_input(tmp_path, capsys):
     model = _model(tmp_path)
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"modality": "ct", "image_size": 32, "n_views": 10}))
+    spec.write_text(json.dumps({"modality": "ct", "image_size": 32, "n_views": 10, "noise_std": 0}))
     np.save(tmp_path / "bad.npy", np.zeros((3, 3), np.float32))
     base = ["reconstruct", "--spec", str(spec), "--model", str(model), "--out", str(tmp_path)]
     assert main(base + ["--input", str(tmp_path / "bad.npy")]) == 2
@@ -145,11 +151,14 @@ def test_tune_writes_best_values_into_the_card_and_reconstruct_uses_them(tmp_pat
         "1",
         "--nfe",
         "4",
+        "--data",
+        "phantoms",
     ]
     assert main(args) == 0
     card = json.loads((model / "card.json").read_text())
-    best = card["tuned"]["ct-fast"]
-    assert 0.05 <= best["lam"] <= 1.0 and best["trials"] == 3 and -1 <= best["ssim"] <= 1
+    best = card["recon"]["ct"]
+    assert best["sampler"] == "fast" and 0.02 <= best["rho"] <= 3.0 and 0 <= best["eta"] <= 1
+    assert best["trials"] == 3 and best["noise"] == "gaussian:0.005" and best["nfe"] == 4
     from models.registry import load_model
 
     load_model(model)  # the card changed, the weights (and their sha256) did not
@@ -169,16 +178,13 @@ def test_tune_writes_best_values_into_the_card_and_reconstruct_uses_them(tmp_pat
                 str(model),
                 "--out",
                 str(out),
-                "--sampler",
-                "fast",
-                "--nfe",
-                "3",
             ]
         )
         == 0
     )
-    report = json.loads((out / "report.json").read_text())
-    assert report["provenance"]["config.lam"] == best["lam"]
+    report = json.loads((out / "report.json").read_text())  # the card's sampler, ρ, η and NFE
+    assert report["provenance"]["config.rho"] == best["rho"] and report["nfe"] == 4
+    assert report["provenance"]["config.eta"] == best["eta"]
 
 
 def test_reconstruct_removes_a_thresholded_metal_trace(tmp_path):
@@ -188,7 +194,15 @@ def test_reconstruct_removes_a_thresholded_metal_trace(tmp_path):
     np.save(tmp_path / "img.npy", img)
     spec = tmp_path / "spec.json"
     spec.write_text(
-        json.dumps({"modality": "ct", "image_size": 32, "n_views": 60, "metal_threshold_hu": 2000})
+        json.dumps(
+            {
+                "modality": "ct",
+                "image_size": 32,
+                "n_views": 60,
+                "metal_threshold_hu": 2000,
+                "noise_std": 0,
+            }
+        )
     )
     meas = tmp_path / "y.npy"
     assert (

@@ -6,11 +6,12 @@ import torch
 from models.inverse import (
     Prior,
     ReconConfig,
-    least_squares_step,
+    prox_step,
     proximal_step,
     reconstruct,
     steps_for_nfe,
 )
+from models.phantoms import ct_phantoms
 from models.physics import from_spec
 from models.sde import VESDE
 from tests.models.gaussian import S0, OrthogonalMaskOperator, gaussian_score
@@ -35,8 +36,8 @@ def _prior(sde, side=SIDE):
 def test_posterior_mean_and_covariance_match_the_gaussian_posterior(sampler, steps, tol):
     op, _, y = _problem()
     sde = VESDE(0.01, 5.0, N=steps)
-    cfg = ReconConfig(sampler=sampler, n_steps=steps, eta=0.5)
-    rec = reconstruct(op, y, _prior(sde), cfg, n_samples=2000, seed=3)
+    cfg = ReconConfig(sampler=sampler, n_steps=steps, eta=0.5, clip=False)  # support: all of R
+    rec = reconstruct(op, y, _prior(sde), cfg, n_samples=2000, seed=3, noise_std=0)
     # Analytic posterior: mean Qᵀ P⁻¹(Λ) y, covariance S0² Qᵀ (I − Λ) Q.
     mean = op.T_inv(op.pad(y))
     cov = S0**2 * op.Q.T @ torch.diag((~op.mask).float()) @ op.Q
@@ -52,8 +53,8 @@ def test_posterior_mean_and_covariance_match_the_gaussian_posterior(sampler, ste
 def test_lambda_zero_gives_unconditional_samples():
     op, _, y = _problem()
     sde = VESDE(0.01, 5.0, N=300)
-    cfg = ReconConfig(n_steps=300, lam=0.0, final_projection=False)
-    rec = reconstruct(op, y, _prior(sde), cfg, n_samples=2000, seed=1)
+    cfg = ReconConfig(sampler="pc", n_steps=300, lam=0.0, final_projection=False)
+    rec = reconstruct(op, y, _prior(sde), cfg, n_samples=2000, seed=1, noise_std=0)
     flat = rec.samples.reshape(2000, -1)
     assert float(flat.std()) == pytest.approx(S0, rel=0.06)
     assert float(flat.mean(0).abs().max()) < 0.05
@@ -73,7 +74,7 @@ def test_final_step_reproduces_noiseless_data(spec):
     x_true = torch.rand(1, 1, 32, 32, generator=g)
     y = op.forward(x_true)
     sde = VESDE(0.01, 5.0, N=20)
-    rec = reconstruct(op, y, _prior(sde, 32), ReconConfig(n_steps=20))
+    rec = reconstruct(op, y, _prior(sde, 32), ReconConfig(n_steps=20), noise_std=0)
     assert rec.residual[0] < 1e-4
     assert rec.mean.shape == (1, 1, 32, 32) and rec.std.abs().max() == 0
 
@@ -83,8 +84,8 @@ def test_final_step_reproduces_noiseless_data(spec):
     [
         ("proximal", lambda op, x, y: proximal_step(op, x, y, 1.0)),
         ("proximal-0.5", lambda op, x, y: proximal_step(op, x, y, 0.5)),
-        ("cg", lambda op, x, y: least_squares_step(op, x, y, 1.0, 2)),
-        ("cg-0.5", lambda op, x, y: least_squares_step(op, x, y, 0.5, 2)),
+        ("map", lambda op, x, y: prox_step(op, x, y, 0.0, 2)),
+        ("map-1", lambda op, x, y: prox_step(op, x, y, 1.0, 2)),
     ],
 )
 @pytest.mark.parametrize("modality", ["ct", "mri"])
@@ -125,10 +126,10 @@ def test_comparison_methods_run_and_fit_the_data():
     op, x_true, y = _problem()
     sde = VESDE(0.01, 5.0, N=200)
     for cfg in (
-        ReconConfig(method="score-sde", n_steps=200),
+        ReconConfig(sampler="pc", method="score-sde", n_steps=200),
         ReconConfig(method="langevin", sampler="ald", n_steps=100, final_projection=False),
     ):
-        rec = reconstruct(op, y, _prior(sde), cfg, n_samples=64, seed=0)
+        rec = reconstruct(op, y, _prior(sde), cfg, n_samples=64, seed=0, noise_std=0)
         assert rec.residual[0] < 0.05, (cfg.method, rec.residual)
 
 
@@ -155,9 +156,111 @@ def test_operators_without_exact_inverse_use_least_squares(spec):
     op = from_spec(spec)
     y = op.forward(torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
     sde = VESDE(0.01, 5.0, N=10)
-    rec = reconstruct(op, y, _prior(sde, 32), ReconConfig(n_steps=10))
-    assert rec.provenance["method"] == "cg"
+    rec = reconstruct(op, y, _prior(sde, 32), ReconConfig(n_steps=10), noise_std=0)
+    assert rec.provenance["method"] == "map"
     assert rec.residual[0] < 1e-2
-    if not op.has_decomposition:  # multi-coil: the proximal step is refused with the fix
-        with pytest.raises(ValueError, match="needs an operator A = P.*use 'cg'"):
-            reconstruct(op, y, _prior(sde, 32), ReconConfig(n_steps=2, method="proximal"))
+
+
+def _dense(op, n: int) -> torch.Tensor:
+    """A as a dense (m, n²) float64 matrix, column by column."""
+    basis = torch.eye(n * n).reshape(n * n, 1, n, n)
+    cols = torch.cat([op.forward(basis[i : i + 64]).flatten(1) for i in range(0, n * n, 64)])
+    return cols.double().T
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.6])
+def test_ct_proximal_step_is_the_closed_form_of_eq_8_8(lam):
+    """Theorem 8.1 for CT: Eq. 8.8 (Euclidean norm) is solved by x + λ A⁺(y − A x); the
+    step equals it, where FBP as T⁻¹ removed only about n_views/n_dense of the residual."""
+    n = 16
+    op = from_spec({"modality": "ct", "image_size": n, "n_views": 6})
+    g = torch.Generator().manual_seed(0)
+    x, x_true = torch.rand(2, 1, 1, n, n, generator=g)
+    y = op.forward(x_true)
+    a = _dense(op, n)
+    r = y.flatten().double() - a @ x.flatten().double()
+    # ASTRA computes in float32: singular values below 1e-5 σ_max are its round-off, not A's.
+    expected = x.flatten().double() + lam * torch.linalg.pinv(a, rtol=1e-5) @ r
+    got = proximal_step(op, x, y, lam, iters=300).flatten().double()
+    assert float((got - expected).norm() / expected.norm()) < 2e-3
+    if lam == 1.0:
+        assert float((op.forward(got.float().reshape(x.shape)) - y).norm() / y.norm()) < 1e-3
+
+
+def test_mri_proximal_step_is_eq_8_9():
+    """For A = P(Λ) F with F unitary the step is Eq. 8.9 itself, on complex images."""
+    op = from_spec(
+        {"modality": "mri", "image_size": 32, "mask": {"kind": "random", "acceleration": 4}}
+    )
+    g = torch.Generator().manual_seed(1)
+    x = torch.complex(torch.rand(1, 1, 32, 32, generator=g), torch.rand(1, 1, 32, 32, generator=g))
+    y = op.forward(torch.rand(1, 1, 32, 32, generator=g))
+    lam, m = 0.7, op.mask.to(torch.complex64)
+    tx = op.T(x)
+    eq_8_9 = op.T_inv(lam * m * op.pad(y) + (1 - lam) * m * tx + (1 - m) * tx)
+    assert torch.allclose(proximal_step(op, x, y, lam), eq_8_9, atol=1e-5)
+    # The old real-part T⁻¹ halved corrections whose mirror line is not measured: no more.
+    fitted = proximal_step(op, x, y, 1.0)
+    assert float((op.forward(fitted) - y).abs().max()) < 1e-5
+
+
+def test_map_step_weights_noisy_data_and_projects_noiseless_data():
+    """μ = 0 fits the data exactly; μ > 0 stays between the estimate and the data."""
+    op = from_spec({"modality": "ct", "image_size": 32, "n_views": 12})
+    g = torch.Generator().manual_seed(3)
+    x, x_true = torch.rand(2, 1, 1, 32, 32, generator=g)
+    y = op.forward(x_true)
+    exact = prox_step(op, x, y, 0.0, 200)
+    assert float((op.forward(exact) - y).norm() / y.norm()) < 1e-3
+    damped = prox_step(op, x, y, 50.0, 200)
+    r0, r1 = (float((op.forward(v) - y).norm()) for v in (x, damped))
+    assert 1e-3 * r0 < r1 < r0
+    assert float((damped - x).norm()) < float((exact - x).norm())
+
+
+def test_noise_level_is_estimated_reported_and_validated():
+    op = from_spec({"modality": "ct", "image_size": 64, "n_views": 12})
+    y = op.forward(ct_phantoms(1, 64, seed=4))
+    y = y + 0.01 * float(y.max()) * torch.randn(y.shape, generator=torch.Generator())
+    sde = VESDE(0.01, 5.0, N=10)
+    rec = reconstruct(op, y, _prior(sde, 64), ReconConfig(n_steps=10))
+    assert rec.noise_std_used[0] == pytest.approx(0.01 * float(y.max()), rel=0.3)
+    assert rec.provenance["noise_std_source"] == "estimated from the data"
+    rec = reconstruct(op, y, _prior(sde, 64), ReconConfig(n_steps=10), noise_std=0.5)
+    assert rec.noise_std_used == [0.5]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise_std must be a finite number >= 0"):
+            reconstruct(op, y, _prior(sde, 64), ReconConfig(n_steps=2), noise_std=bad)
+
+
+def test_progress_counts_network_evaluations():
+    op, _, y = _problem()
+    sde = VESDE(0.01, 5.0, N=10)
+    seen: list[tuple[int, int]] = []
+    rec = reconstruct(
+        op,
+        y,
+        _prior(sde),
+        ReconConfig(sampler="pc", n_steps=10),
+        noise_std=0,
+        progress=lambda i, n: seen.append((i, n)),
+    )
+    assert seen[-1] == (rec.nfe, rec.nfe) == (20, 20)
+
+
+def test_diverged_results_are_flagged_with_the_reason():
+    op, _, y = _problem()
+    sde = VESDE(0.01, 5.0, N=10)
+
+    def exploding(x, t):
+        return 1e3 * torch.ones_like(x)
+
+    rec = reconstruct(op, y, Prior(exploding, sde, SIDE), ReconConfig(n_steps=10), noise_std=0)
+    assert rec.diverged is not None and "outside" in rec.diverged
+
+    def grey(x, t):  # data N(0.5, 0.1²) in a VE SDE: an image-like prior on [0, 1]
+        return -(x - 0.5) / (0.01 + sde.sigma(t) ** 2).reshape(-1, 1, 1, 1)
+
+    y = op.forward(0.5 + 0.1 * torch.randn(1, 1, SIDE, SIDE, generator=torch.Generator()))
+    rec = reconstruct(op, y, Prior(grey, sde, SIDE), ReconConfig(n_steps=10), noise_std=0)
+    assert rec.diverged is None
