@@ -235,7 +235,7 @@ def train_default(
         lr=lr,
         checkpoint_every=checkpoint_every,
         warmup=100 if previous_steps == 0 else 20,
-        augment=recipe.augment,
+        augment=recipe.augment or real_data,  # a few real volumes: vary them
         bf16=bf16,
     )
     card = {
