@@ -785,6 +785,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             scoped=lambda p, name: scope(name)(p),
             sampling_request=SamplingRequest,
             training_request=TrainingRequest,
+            trusted_origins=tuple(settings.trusted_origins),
         ),
         results,
         job_json,
