@@ -8,8 +8,10 @@ naming the field and the fix; nothing stored changes on a refused request.
 
 import errno
 import hashlib
+import hmac
 import http
 import io
+import ipaddress
 import json
 import logging
 import re
@@ -41,6 +43,7 @@ from service.migrate import upgrade
 from service.oidc import OIDCVerifier
 from service.ratelimit import RateLimited, make_rate_limiter
 from service.results import open_result_store
+from service.security import SecurityHeaders
 from service.settings import Settings
 from service.ui import Handlers, add_ui
 
@@ -71,6 +74,8 @@ class Problem(Exception):
         headers = {}
         if "retry_after" in self.extra:
             headers["Retry-After"] = str(self.extra["retry_after"])
+        if "www_authenticate" in self.extra:
+            headers["WWW-Authenticate"] = self.extra["www_authenticate"]
         return JSONResponse(
             body, self.status, headers=headers, media_type="application/problem+json"
         )
@@ -186,6 +191,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.jobs, app.state.results = settings, jobs, results
     app.state.executor = executor
+    docs = (app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
+    app.add_middleware(SecurityHeaders, docs_paths=[p for p in docs if p])
 
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
@@ -271,10 +278,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ok = all(v is True for v in checks.values())
         return JSONResponse({"ready": ok, "checks": checks}, 200 if ok else 503)
 
-    @app.get("/metrics", tags=["health"])
+    def scraper(request: Request) -> None:
+        """/metrics is closed unless opened: by ``SCORERECON_METRICS_TOKEN`` (sent as a
+        bearer token) or for peers in ``SCORERECON_METRICS_ALLOW``. API keys do not open
+        it: a scraper needs no job scopes, and a job key should not reach the metrics."""
+        peer = request.client.host if request.client else ""
+        if _in_networks(peer, settings.metrics_networks):
+            return
+        token = settings.metrics_token
+        if token is not None:
+            sent = request.headers.get("authorization", "")
+            expected = f"Bearer {token.get_secret_value()}"
+            if hmac.compare_digest(sent.encode(), expected.encode()):
+                return
+            what = "a wrong token" if sent else "no token"
+            raise Problem(
+                401,
+                "Unauthorized",
+                f"/metrics needs 'Authorization: Bearer <SCORERECON_METRICS_TOKEN>'; "
+                f"this request sent {what}",
+                "Authorization",
+                www_authenticate='Bearer realm="metrics"',
+            )
+        if settings.metrics_allow:
+            detail = (
+                f"/metrics answers only peers in SCORERECON_METRICS_ALLOW; {peer or 'this peer'} "
+                "is not in it (add its network, or set SCORERECON_METRICS_TOKEN)"
+            )
+        else:
+            detail = (
+                "/metrics is closed: set SCORERECON_METRICS_TOKEN (sent by the scraper as a "
+                "bearer token) or SCORERECON_METRICS_ALLOW (the scraper's networks)"
+            )
+        raise Problem(403, "Forbidden", detail)
+
+    @app.get("/metrics", tags=["health"], dependencies=[Depends(scraper)])
     def metrics() -> Response:
         """Prometheus text format: jobs by state, queue depth, run time of finished jobs by
-        kind and state (sum and count, so rate() gives mean durations)."""
+        kind and state (sum and count, so rate() gives mean durations). Closed by default:
+        see ``SCORERECON_METRICS_TOKEN`` and ``SCORERECON_METRICS_ALLOW``."""
         counts = jobs.count_by_state()
         lines = ["# HELP scorerecon_jobs Jobs by state.", "# TYPE scorerecon_jobs gauge"]
         lines += [f'scorerecon_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
@@ -744,6 +786,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             scoped=lambda p, name: scope(name)(p),
             sampling_request=SamplingRequest,
             training_request=TrainingRequest,
+            trusted_origins=tuple(settings.trusted_origins),
         ),
         results,
         job_json,
@@ -763,6 +806,17 @@ def _read_limited(upload: UploadFile, max_mb: float, field: str = "measurement")
             field,
         )
     return data
+
+
+def _in_networks(peer: str, networks) -> bool:
+    """Whether the peer's address (IPv4-mapped IPv6 as IPv4) lies in one of ``networks``."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:  # no address (a test client, a Unix socket)
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in n for n in networks)
 
 
 def _is_hex_id(text: str) -> bool:

@@ -10,12 +10,14 @@ without either, jobs run in the gateway's own worker threads with no broker at a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +49,11 @@ class Settings(BaseSettings):
     oidc_issuer: str | None = None  # optional OIDC bearer tokens (see service/oidc.py)
     oidc_audience: str | None = None
     oidc_jwks: str | None = None
+    # /metrics is closed unless one of these opens it (see docs/security.md).
+    metrics_token: SecretStr | None = None  # Prometheus sends 'Authorization: Bearer <it>'
+    metrics_allow: list[str] = []  # networks (CIDR) whose direct peers may scrape without it
+    # Console forms are accepted from the gateway's own origin (its Host header) and these.
+    trusted_origins: list[str] = []  # e.g. ["https://scorerecon.hospital.example"]
     # Workers (Celery): limits, redelivery and recovery.
     job_soft_limit_s: int = 3300
     job_hard_limit_s: int = 3600
@@ -56,6 +63,49 @@ class Settings(BaseSettings):
     heartbeat_stale_s: float = 120.0  # a running job without heartbeat this long is orphaned
     requeue_after_s: float = 300.0  # a queued job older than this lost its message
     sweep_every_s: float = 60.0
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _metrics_token(cls, value: object) -> object:
+        """An empty value means unset; a set token must be long enough not to be guessed."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is None or text == "":
+            return None
+        if not isinstance(text, str) or len(text.strip()) < 16:
+            raise ValueError(
+                "SCORERECON_METRICS_TOKEN must be at least 16 characters "
+                "(for example the output of `openssl rand -hex 32`), or unset"
+            )
+        return text.strip()
+
+    @field_validator("metrics_allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        """Each entry an address or network (``10.0.0.0/8``, ``::1``), checked at start."""
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"SCORERECON_METRICS_ALLOW: {entry!r} is not an address or network; "
+                    'write CIDR, e.g. ["10.0.0.0/8", "127.0.0.1"]'
+                ) from None
+        return [entry.strip() for entry in value]
+
+    @field_validator("trusted_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        """Each entry ``scheme://host[:port]`` as a browser sends it in ``Origin``."""
+        origins = []
+        for entry in value:
+            parts = urlsplit(entry.strip().lower().rstrip("/"))
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(
+                    f"SCORERECON_TRUSTED_ORIGINS: {entry!r} is not an origin; write "
+                    'scheme://host[:port] with no path, e.g. ["https://scorerecon.example"]'
+                )
+            origins.append(f"{parts.scheme}://{parts.netloc}")
+        return origins
 
     @model_validator(mode="after")
     def _redis_url(self) -> Settings:
@@ -78,6 +128,10 @@ class Settings(BaseSettings):
     @cached_property
     def models(self) -> Path:
         return self.models_dir or self.home / "models"
+
+    @cached_property
+    def metrics_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.metrics_allow)
 
     def prepare(self) -> Settings:
         """Create the local directories the settings name."""

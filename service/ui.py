@@ -6,25 +6,43 @@ The console is a client of the same handlers as the API (``Handlers``): it adds 
 its own. Authentication: the user pastes an API key once; it is kept in an HttpOnly,
 SameSite=Strict cookie scoped to ``/ui``, so pages and their JSON are authorised exactly as
 the key is, and no other site can make the browser send it.
+
+Forgery (CSRF): every POST, login and logout included, must come from a page of this
+console. It must carry the page's token (a hidden ``csrf_token`` field, or the
+``X-CSRF-Token`` header for scripts) equal to the ``scorerecon_csrf`` cookie the page set
+(double submit: another site can neither read the cookie nor set it with SameSite=Strict),
+and its ``Origin`` (or, without one, ``Referer``) must be this gateway's own origin or one of
+``SCORERECON_TRUSTED_ORIGINS``. Otherwise it is refused with 403 before anything happens:
+a hostile page cannot log a clinician's browser in with the attacker's key.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
+import logging
+import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 HERE = Path(__file__).parent
 COOKIE = "scorerecon_key"
+CSRF_COOKIE = "scorerecon_csrf"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
+log = logging.getLogger(__name__)
 # Window (centre, width) in HU for CT, in [0, 1] units for MR.
 CT_WINDOWS = {"soft tissue": (40, 400), "lung": (-600, 1500), "bone": (400, 1800)}
 MR_WINDOWS = {"full": (0.5, 1.0), "contrast": (0.35, 0.5)}
@@ -51,11 +69,100 @@ class Handlers:
     scoped: Callable[[Any, str], Any]  # (principal, scope) → principal, raises Problem 403
     sampling_request: type
     training_request: type
+    trusted_origins: tuple[str, ...] = ()  # besides the gateway's own (SCORERECON_TRUSTED_ORIGINS)
+
+
+class CsrfRefused(Exception):
+    """A console POST that did not come from a console page; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def csrf_cookie_token(request: Request) -> str | None:
+    """The browser's console token, if it has a well-formed one."""
+    token = request.cookies.get(CSRF_COOKIE, "")
+    return token if CSRF_SHAPE.fullmatch(token) else None
+
+
+def set_csrf_cookie(response: Response, request: Request, token: str) -> None:
+    response.set_cookie(
+        CSRF_COOKIE,
+        token,
+        httponly=True,  # pages carry it in their forms; no script needs the cookie
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/ui",
+    )
+
+
+def origin_refusal(request: Request, trusted: tuple[str, ...]) -> str | None:
+    """Why the request's Origin (or Referer) is not this gateway's, or None if it is.
+
+    This gateway's origin is its Host header (what the browser addressed) with the request's
+    scheme, or https (TLS ended at a proxy in front of the gateway)."""
+    host = request.headers.get("host", "").lower()
+    own = {f"{request.url.scheme}://{host}", f"https://{host}"}
+    allowed = own | set(trusted)
+    origin = request.headers.get("origin")
+    if origin is not None:
+        if origin == "null":
+            return "the browser hid the sending page's origin (Origin: null)"
+        if origin.lower().rstrip("/") not in allowed:
+            return f"the form was sent from {origin}, not from this console"
+        return None
+    referer = request.headers.get("referer")
+    if referer is None:
+        return "the request carries neither Origin nor Referer, so its page cannot be told"
+    parts = urlsplit(referer.lower())
+    if f"{parts.scheme}://{parts.netloc}" not in allowed:
+        return f"the form was sent from a page of {parts.scheme}://{parts.netloc}, not this console"
+    return None
+
+
+async def sent_token(request: Request) -> str:
+    """The token the request carries: the header, else the form field."""
+    if header := request.headers.get(CSRF_HEADER):
+        return header
+    # Routes with form fields have parsed the body already (the same, cached form); for the
+    # others (logout, revoke) only small url-encoded bodies are read: no file parts.
+    form = await request.form(max_files=0)
+    value = form.get(CSRF_FIELD)
+    return value if isinstance(value, str) else ""
 
 
 def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="ui-static")
+
+    async def csrf_guard(request: Request) -> None:
+        """Refuse a console POST that a page of this console did not send (see above)."""
+        if reason := origin_refusal(request, h.trusted_origins):
+            raise CsrfRefused(reason)
+        expected = csrf_cookie_token(request)
+        if expected is None:
+            raise CsrfRefused("the browser sent no console token cookie (scorerecon_csrf)")
+        sent = await sent_token(request)
+        if not sent:
+            raise CsrfRefused(f"the form carries no {CSRF_FIELD} field")
+        if not hmac.compare_digest(sent.encode(), expected.encode()):
+            raise CsrfRefused(f"the form's {CSRF_FIELD} does not match this browser's token")
+
+    @app.exception_handler(CsrfRefused)
+    async def _refused(request: Request, exc: CsrfRefused) -> HTMLResponse:
+        """403, a page saying why and what to do, and no cookie set or changed."""
+        log.warning("console %s %s refused: %s", request.method, request.url.path, exc.reason)
+        again = "/ui/login" if request.url.path == "/ui/login" else "/ui/"
+        error = (
+            f"Forbidden: {exc.reason}. The console accepts forms only from its own pages: "
+            f"open {again} in this browser (not a link or page from another site) and send "
+            "the form again."
+        )
+        context = {"user": None, "is_admin": False, "csrf_token": "", "error": error}
+        return templates.TemplateResponse(request, "error.html", context, status_code=403)
+
+    csrf = [Depends(csrf_guard)]
 
     def user(request: Request):
         key = request.cookies.get(COOKIE)
@@ -67,8 +174,15 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
             return None
 
     def page(request: Request, name: str, p, status: int = 200, **context) -> HTMLResponse:
-        context |= {"user": p, "is_admin": bool(p and p.is_admin)}
-        return templates.TemplateResponse(request, name, context, status_code=status)
+        """A console page; its forms carry the browser's token, set here if it has none."""
+        token = csrf_cookie_token(request)
+        fresh = token is None
+        token = token or secrets.token_urlsafe(32)
+        context |= {"user": p, "is_admin": bool(p and p.is_admin), "csrf_token": token}
+        response = templates.TemplateResponse(request, name, context, status_code=status)
+        if fresh:
+            set_csrf_cookie(response, request, token)
+        return response
 
     def login_first() -> RedirectResponse:
         return RedirectResponse("/ui/login", 303)
@@ -90,7 +204,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
     def login_form(request: Request) -> HTMLResponse:
         return page(request, "login.html", None)
 
-    @app.post("/ui/login", include_in_schema=False)
+    @app.post("/ui/login", include_in_schema=False, dependencies=csrf)
     def login(request: Request, key: Annotated[str, Form()]) -> Response:
         try:
             h.principal(key.strip())
@@ -105,12 +219,14 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
             secure=request.url.scheme == "https",
             path="/ui",
         )
+        set_csrf_cookie(response, request, secrets.token_urlsafe(32))  # a new one per login
         return response
 
-    @app.post("/ui/logout", include_in_schema=False)
+    @app.post("/ui/logout", include_in_schema=False, dependencies=csrf)
     def logout() -> Response:
         response = RedirectResponse("/ui/login", 303)
         response.delete_cookie(COOKIE, path="/ui")
+        response.delete_cookie(CSRF_COOKIE, path="/ui")  # the login page sets a new one
         return response
 
     @app.get("/ui", include_in_schema=False)
@@ -212,7 +328,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
             return login_first()
         return page(request, "new.html", p, models=h.models(), samplers=h.samplers)
 
-    @app.post("/ui/new", include_in_schema=False)
+    @app.post("/ui/new", include_in_schema=False, dependencies=csrf)
     def new_submit(
         request: Request,
         measurement: Annotated[UploadFile, File()],
@@ -337,7 +453,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         p, refused = admin_only(request)
         return refused or admin_page(request, p)
 
-    @app.post("/ui/admin/sampling", include_in_schema=False)
+    @app.post("/ui/admin/sampling", include_in_schema=False, dependencies=csrf)
     def admin_sampling(
         request: Request,
         model: Annotated[str, Form()],
@@ -351,7 +467,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         body = {"model": model, "n": n, "sampler": sampler, "steps": steps}
         return _admin_call(request, p, lambda: h.admin_sampling(p, h.sampling_request(**body)))
 
-    @app.post("/ui/admin/training", include_in_schema=False)
+    @app.post("/ui/admin/training", include_in_schema=False, dependencies=csrf)
     def admin_training(
         request: Request,
         model_id: Annotated[str, Form()],
@@ -384,7 +500,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
             return admin_page(request, p, 422, error=str(exc).splitlines()[-1])
         return RedirectResponse(f"/ui/jobs/{json.loads(r.body)['id']}", 303)
 
-    @app.post("/ui/admin/keys", include_in_schema=False)
+    @app.post("/ui/admin/keys", include_in_schema=False, dependencies=csrf)
     def admin_new_key(
         request: Request,
         owner: Annotated[str, Form()],
@@ -399,7 +515,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
             return admin_page(request, p, 422, error=error_text(exc))
         return admin_page(request, p, created=created)
 
-    @app.post("/ui/admin/keys/{key_id}/revoke", include_in_schema=False)
+    @app.post("/ui/admin/keys/{key_id}/revoke", include_in_schema=False, dependencies=csrf)
     def admin_revoke(request: Request, key_id: str) -> Response:
         p, refused = admin_only(request)
         if refused:

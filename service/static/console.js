@@ -1,5 +1,8 @@
 // scorerecon console: live job state, window/level, zoom and synchronised pan.
 // No dependencies; everything it fetches comes from this gateway's /ui routes.
+// Only GETs today. A POST by fetch must send the page's CSRF token, as the forms do:
+//   headers: { "X-CSRF-Token": document.querySelector('meta[name="csrf-token"]').content }
+// (the console's Content-Security-Policy runs no inline script: code goes in this file).
 "use strict";
 
 function pct(fraction) { return Math.round(100 * fraction) + " %"; }

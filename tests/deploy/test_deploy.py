@@ -105,7 +105,7 @@ def test_every_container_has_limits_probes_and_a_non_root_context():
 def test_no_secret_values_are_committed():
     assert not [d for d in manifests() if d["kind"] == "Secret"]
     for line in (ROOT / ".env.example").read_text().splitlines():
-        if "PASSWORD" in line or "AUTH" in line:
+        if any(w in line for w in ("PASSWORD", "AUTH", "TOKEN=")):
             assert "CHANGE-ME" in line, line
 
 
@@ -146,3 +146,24 @@ def test_every_configured_setting_exists():
         if key.startswith("SCORERECON_"):
             name = key.removeprefix("SCORERECON_").lower()
             assert name in fields | extra, f"{key} is not a setting"
+
+
+def test_prometheus_scrapes_metrics_with_the_gateways_token():
+    """/metrics is closed by default: the compose Prometheus sends the gateway's
+    SCORERECON_METRICS_TOKEN, mounted as a secret from the same .env the gateway reads."""
+    data = compose()
+    prometheus = yaml.safe_load((ROOT / "deploy" / "compose" / "prometheus.yml").read_text())
+    jobs = [j for j in prometheus["scrape_configs"] if j.get("metrics_path") == "/metrics"]
+    assert jobs, "no job scrapes /metrics"
+    mounted = {
+        s["source"]: f"/run/secrets/{s.get('target', s['source'])}"
+        for s in data["services"]["prometheus"].get("secrets", [])
+    }
+    for job in jobs:
+        assert any("gateway:" in t for c in job["static_configs"] for t in c["targets"])
+        auth = job.get("authorization", {})
+        assert auth.get("type", "Bearer") == "Bearer", job["job_name"]
+        source = next(s for s, path in mounted.items() if path == auth.get("credentials_file"))
+        assert data["secrets"][source] == {"environment": "SCORERECON_METRICS_TOKEN"}
+    assert data["services"]["gateway"]["env_file"] == ".env"  # the gateway reads it there
+    assert "SCORERECON_METRICS_TOKEN=CHANGE-ME" in (ROOT / ".env.example").read_text()

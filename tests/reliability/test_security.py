@@ -11,12 +11,19 @@
   image and figure names and training folders are refused and write nothing outside;
 * patient data: a real site (gateway and Celery worker processes) runs, fails and refuses
   jobs that carry a DICOM's patient attributes; none of them reaches a log;
-* bandit finds nothing of medium or high severity that is not explained (docs/security.md).
+* bandit finds nothing of medium or high severity that is not explained (docs/security.md);
+* forgery and headers (issue 17, part 3): a console POST (login and logout included) without
+  the page's CSRF token, with a wrong one or from a foreign Origin is refused with 403 and
+  sets no cookie; every form of every console page carries the token; API, console and docs
+  answers carry Content-Security-Policy, X-Frame-Options, Referrer-Policy and
+  X-Content-Type-Options; /metrics is closed by default and opens only with its token or
+  from an allowed network.
 """
 
 from __future__ import annotations
 
 import ast
+import base64
 import hashlib
 import hmac
 import inspect
@@ -34,7 +41,9 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
 import h5py
@@ -60,8 +69,9 @@ from service.app import create_app
 from service.auth import authenticate, create_key, revoke_key
 from service.db import ApiKey
 from service.oidc import OIDCVerifier
+from service.security import API_CSP, CONSOLE_CSP, docs_csp
 from service.settings import Settings
-from service.ui import COOKIE
+from service.ui import COOKIE, CSRF_COOKIE
 from tests.service.conftest import CT_SPEC, ct_measurement, signing_key, tiny_model
 from tests.site import SCORERECON, Site
 
@@ -69,6 +79,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ISS, AUD = "https://idp.hospital.example", "scorerecon"
 ALL_SCOPES = "recon:submit recon:read admin"
 FINAL = ("succeeded", "failed", "cancelled")
+ORIGIN = "http://testserver"  # the TestClient's own origin
+CSRF = "T" * 43  # a well-formed console token (what a console page would have set)
 
 
 # --- an in-process gateway: SQLite, embedded worker, OIDC, a registered data root ---------
@@ -83,13 +95,24 @@ class Gateway:
     job: str = ""  # alice's succeeded reconstruction
     seen: list[httpx.Response] = field(default_factory=list)  # every response
 
-    def call(self, method: str, url: str, key=None, cookie=None, **kw) -> httpx.Response:
-        """One request with a bearer credential and/or a console cookie (none by default)."""
+    def call(
+        self, method: str, url: str, key=None, cookie=None, csrf: bool = True, **kw
+    ) -> httpx.Response:
+        """One request with a bearer credential and/or a console cookie (none by default).
+        A console POST is sent as the console's own page sends it (its origin, its token in
+        the form and the cookie) unless ``csrf`` is False."""
         headers = dict(kw.pop("headers", None) or {})
+        cookies = []
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         if cookie is not None:
-            headers["Cookie"] = f"{COOKIE}={cookie}"
+            cookies.append(f"{COOKIE}={cookie}")
+        if csrf and method == "POST" and url.startswith("/ui/"):
+            headers.setdefault("Origin", ORIGIN)
+            cookies.append(f"{CSRF_COOKIE}={CSRF}")
+            kw["data"] = {**(kw.get("data") or {}), "csrf_token": CSRF}
+        if cookies:
+            headers["Cookie"] = "; ".join(cookies)
         self.client.cookies.clear()  # no cookie carried over from an earlier login
         return self.client.request(method, url, headers=headers, follow_redirects=False, **kw)
 
@@ -172,7 +195,8 @@ class Caller:
 @dataclass(frozen=True)
 class Rule:
     """How a route is protected. kind: public, login (POST /ui/login), api (bearer header),
-    ui-page (cookie; refusals redirect to the login page) or ui-json (cookie; 401)."""
+    ui-page (cookie; refusals redirect to the login page), ui-json (cookie; 401) or metrics
+    (its own token or network, never an API credential)."""
 
     kind: str
     ok: int  # the status for a caller who may call it
@@ -198,11 +222,13 @@ def _zip(members: dict[str, bytes]) -> bytes:
 GOOD_NPY = _npy(np.random.default_rng(0).random((16, 16)).astype(np.float32))
 
 ROUTES: dict[tuple[str, str], Rule] = {
-    # Public by design: liveness and readiness probes, the Prometheus scrape (job counts
-    # only), the API's own documentation, the console's login page and static files.
+    # Public by design: liveness and readiness probes, the API's own documentation, the
+    # console's login page and static files. Login and logout need the console's CSRF token
+    # (section 7); the matrix sends it, as the console's page does.
     ("GET", "/healthz"): Rule("public", 200),
     ("GET", "/readyz"): Rule("public", 200),
-    ("GET", "/metrics"): Rule("public", 200),
+    # The Prometheus scrape: closed by default, whatever the caller (section 7 opens it).
+    ("GET", "/metrics"): Rule("metrics", 403),
     ("GET", "/openapi.json"): Rule("public", 200),
     ("GET", "/docs"): Rule("public", 200),
     ("GET", "/docs/oauth2-redirect"): Rule("public", 200),
@@ -332,7 +358,7 @@ def callers(g: Gateway) -> list[Caller]:
 
 
 def expected(rule: Rule, c: Caller) -> int:
-    if rule.kind == "public":
+    if rule.kind in ("public", "metrics"):
         return rule.ok
     if rule.kind == "login":
         return 422 if c.credential is None else rule.ok if c.scopes is not None else 401
@@ -352,7 +378,7 @@ def send(g: Gateway, method: str, path: str, rule: Rule, c: Caller, bare: bool =
     kw = {} if bare else kw  # no body, no parameters
     if rule.kind == "login":
         return g.call(method, url, data={"key": c.credential} if c.credential else {})
-    key = c.credential if rule.kind in ("api", "public") else None
+    key = c.credential if rule.kind in ("api", "public", "metrics") else None
     cookie = c.credential if rule.kind != "api" else None
     return g.call(method if method != "MOUNT" else "GET", url, key, cookie, **kw)
 
@@ -387,12 +413,14 @@ def test_auth_matrix_every_route_by_every_caller(gw, record):
     hidden = {k: v for k, v in bob.items() if k != "detail"} == {
         k: v for k, v in none.items() if k != "detail"
     }
-    # The console's cookie: HttpOnly, SameSite=Strict, scoped to /ui.
+    # The console's cookies (the key and the CSRF token): HttpOnly, SameSite=Strict, /ui.
     login = gw.call("POST", "/ui/login", data={"key": gw.keys["alice"]})
-    cookie = login.headers.get("set-cookie", "").lower()
-    cookie_ok = all(a in cookie for a in ("httponly", "samesite=strict", "path=/ui"))
-    # The public probes say nothing about owners or jobs.
-    public = gw.call("GET", "/metrics").text + gw.call("GET", "/readyz").text
+    set_cookies = [c.lower() for c in login.headers.get_list("set-cookie")]
+    cookie_ok = {c.split("=", 1)[0] for c in set_cookies} == {COOKIE, CSRF_COOKIE} and all(
+        a in c for c in set_cookies for a in ("httponly", "samesite=strict", "path=/ui")
+    )
+    # The public probe says nothing about owners or jobs (/metrics: section 7).
+    public = gw.call("GET", "/readyz").text
     quiet = not any(s in public for s in ("alice", "bob", "ops", gw.job))
     record(
         "security",
@@ -407,7 +435,7 @@ def test_auth_matrix_every_route_by_every_caller(gw, record):
     assert not stale, f"ROUTES names routes the app does not serve: {stale}"
     assert not wrong, "\n".join(wrong)
     assert hidden, (bob, none)
-    assert cookie_ok, cookie
+    assert cookie_ok, set_cookies
     assert quiet
     assert gw.five_xx == 0
 
@@ -1139,7 +1167,7 @@ def test_bandit_finds_nothing_unexplained(record):
     assert not bare, bare
 
 
-# --- 7. containers that point outside the upload (issue 17, part 1) -------------------------
+# --- 8. containers that point outside the upload (issue 17, part 1) -------------------------
 def _stored_bytes(root: Path) -> bytes:
     """Every byte stored under ``root``."""
     return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
@@ -1194,3 +1222,434 @@ def test_hostile_containers_never_read_server_files(gw, tmp_path, record):
         outcome=f"all {len(refused)} refused with 422 naming the measurement; 0 bytes of the "
         "targeted server file in any response or stored file",
     )
+
+
+# --- 7. console forgery, security headers, /metrics (issue 17, part 3) ----------------------
+EVIL = "https://evil.example"
+METRICS_TOKEN = "metrics-" + "k" * 32
+
+
+class PageScan(HTMLParser):
+    """A page's forms (method, action, CSRF fields), its CSRF meta tag, and anything the
+    console's CSP would block: inline scripts and styles, event-handler attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict] = []
+        self.meta: str | None = None
+        self.inline: list[str] = []
+        self._open: dict | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "form":
+            method = (a.get("method") or "get").lower()
+            self._open = {"method": method, "action": a.get("action"), "tokens": []}
+            self.forms.append(self._open)
+        elif tag == "input" and a.get("name") == "csrf_token":
+            (self._open or {"tokens": []})["tokens"].append((a.get("type"), a.get("value")))
+        elif tag == "meta" and a.get("name") == "csrf-token":
+            self.meta = a.get("content")
+        elif tag == "script" and not a.get("src") or tag == "style":
+            self.inline.append(f"<{tag}>")
+        self.inline += [f"<{tag} {k}=...>" for k in a if k.startswith("on") or k == "style"]
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self._open = None
+
+
+def scan_page(html: str) -> PageScan:
+    page = PageScan()
+    page.feed(html)
+    return page
+
+
+def _cookie(r: httpx.Response, name: str) -> str | None:
+    for line in r.headers.get_list("set-cookie"):
+        if line.startswith(f"{name}="):
+            return line.split(";", 1)[0].split("=", 1)[1]
+    return None
+
+
+def _forged(g: Gateway, url: str, cookie=None, token=None, csrf_cookie=None, **headers):
+    """A console POST as a hostile page (or a stale one) would send it."""
+    jar = [f"{k}={v}" for k, v in ((COOKIE, cookie), (CSRF_COOKIE, csrf_cookie)) if v]
+    sent = {k.replace("_", "-"): v for k, v in headers.items()}
+    if jar:
+        sent["Cookie"] = "; ".join(jar)
+    data = {"key": g.keys["bob"]} if url == "/ui/login" else {}  # the attacker's key
+    if token is not None:
+        data["csrf_token"] = token
+    return g.call("POST", url, csrf=False, headers=sent, data=data)
+
+
+def test_console_login_forgery_is_refused_and_sets_no_cookie(gw, record):
+    """A hostile page posting bob's key to /ui/login (login CSRF) is refused with 403 and
+    no cookie, whatever it tries; the console's own page logs in."""
+    other = "W" * 43
+    attempts = {
+        "cross-site form (no token, foreign Origin)": {"Origin": EVIL},
+        "no token field": {"Origin": ORIGIN, "csrf_cookie": CSRF},
+        "no token cookie": {"Origin": ORIGIN, "token": CSRF},
+        "wrong token": {"Origin": ORIGIN, "csrf_cookie": CSRF, "token": other},
+        "malformed token pair": {"Origin": ORIGIN, "csrf_cookie": "x", "token": "x"},
+        "valid pair, foreign Origin": {"Origin": EVIL, "csrf_cookie": CSRF, "token": CSRF},
+        "valid pair, look-alike Origin": {
+            "Origin": "http://testserver.evil.example",
+            "csrf_cookie": CSRF,
+            "token": CSRF,
+        },
+        "valid pair, another port": {
+            "Origin": "http://testserver:8080",
+            "csrf_cookie": CSRF,
+            "token": CSRF,
+        },
+        "valid pair, Origin null": {"Origin": "null", "csrf_cookie": CSRF, "token": CSRF},
+        "valid pair, foreign Referer": {
+            "Referer": f"{EVIL}/ui/login",
+            "csrf_cookie": CSRF,
+            "token": CSRF,
+        },
+        "valid pair, no Origin nor Referer": {"csrf_cookie": CSRF, "token": CSRF},
+    }
+    wrong = []
+    for what, how in attempts.items():
+        r = _forged(gw, "/ui/login", **how)
+        if r.status_code != 403 or "set-cookie" in r.headers or "Forbidden" not in r.text:
+            wrong.append(f"{what}: {r.status_code} {r.headers.get_list('set-cookie')}")
+        elif "send the form again" not in r.text:  # says what is wrong and what to do
+            wrong.append(f"{what}: no fix in {r.text[:200]}")
+    # Another browser's token: each page load of a fresh browser gets its own.
+    tokens = []
+    for _ in range(2):
+        gw.client.cookies.clear()
+        page = gw.client.get("/ui/login")
+        tokens.append((_cookie(page, CSRF_COOKIE), scan_page(page.text).forms[0]["tokens"][0][1]))
+    assert tokens[0][0] != tokens[1][0] and all(c == t for c, t in tokens)
+    swapped = _forged(gw, "/ui/login", Origin=ORIGIN, csrf_cookie=tokens[0][0], token=tokens[1][1])
+    if swapped.status_code != 403 or "set-cookie" in swapped.headers:
+        wrong.append(f"another browser's token: {swapped.status_code}")
+    # The console's own page: same origin (Origin, or Referer where a browser sends none).
+    own = _forged(gw, "/ui/login", Origin=ORIGIN, csrf_cookie=tokens[0][0], token=tokens[0][1])
+    by_referer = _forged(
+        gw, "/ui/login", Referer=f"{ORIGIN}/ui/login", csrf_cookie=CSRF, token=CSRF
+    )
+    fresh = _cookie(own, CSRF_COOKIE)
+    record(
+        "security",
+        "login CSRF (hostile page logs the browser in)",
+        tried=len(attempts) + 1,
+        five_xx=gw.five_xx,
+        outcome=f"{len(attempts) + 1} forged logins with the attacker's key (no, wrong, "
+        f"malformed or another browser's token; foreign, look-alike, null or missing Origin "
+        f"and Referer): {len(attempts) + 1 - len(wrong)} refused with 403 and no cookie; "
+        "the console's own page logs in",
+    )
+    assert not wrong, "\n".join(wrong)
+    assert own.status_code == 303 and _cookie(own, COOKIE) == gw.keys["bob"]
+    assert fresh and fresh != tokens[0][0]  # a new token for the new session
+    assert by_referer.status_code == 303
+    assert gw.five_xx == 0
+
+
+def test_every_console_post_needs_the_token_and_its_origin(gw, record):
+    """Each POST route under /ui (enumerated from the app, so a new one is covered) refuses
+    a request without the token, with a wrong one, or from a foreign origin, as the admin
+    whose cookie the browser sends; nothing changes and no cookie is set."""
+    posts = sorted(p for m, p in app_routes(gw.app) if m == "POST" and p.startswith("/ui/"))
+    assert {"/ui/login", "/ui/logout", "/ui/new", "/ui/admin/keys"} <= set(posts)
+    admin = gw.keys["admin"]
+    before = (_active_keys(gw), _job_count(gw))
+    wrong, tried = [], 0
+    for path in posts:
+        kw = ROUTES[("POST", path)].request
+        body = kw(gw) if kw else {}
+        url = body.pop("url", path)
+        for what, headers, cookie_token, token in (
+            ("no token", {"Origin": ORIGIN}, CSRF, None),
+            ("wrong token", {"Origin": ORIGIN}, CSRF, "W" * 43),
+            ("foreign Origin", {"Origin": EVIL}, CSRF, CSRF),
+        ):
+            data = dict(body.get("data") or {})
+            if token:
+                data["csrf_token"] = token
+            r = gw.call(
+                "POST",
+                url,
+                cookie=None,
+                csrf=False,
+                headers={**headers, "Cookie": f"{COOKIE}={admin}; {CSRF_COOKIE}={cookie_token}"},
+                files=body.get("files"),
+                data=data,
+            )
+            tried += 1
+            if r.status_code != 403 or "set-cookie" in r.headers:
+                wrong.append(f"POST {url} ({what}): {r.status_code}")
+    after = (_active_keys(gw), _job_count(gw))
+    record(
+        "security",
+        "console CSRF (every POST route)",
+        tried=tried,
+        five_xx=gw.five_xx,
+        outcome=f"{len(posts)} POST routes × no/wrong token and foreign Origin, as an admin: "
+        f"{tried - len(wrong)} of {tried} refused with 403 and no cookie; keys and jobs "
+        + ("unchanged" if after == (before[0] + 1, before[1]) else "changed"),
+    )
+    assert not wrong, "\n".join(wrong)
+    assert after == (before[0] + 1, before[1])  # + the revoke route's victim, not revoked
+
+
+def _active_keys(g: Gateway) -> int:
+    items = g.call("GET", "/v1/admin/api-keys", g.keys["admin"]).json()["items"]
+    return sum(not k["revoked"] for k in items)
+
+
+def _job_count(g: Gateway) -> int:
+    return len(g.call("GET", "/v1/jobs", g.keys["admin"]).json()["items"])
+
+
+def test_every_form_of_every_console_page_carries_the_token(gw, record):
+    """Every console page (as the admin sees them, the login page, refusals and re-rendered
+    forms) sets the browser's token if it has none, and every form on it carries that
+    token; no page has inline script, style or handlers (the CSP would block them)."""
+    admin = gw.keys["admin"]
+    pages = {
+        f"GET {p}": ("GET", p.format(job_id=gw.job, name="tiny32"), admin, {})
+        for (m, p), rule in ROUTES.items()
+        if m == "GET" and rule.kind == "ui-page"
+    }
+    pages |= {
+        "GET /ui/login": ("GET", "/ui/login", None, {}),
+        "GET /ui/?state=succeeded": ("GET", "/ui/?state=succeeded", admin, {}),
+        "job not found": ("GET", f"/ui/jobs/{uuid.uuid4().hex}", admin, {}),
+        "admin page refused": ("GET", "/ui/admin", gw.keys["alice"], {}),
+        "login refused (wrong key)": ("POST", "/ui/login", None, {"data": {"key": "sr_x"}}),
+        "submit refused (bad spec)": (
+            "POST",
+            "/ui/new",
+            gw.keys["alice"],
+            submit_form(spec="{"),
+        ),
+        "new key shown": (
+            "POST",
+            "/ui/admin/keys",
+            admin,
+            {"data": {"owner": "frank", "scopes": ["recon:read"]}},
+        ),
+    }
+    wrong, forms, methods = [], 0, set()
+    for name, (method, url, key, kw) in pages.items():
+        r = gw.call(method, url, cookie=key, **kw)
+        assert r.headers["content-type"].startswith("text/html"), (name, r.status_code)
+        page = scan_page(r.text)
+        # A GET page without a token cookie sets one; a re-rendered POST page keeps the
+        # token the form was sent with.
+        token = _cookie(r, CSRF_COOKIE) if method == "GET" else CSRF
+        if not token:
+            wrong.append(f"{name}: sets no token cookie")
+            continue
+        if page.meta != token:
+            wrong.append(f"{name}: meta csrf-token {page.meta!r}")
+        for f in page.forms:
+            forms += 1
+            methods.add(f["method"])
+            if f["method"] != "post" or f["tokens"] != [("hidden", token)]:
+                wrong.append(f"{name}: form {f['action']} ({f['method']}) tokens {f['tokens']}")
+        if page.inline:
+            wrong.append(f"{name}: {page.inline}")
+    # A page of a browser that has a token keeps it (no new cookie, the same token).
+    gw.client.cookies.clear()
+    kept = gw.client.get("/ui/admin", headers={"Cookie": f"{COOKIE}={admin}; {CSRF_COOKIE}={CSRF}"})
+    inline = sum(bool(x) for x in wrong if "<" in x)
+    record(
+        "security",
+        "console forms carry the CSRF token",
+        tried=len(pages),
+        five_xx=gw.five_xx,
+        outcome=f"{len(pages)} console pages (every page route, login, refusals, re-rendered "
+        f"forms): {forms} forms, all POST; {len(wrong)} problems (a form without the "
+        f"browser's token, a page without its token); pages with inline script, style or "
+        f"handlers: {inline}",
+    )
+    assert not wrong, "\n".join(wrong)
+    assert forms >= 20 and methods == {"post"}
+    assert "set-cookie" not in kept.headers and scan_page(kept.text).meta == CSRF
+    assert gw.five_xx == 0
+
+
+def _expected_csp(path: str, html: bytes) -> str:
+    if path in ("/docs", "/docs/oauth2-redirect", "/redoc"):
+        return docs_csp(html)
+    return CONSOLE_CSP if path == "/ui" or path.startswith("/ui/") else API_CSP
+
+
+def test_security_headers_on_api_console_and_docs(gw, record):
+    """Every route (the matrix's requests, as the owner and as the admin), refusals,
+    unknown paths and a refused forgery carry the four headers; the console's policy runs
+    only its own files, the API's nothing, the docs' only the CDN and their own inline
+    scripts by hash."""
+    wrong, seen = [], 0
+    responses = []
+    for (method, path), rule in ROUTES.items():
+        for c in callers(gw)[-2:] + callers(gw)[:1]:  # the owner, the admin, anonymous
+            responses.append(send(gw, method, path, rule, c))
+    responses += [
+        gw.call("GET", "/no/such/path"),
+        gw.call("GET", "/v1/jobs"),  # 401 problem
+        _forged(gw, "/ui/login", Origin=EVIL),  # 403 page
+        gw.call("GET", "/ui/static/console.css"),
+    ]
+    for r in responses:
+        seen += 1
+        path = r.request.url.path
+        want = {
+            "x-content-type-options": "nosniff",
+            "x-frame-options": "DENY",
+            "referrer-policy": "same-origin",
+            "content-security-policy": _expected_csp(path, r.content),
+        }
+        got = {k: r.headers.get(k) for k in want}
+        if got != want:
+            wrong.append(f"{r.request.method} {path} {r.status_code}: {got}")
+    docs = gw.call("GET", "/docs")
+    inline = re.findall(rb"<script>(.*?)</script>", docs.content, re.DOTALL)
+    script_src = docs.headers["content-security-policy"].split("script-src ")[1].split(";")[0]
+    hashes = {
+        "'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'" for s in inline
+    }
+    record(
+        "security",
+        "security headers",
+        tried=seen,
+        five_xx=gw.five_xx,
+        outcome=f"{seen} responses (every route as owner, admin and anonymous; 401, 403, 404, "
+        f"a refused forgery, static files): {seen - len(wrong)} with CSP, X-Frame-Options, "
+        "Referrer-Policy and X-Content-Type-Options",
+    )
+    assert not wrong, "\n".join(wrong)
+    assert "'unsafe-inline'" not in CONSOLE_CSP and "script-src 'self';" in CONSOLE_CSP
+    assert "frame-ancestors 'none'" in CONSOLE_CSP and "frame-ancestors 'none'" in API_CSP
+    assert inline and set(script_src.split()) == {"https://cdn.jsdelivr.net"} | hashes
+    assert gw.five_xx == 0
+
+
+@contextmanager
+def _gateway(tmp_path: Path, **settings):
+    """A bare gateway with extra settings, and an admin key."""
+    s = Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        rate_limit_per_minute=10**6,
+        **settings,
+    ).prepare()
+    app = create_app(s)
+    key = create_key(app.state.jobs, ["admin"], "ops")[1]
+    try:
+        with TestClient(app, raise_server_exceptions=False):  # its lifespan, once
+            yield app, key
+    finally:
+        app.state.jobs.engine.dispose()
+
+
+def _scrape(app: FastAPI, peer: str = "testclient", auth: str | None = None) -> httpx.Response:
+    client = TestClient(app, raise_server_exceptions=False, client=(peer, 50000))
+    return client.get("/metrics", headers={"Authorization": auth} if auth else {})
+
+
+def test_metrics_closed_by_default_open_by_token_or_network(gw, tmp_path, record):
+    """/metrics answers no one by default (no API key opens it); with
+    SCORERECON_METRICS_TOKEN it answers that bearer token only (401 otherwise); with
+    SCORERECON_METRICS_ALLOW the peers in those networks (403 for others)."""
+    checks: list[tuple[str, int, int]] = []  # what, status, expected
+
+    for c in callers(gw):
+        r = gw.call("GET", "/metrics", c.credential)
+        checks.append((f"default, {c.name}", r.status_code, 403))
+    closed = gw.call("GET", "/metrics")
+    assert "SCORERECON_METRICS_TOKEN" in closed.json()["detail"]
+    assert "SCORERECON_METRICS_ALLOW" in closed.json()["detail"]
+
+    with _gateway(tmp_path / "token", metrics_token=METRICS_TOKEN) as (app, admin):
+        for what, auth, want in (
+            ("token set, none sent", None, 401),
+            ("token set, wrong token", "Bearer " + "x" * 40, 401),
+            ("token set, token as Basic", f"Basic {METRICS_TOKEN}", 401),
+            ("token set, an admin API key", f"Bearer {admin}", 401),
+            ("token set, the token", f"Bearer {METRICS_TOKEN}", 200),
+        ):
+            r = _scrape(app, auth=auth)
+            checks.append((what, r.status_code, want))
+            if want == 401:
+                assert r.headers["www-authenticate"].startswith("Bearer")
+                assert METRICS_TOKEN not in r.text
+        scraped = _scrape(app, auth=f"Bearer {METRICS_TOKEN}").text
+        assert 'scorerecon_jobs{state="queued"}' in scraped
+        assert not any(s in scraped for s in ("ops", "alice", admin))
+
+    networks = ["10.0.0.0/8", "::1"]
+    with _gateway(tmp_path / "net", metrics_allow=networks) as (app, admin):
+        for what, peer, want in (
+            ("allowed network, IPv4", "10.1.2.3", 200),
+            ("allowed network, IPv4-mapped", "::ffff:10.9.9.9", 200),
+            ("allowed network, IPv6 loopback", "::1", 200),
+            ("outside the networks", "192.168.7.7", 403),
+            ("outside, with an admin key", "172.16.0.1", 403),
+            ("no address (test client)", "testclient", 403),
+        ):
+            r = _scrape(app, peer, f"Bearer {admin}" if "admin" in what else None)
+            checks.append((what, r.status_code, want))
+        assert "192.168.7.7" in _scrape(app, "192.168.7.7").json()["detail"]
+
+    both = {"metrics_token": METRICS_TOKEN, "metrics_allow": ["10.0.0.0/8"]}
+    with _gateway(tmp_path / "both", **both) as (app, _):
+        for what, peer, auth, want in (
+            ("token and network: inside", "10.0.0.1", None, 200),
+            ("token and network: outside, the token", "8.8.8.8", f"Bearer {METRICS_TOKEN}", 200),
+            ("token and network: outside, no token", "8.8.8.8", None, 401),
+        ):
+            checks.append((what, _scrape(app, peer, auth).status_code, want))
+
+    # Settings that would open it by mistake are refused when the gateway starts.
+    for bad, message in (
+        ({"metrics_token": "short"}, "at least 16 characters"),
+        ({"metrics_allow": ["10.0.0.0/33"]}, "not an address or network"),
+        ({"metrics_allow": ["everyone"]}, "not an address or network"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            Settings(**bad)
+    assert Settings(metrics_token="").metrics_token is None  # an empty .env line: unset
+
+    wrong = [f"{w}: {got}, expected {want}" for w, got, want in checks if got != want]
+    record(
+        "security",
+        "/metrics access",
+        tried=len(checks),
+        five_xx=gw.five_xx,
+        outcome=f"{len(checks)} scrapes (default, token, networks, both; every matrix caller "
+        f"by default): {len(checks) - len(wrong)} as expected; closed by default",
+    )
+    assert not wrong, "\n".join(wrong)
+    assert gw.five_xx == 0
+
+
+def test_trusted_origins_extend_the_console_origin(tmp_path):
+    """SCORERECON_TRUSTED_ORIGINS adds origins (a proxy that rewrites Host); others stay
+    refused, and a malformed entry is refused when the gateway starts."""
+    proxy = "https://scorerecon.hospital.example"
+    with _gateway(tmp_path, trusted_origins=[proxy + "/"]) as (app, key):
+        client = TestClient(app, raise_server_exceptions=False)
+        statuses = []
+        for origin in (proxy, ORIGIN, EVIL, "http://scorerecon.hospital.example"):
+            client.cookies.clear()
+            r = client.post(
+                "/ui/login",
+                data={"key": key, "csrf_token": CSRF},
+                headers={"Origin": origin, "Cookie": f"{CSRF_COOKIE}={CSRF}"},
+                follow_redirects=False,
+            )
+            statuses.append(r.status_code)
+    assert statuses == [303, 303, 403, 403]
+    for bad in ("scorerecon.hospital.example", "https://x.example/ui", "ftp://x.example"):
+        with pytest.raises(ValueError, match="is not an origin"):
+            Settings(trusted_origins=[bad])

@@ -21,6 +21,7 @@ from service.auth import create_key
 from service.settings import Settings
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/"
+METRICS_TOKEN = "scrape-" + "m" * 24  # /metrics is closed without it (SCORERECON_METRICS_TOKEN)
 
 
 def _postgres_db():
@@ -53,7 +54,12 @@ def tiny_model(models_dir):
 
 @pytest.fixture
 def settings(tmp_path, db_url):
-    s = Settings(home=tmp_path / "home", database_url=db_url, rate_limit_per_minute=10_000)
+    s = Settings(
+        home=tmp_path / "home",
+        database_url=db_url,
+        rate_limit_per_minute=10_000,
+        metrics_token=METRICS_TOKEN,
+    )
     s.prepare()
     tiny_model(s.models)
     return s

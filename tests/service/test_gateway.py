@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.service.conftest import CT_SPEC, auth, ct_measurement
+from tests.service.conftest import CT_SPEC, METRICS_TOKEN, auth, ct_measurement
 
 
 def submit(client, key, data=None, spec=CT_SPEC, headers=None, **form):
@@ -219,10 +219,13 @@ def test_health_readiness_metrics_and_models(gateway):
     client, keys, _ = gateway
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["ready"] is True
-    assert 'scorerecon_jobs{state="queued"}' in client.get("/metrics").text
+    scrape = auth(METRICS_TOKEN)  # the configured scraper's token (closed without it)
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=auth(keys["admin"])).status_code == 401
+    assert 'scorerecon_jobs{state="queued"}' in client.get("/metrics", headers=scrape).text
     job = submit(client, keys["alice"]).json()
     wait(client, keys["alice"], job["id"])
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=scrape).text
     assert "scorerecon_queue_depth 0" in text
     assert 'scorerecon_job_seconds_count{kind="reconstruction",state="succeeded"} 1' in text
     models = client.get("/v1/models", headers=auth(keys["alice"])).json()["items"]
