@@ -114,23 +114,37 @@ def _coefficients(sde: SDE, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def project_affine(
-    op: LinearOperator, x: torch.Tensor, y: torch.Tensor, iters: int, rounds: int = 3
+    op: LinearOperator,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    iters: int,
+    rounds: int = 3,
+    cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """The nearest x' to x with A x' = y, by CGLS: CG on AᵀA δ = Aᵀ(y − A x) from δ = 0.
 
     The iterates stay in range(Aᵀ), so the limit is the minimum-norm correction (the
     projection), and ||A x' − y|| decreases monotonically with the iterations. CG stops
     relative to its starting residual, so a start far from the data is refined by up to
-    ``rounds`` restarts until ||A x' − y|| ≤ 1e-5 ||y||.
+    ``rounds`` restarts until ||A x' − y|| ≤ 1e-5 ||y||. ``cancel`` is checked before every
+    CG iteration (up to ``rounds × iters`` of them, which take longer than many sampler
+    steps) and raises :class:`Cancelled`.
     """
     normal = lambda v: op.adjoint(op.forward(v))  # noqa: E731
     y_norm = float(real_inner(y, y)) ** 0.5
+    each = None if cancel is None else lambda: _stop_if(cancel, "the final projection")
     for _ in range(rounds):
         r = y - op.forward(x)
         if float(real_inner(r, r)) ** 0.5 <= 1e-5 * y_norm:
             break
-        x = x + conjugate_gradient(normal, op.adjoint(r), n_iter=iters)
+        x = x + conjugate_gradient(normal, op.adjoint(r), n_iter=iters, each=each)
     return x
+
+
+def _stop_if(cancel: Callable[[], bool], where: str) -> None:
+    """Raise :class:`Cancelled` if ``cancel()`` says so."""
+    if cancel():
+        raise Cancelled(f"cancelled during {where}")
 
 
 def least_squares_step(
@@ -233,7 +247,7 @@ def reconstruct(
     )
     x = res.samples
     if config.final_projection and noise_std == 0:
-        x = project_affine(op, x, y_rep, config.final_cg_iters)
+        x = project_affine(op, x, y_rep, config.final_cg_iters, cancel=cancel)
     samples = x.reshape(b, k, n, n)
     mean = samples.mean(dim=1, keepdim=True)
     std = samples.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(mean)
