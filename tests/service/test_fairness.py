@@ -129,9 +129,7 @@ def test_job_cost_and_the_refusal_naming_the_field_and_its_maximum():
 def _job(store: JobStore, owner: str, kind: str = "reconstruction", **fields) -> str:
     job_id = new_id()
     with store.session() as s:
-        s.add(
-            Job(id=job_id, kind=kind, owner=owner, spec={}, params={}, result_keys=[], **fields)
-        )
+        s.add(Job(id=job_id, kind=kind, owner=owner, spec={}, params={}, result_keys=[], **fields))
     time.sleep(0.002)  # distinct created_at: the order of arrival
     return job_id
 
