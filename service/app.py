@@ -565,7 +565,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def admission(owner: str, cost: int) -> None:
         """The queue limits a new job must pass (429 with Retry-After): its owner's queued
-        jobs, its owner's queued and running cost, the site's queued jobs."""
+        jobs, its owner's queued and running cost (an owner with none may always submit one
+        job the per-request cap admits), the site's queued jobs."""
         queued, load = jobs.owner_load(owner)
         if queued >= settings.max_queued_per_owner:
             raise Problem(
@@ -576,7 +577,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "retry when some have started, or cancel some (DELETE /v1/jobs/{id})",
                 retry_after=30,
             )
-        if cost and load + cost > settings.max_owner_cost:
+        if cost and load and load + cost > settings.max_owner_cost:
             raise Problem(
                 429,
                 "Owner's work limit reached",
