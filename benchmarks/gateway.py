@@ -62,6 +62,10 @@ def _env(home: Path) -> dict:
         "SCORERECON_EXECUTOR": "celery",
         "SCORERECON_RATE_LIMIT_PER_MINUTE": "1000000",
         "SCORERECON_TORCH_THREADS": "1",
+        # One key's load is what these measure: its jobs may fill the queue and every worker.
+        "SCORERECON_MAX_QUEUED_PER_OWNER": "100000",
+        "SCORERECON_MAX_OWNER_COST": str(10**15),
+        "SCORERECON_OWNER_SLOTS": "8",
     }
     sde = VESDE(0.01, 20.0)
     torch.manual_seed(0)

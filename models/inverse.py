@@ -178,6 +178,7 @@ def prox_step(
     y: torch.Tensor,
     mu: torch.Tensor | float,
     iters: int,
+    each: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """argmin ||A x' − y||² + μ ||x' − x||² (μ ≥ 0 per sample); μ = 0: the nearest x' to x
     with A x' = y (the minimum-norm correction).
@@ -201,7 +202,7 @@ def prox_step(
     def normal(v: torch.Tensor) -> torch.Tensor:
         return adjoint(op.forward(v.to(dtype))).to(work) + mu_b * v
 
-    return x + conjugate_gradient(normal, rhs, n_iter=iters).to(dtype)
+    return x + conjugate_gradient(normal, rhs, n_iter=iters, each=each).to(dtype)
 
 
 def proximal_step(
@@ -212,17 +213,31 @@ def proximal_step(
 
 
 def project_affine(
-    op: LinearOperator, x: torch.Tensor, y: torch.Tensor, iters: int, rounds: int = 3
+    op: LinearOperator,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    iters: int,
+    rounds: int = 3,
+    cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """The nearest x' to x with A x' = y, by CGLS restarted up to ``rounds`` times until
-    ||A x' − y|| ≤ 1e-5 ||y|| (CG stops relative to its starting residual)."""
+    ||A x' − y|| ≤ 1e-5 ||y|| (CG stops relative to its starting residual). ``cancel`` is
+    checked before every CG iteration (up to ``rounds × iters``, longer than many sampler
+    steps) and raises :class:`Cancelled`."""
     y_norm = float(real_inner(y, y)) ** 0.5
+    each = None if cancel is None else lambda: _stop_if(cancel, "the final projection")
     for _ in range(rounds):
         r = y - op.forward(x)
         if float(real_inner(r, r)) ** 0.5 <= 1e-5 * y_norm:
             break
-        x = prox_step(op, x, y, 0.0, iters)
+        x = prox_step(op, x, y, 0.0, iters, each)
     return x
+
+
+def _stop_if(cancel: Callable[[], bool], where: str) -> None:
+    """Raise :class:`Cancelled` if ``cancel()`` says so."""
+    if cancel():
+        raise Cancelled(f"cancelled during {where}")
 
 
 def _resolve_method(op: LinearOperator, config: ReconConfig) -> str:
@@ -383,7 +398,8 @@ def reconstruct(
     u = res.samples
     noiseless = bool((sigma_rep == 0).all())
     if noiseless and config.final_projection:
-        u = domain.split(project_affine(op, domain.join(u), y_rep, config.final_cg_iters))
+        x = project_affine(op, domain.join(u), y_rep, config.final_cg_iters, cancel=cancel)
+        u = domain.split(x)
     elif not noiseless and config.sampler != "fast" and method != "proximal":
         # A last MAP step at the smallest noise level (the fast sampler ended with one).
         t0 = torch.full((b * k,), 1e-3)

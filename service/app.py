@@ -39,6 +39,7 @@ from service.auth import Principal, authenticate, create_key, list_keys, revoke_
 from service.db import FINAL, STATES, AuditEntry, Job, JobStore, auto_export_id, new_id
 from service.dicom_export import SOURCE_KEYWORDS, job_series, source_attributes, zip_series
 from service.executor import make_executor
+from service.fairness import Factor, job_cost, over_cost, sampling_nfe
 from service.migrate import upgrade
 from service.oidc import OIDCVerifier
 from service.ratelimit import RateLimited, make_rate_limiter
@@ -395,11 +396,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _check_model(model, parsed.image_size, settings, parsed.modality)  # before the operator
         raw = _read_limited(measurement, settings.max_upload_mb)
         y = _parse_measurement(raw, parsed)
-        queued = jobs.count_by_state()["queued"]
-        if queued >= settings.max_queue:
-            raise Problem(
-                429, "Queue full", f"{queued} jobs are queued; try again later", retry_after=30
-            )
+        pixels = parsed.image_size**2
+        factors = [
+            Factor("nfe", nfe, 2),
+            Factor("samples", samples),
+            Factor("measurement", len(y), label="slices"),
+        ]
+        _check_cost(settings, pixels, factors)
+        cost = job_cost(nfe, samples, len(y), pixels)
         params = {"sampler": sampler, "nfe": nfe, "samples": samples, "seed": seed}
         attributes = {}
         if source_dicom is not None:
@@ -435,6 +439,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return JSONResponse(
                     job_json(prior), 200, headers={"Location": f"/v1/jobs/{prior.id}"}
                 )
+        admission(p.owner, cost)
         job_id = new_id()
         buf = io.BytesIO()
         np.save(buf, y.numpy(), allow_pickle=False)
@@ -461,6 +466,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             idempotency_key=idempotency_key,
             request_hash=digest,
             result_keys=[],
+            cost=cost,
         )
         try:
             with jobs.session() as s:
@@ -513,6 +519,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(409, "Already finished", f"job {job_id} is {job.state}")
         jobs.set_fields(job_id, cancel_requested=True)
         jobs.transition(job_id, ["queued"], "cancelled", phase="cancelled")
+        executor.cancel(job_id)  # a running job stops at its next step
         jobs.audit("cancel", "requested", p.key_id, p.owner, job_id)
         return job_json(jobs.get(job_id))
 
@@ -599,7 +606,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         card = load_card(_model_path(name, settings))
         return {k: v for k, v in card.items() if k != "loss_curve"}
 
-    def _admin_job(p: Principal, kind: str, model: str, params: dict) -> JSONResponse:
+    def admission(owner: str, cost: int) -> None:
+        """The queue limits a new job must pass (429 with Retry-After): its owner's queued
+        jobs, its owner's queued and running cost (an owner with none may always submit one
+        job the per-request cap admits), the site's queued jobs."""
+        queued, load = jobs.owner_load(owner)
+        if queued >= settings.max_queued_per_owner:
+            raise Problem(
+                429,
+                "Too many queued jobs",
+                f"you have {queued} jobs queued, the most one owner may have "
+                f"(SCORERECON_MAX_QUEUED_PER_OWNER = {settings.max_queued_per_owner}); "
+                "retry when some have started, or cancel some (DELETE /v1/jobs/{id})",
+                retry_after=30,
+            )
+        if cost and load and load + cost > settings.max_owner_cost:
+            raise Problem(
+                429,
+                "Owner's work limit reached",
+                f"your queued and running jobs cost {load:,} and this one {cost:,} "
+                "(NFE × samples × slices × pixels); one owner may have at most "
+                f"{settings.max_owner_cost:,} queued or running (SCORERECON_MAX_OWNER_COST); "
+                "retry when some have finished, or cancel some (DELETE /v1/jobs/{id})",
+                retry_after=60,
+            )
+        site = jobs.count_by_state()["queued"]
+        if site >= settings.max_queue:
+            raise Problem(
+                429,
+                "Queue full",
+                f"{site} jobs are queued, the site's limit (SCORERECON_MAX_QUEUE); try again later",
+                retry_after=30,
+            )
+
+    def _admin_job(
+        p: Principal, kind: str, model: str, params: dict, cost: int = 0
+    ) -> JSONResponse:
+        admission(p.owner, cost)
         job_id = new_id()
         with jobs.session() as s:
             s.add(
@@ -611,6 +654,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     params=params,
                     model=model,
                     result_keys=[],
+                    cost=cost,
                 )
             )
         jobs.audit(f"submit-{kind}", "queued", p.key_id, p.owner, job_id)
@@ -626,7 +670,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(
                 422, "Unknown model", f"model '{body.model}' not found; see GET /v1/models", "model"
             )
-        return _admin_job(p, "sampling", body.model, body.model_dump())
+        try:
+            size = int(load_card(_model_path(body.model, settings))["image_size"])
+        except (ModelError, KeyError, TypeError, ValueError):
+            raise Problem(
+                422, "Unusable model", f"model '{body.model}' has no usable image_size", "model"
+            ) from None
+        per_step = sampling_nfe(body.sampler, 1)
+        factors = [Factor("steps", body.steps, 2, per_step), Factor("n", body.n)]
+        _check_cost(settings, size * size, factors)
+        cost = job_cost(sampling_nfe(body.sampler, body.steps), body.n, 1, size * size)
+        return _admin_job(p, "sampling", body.model, body.model_dump(), cost)
 
     @app.post("/v1/admin/training", status_code=202, tags=["admin"])
     def admin_training(
@@ -792,6 +846,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_json,
     )
     return app
+
+
+def _check_cost(settings: Settings, pixels: int, factors: list[Factor]) -> None:
+    """422 naming the field to lower, and how far, if the job costs more than one job may."""
+    refused = over_cost(settings.max_job_cost, pixels, factors)
+    if refused is not None:
+        raise Problem(422, "Job too large", refused[1], refused[0])
 
 
 def _read_limited(upload: UploadFile, max_mb: float, field: str = "measurement") -> bytes:

@@ -15,22 +15,35 @@ from contextlib import contextmanager
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    and_,
     create_engine,
     event,
+    func,
+    or_,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    aliased,
+    mapped_column,
+    sessionmaker,
+)
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
+# Kinds that run on the `gpu` queue: they have a cost and wait for their owner's turn.
+ADMITTED = ("reconstruction", "sampling")
 
 
 def now() -> dt.datetime:
@@ -61,6 +74,10 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     result_keys: Mapped[list] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # NFE × samples × slices × pixels (service.fairness.job_cost); 0 for training and export.
+    cost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # When the job's message went to the broker (Celery); None while it waits its turn.
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -181,9 +198,54 @@ class JobStore:
                 )
             )
 
-    def count_by_state(self) -> dict[str, int]:
-        from sqlalchemy import func
+    def owner_load(self, owner: str) -> tuple[int, int]:
+        """(queued jobs, cost of queued and running jobs) of one owner: what the per-owner
+        caps of a submission compare with."""
+        with self.sessions() as s:
+            queued = s.scalar(select(func.count()).where(Job.owner == owner, Job.state == "queued"))
+            cost = s.scalar(
+                select(func.coalesce(func.sum(Job.cost), 0)).where(
+                    Job.owner == owner, Job.state.in_(("queued", "running"))
+                )
+            )
+        return int(queued or 0), int(cost or 0)
 
+    def admit(self, job_id: str, owner: str, slots: int) -> bool:
+        """Mark a held job sent (``sent_at``) if its owner has fewer than ``slots`` jobs sent
+        or running; True for the one caller that may send its message. One statement
+        (compare-and-set), with the owner's advisory lock on PostgreSQL so that two
+        dispatchers cannot both take the owner's last slot."""
+        other = aliased(Job)
+        in_flight = (
+            select(func.count())
+            .select_from(other)
+            .where(
+                other.owner == owner,
+                other.kind.in_(ADMITTED),
+                or_(
+                    other.state == "running",
+                    and_(other.state == "queued", other.sent_at.is_not(None)),
+                ),
+            )
+            .scalar_subquery()
+        )
+        with self.session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                s.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner))))
+            res = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.owner == owner,
+                    Job.state == "queued",
+                    Job.sent_at.is_(None),
+                    in_flight < slots,
+                )
+                .values(sent_at=now())
+            )
+            return res.rowcount == 1
+
+    def count_by_state(self) -> dict[str, int]:
         with self.sessions() as s:
             rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}

@@ -1,18 +1,18 @@
 """How the gateway hands a queued job to a worker: the enqueue interface.
 
-``EmbeddedExecutor`` runs jobs in a thread pool inside the gateway process (a laptop, the
-tests, ``make demo``); the Celery executor (``workers/celery_app.py``) sends only the job id
-to the broker. Both call the same runner, :func:`workers.tasks.run_job`.
+``EmbeddedExecutor`` runs jobs in threads of the gateway process (a laptop, the tests,
+``make demo``), shared fairly among owners; the Celery executor (``workers/celery_app.py``)
+sends only the job id to the broker. Both call the same runner, :func:`workers.tasks.run_job`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
-from service.db import JobStore
+from service.db import FINAL, JobStore, now
+from service.fairness import FairShare
 from service.results import ResultStore
 from service.settings import Settings
 
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 class Executor(Protocol):
     def enqueue(self, job_id: str, kind: str) -> None: ...
 
+    def cancel(self, job_id: str) -> None: ...
+
     def ping(self) -> bool: ...
 
     def shutdown(self) -> None: ...
@@ -30,42 +32,78 @@ class Executor(Protocol):
 class EmbeddedExecutor:
     """Jobs run in worker threads of the gateway process; no broker to install.
 
-    The job table is the queue's durable record: at start, and every ``sweep_every_s``,
-    queued jobs that no thread holds and running jobs whose heartbeat went stale (a
-    previous process died) are picked up again.
+    ``embedded_workers`` jobs run at a time, shared fairly among owners step by step
+    (:class:`service.fairness.FairShare`): each running job passes a checkpoint at every
+    step (its cancel check, through ``workers.tasks.AT_STEP``), where it gives way to a
+    lighter owner's job and sees a cancel at once. The job table is the queue's durable
+    record: at start, and every ``sweep_every_s``, queued jobs that no thread holds and
+    running jobs whose heartbeat went stale (a previous process died) are picked up again.
     """
 
     def __init__(self, settings: Settings, jobs: JobStore, results: ResultStore):
         self.settings, self.jobs, self.results = settings, jobs, results
-        self.pool = ThreadPoolExecutor(settings.embedded_workers, thread_name_prefix="job")
-        self.futures: dict[str, Future] = {}
+        self.fair = FairShare(settings.embedded_workers, self._start)
         self.stop = threading.Event()
         self.sweeper = threading.Thread(target=self._sweep_loop, daemon=True, name="sweep")
         self.sweeper.start()
 
     def enqueue(self, job_id: str, kind: str = "reconstruction") -> None:
-        held = self.futures.get(job_id)
-        if held is not None and not held.done():
+        """Queue the job under its owner (read from the job table); a job already queued or
+        running here, or final, is left alone."""
+        if self.stop.is_set():
+            log.info("job %s: shutting down; the next start picks it up", job_id)
             return
-        self.futures[job_id] = self.pool.submit(self._run, job_id, kind)
+        try:
+            job = self.jobs.get(job_id)
+        except Exception:  # noqa: BLE001 - the database may be down; the sweep retries
+            log.warning("job %s: database unavailable; the sweep will queue it", job_id)
+            return
+        if job is not None and job.state not in FINAL:
+            self.fair.add(job_id, job.owner, kind)
+
+    def cancel(self, job_id: str) -> None:
+        """Drop a job not started; a running or waiting one stops at its next step."""
+        self.fair.cancel(job_id)
+
+    def _start(self, job_id: str, kind: str) -> None:
+        thread = threading.Thread(
+            target=self._run, args=(job_id, kind), name=f"job-{job_id[:8]}", daemon=True
+        )
+        thread.start()
+
+    def _waiting(self, job_id: str) -> bool:
+        """While a job waits for its turn: beat its heartbeat (so it is not taken for
+        orphaned) and answer whether it was cancelled."""
+        self.jobs.set_fields(job_id, heartbeat_at=now(), phase="waiting")
+        job = self.jobs.get(job_id)
+        return job is None or job.cancel_requested
 
     def _run(self, job_id: str, kind: str) -> str:
         """Run the job; a transient failure is retried after an exponential back-off."""
-        from workers.tasks import Transient, run_job
+        from workers.tasks import AT_STEP, Transient, run_job
 
+        AT_STEP.set(lambda: self.fair.checkpoint(job_id, lambda: self._waiting(job_id)))
         s = self.settings
         try:
             return run_job(
                 job_id, self.jobs, self.results, s.models, s.heartbeat_stale_s, s, self.enqueue
             )
         except Transient as exc:
-            job = self.jobs.get(job_id)
+            try:
+                job = self.jobs.get(job_id)
+            except Exception:  # noqa: BLE001 - still down: back off as after one attempt
+                job = None
             delay = min(60.0, 2.0 ** (job.attempts if job else 1))
             log.warning("job %s: %s; retrying in %.0f s", job_id, exc, delay)
             timer = threading.Timer(delay, self.enqueue, args=(job_id, kind))
             timer.daemon = True
             timer.start()
             return "retrying"
+        except Exception:  # noqa: BLE001 - e.g. the database down right after a transient
+            log.exception("job %s: runner failed; the sweep will pick it up", job_id)
+            return "error"
+        finally:
+            self.fair.done(job_id)
 
     def _sweep_loop(self) -> None:
         from workers.tasks import sweep
@@ -83,8 +121,9 @@ class EmbeddedExecutor:
         return True
 
     def shutdown(self) -> None:
+        """Stop the sweep and wait for the jobs queued and running here to finish."""
         self.stop.set()
-        self.pool.shutdown(wait=True, cancel_futures=False)
+        self.fair.wait_idle()
 
 
 def make_executor(settings: Settings, jobs: JobStore, results: ResultStore) -> Executor:
@@ -92,4 +131,4 @@ def make_executor(settings: Settings, jobs: JobStore, results: ResultStore) -> E
         return EmbeddedExecutor(settings, jobs, results)
     from workers.celery_app import CeleryExecutor  # the workers issue
 
-    return CeleryExecutor(settings)
+    return CeleryExecutor(settings, jobs)

@@ -42,6 +42,18 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(256, gt=0)
     max_queue: int = Field(1000, ge=1)
     rate_limit_per_minute: int = Field(120, ge=1)
+    # Fair use (issue 17): a job's cost is NFE × samples × slices × pixels (service/fairness).
+    # 3·10⁸ admits ct-default's nfe=1000 × 8 samples at 128² (1.3·10⁸) and admin sampling's
+    # defaults (500 PC steps × 16 at 128², 2.6·10⁸), and refuses nfe=5000 × 64 (5.2·10⁹). At the
+    # 0.09-0.16 s per sample-NFE of a 2-core CPU at 128² the largest admitted job takes
+    # 28-48 min, inside the workers' 55-min soft time limit (job_soft_limit_s).
+    max_job_cost: int = Field(300_000_000, ge=1)
+    max_owner_cost: int = Field(1_200_000_000, ge=1)  # queued + running, per owner: ~4 jobs
+    max_queued_per_owner: int = Field(100, ge=1)  # a tenth of max_queue
+    # Celery: jobs of one owner sent to the broker or running at once; the rest wait in the
+    # database and are sent round-robin by owner as slots free. One GPU worker: 1; a pool of
+    # N workers: up to N (N - 1 keeps a worker free for another owner's job).
+    owner_slots: int = Field(1, ge=1)
     torch_threads: int | None = None
     data_dirs: list[Path] = []  # server-side training data roots the operator registers
     pacs: dict[str, dict] = {}  # export destinations by name (see service/pacs.py)

@@ -5,6 +5,12 @@ mid-job leaves its message unacknowledged; Redis redelivers it after ``visibilit
 (longer than the hard time limit) and the new worker reclaims the job because its heartbeat
 went stale (see :func:`workers.tasks.run_job`). ``sweep`` re-enqueues jobs whose
 message was lost. CUDA is first touched inside the task, i.e. in the forked child.
+
+Fair use: a reconstruction or sampling job's message is sent only while its owner has fewer
+than ``owner_slots`` jobs sent or running; the others wait in the database as ``queued``
+and are sent round-robin by owner as slots free (by the worker that finished the owner's
+previous job, and by the sweep), so one owner's backlog never stands in the broker in
+front of another owner's job.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import os
 
 from celery import Celery
 
-from service.db import JobStore
+from service.db import ADMITTED, JobStore, now
 from service.results import ResultStore, open_result_store
 from service.settings import Settings
 
@@ -78,11 +84,13 @@ def _register(app: Celery, settings: Settings) -> None:
                 settings.models,
                 stale_after_s=settings.heartbeat_stale_s,
                 settings=settings,
-                enqueue=lambda jid, kind: send(app, jid, kind),
+                enqueue=lambda jid, kind: dispatch(app, jobs, settings, jid, kind),
             )
         except Transient as exc:
             # Database or storage briefly unavailable: retry with exponential backoff.
             raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from None
+        finally:
+            _next_of_owner(app, jobs, settings, job_id)
 
     @app.task(name=SWEEP)
     def sweep_task() -> dict:
@@ -91,10 +99,31 @@ def _register(app: Celery, settings: Settings) -> None:
         jobs, _ = stores()
         return sweep(
             jobs,
-            lambda job_id: app.send_task(TASK, args=[job_id]),
+            lambda job_id: _resend(app, jobs, job_id),
             settings.requeue_after_s,
             settings.heartbeat_stale_s,
+            owner_slots=settings.owner_slots,
         )
+
+
+def _resend(app: Celery, jobs: JobStore, job_id: str) -> None:
+    """Send a job's message to its kind's queue (for the sweep and admission)."""
+    job = jobs.get(job_id)
+    if job is not None:
+        send(app, job_id, job.kind)
+
+
+def _next_of_owner(app: Celery, jobs: JobStore, settings: Settings, job_id: str) -> None:
+    """After a job (whatever came of it), send its owner's next waiting jobs while the
+    owner has a free slot, rather than leave them to the next sweep."""
+    from workers.tasks import admit
+
+    try:
+        job = jobs.get(job_id)
+        if job is not None and job.kind in ADMITTED:
+            admit(jobs, lambda jid: _resend(app, jobs, jid), settings.owner_slots, [job.owner])
+    except Exception:  # noqa: BLE001 - database or broker down: the sweep sends them later
+        log.warning("job %s: could not send the owner's next job; the sweep will", job_id)
 
 
 # A gateway request waits at most about a second for the broker before leaving the job to
@@ -109,20 +138,47 @@ def send(app: Celery, job_id: str, kind: str, retry_policy: dict | None = None) 
     app.send_task(TASK, args=[job_id], queue=queue, retry=True, retry_policy=retry_policy)
 
 
+def dispatch(
+    app: Celery,
+    jobs: JobStore,
+    settings: Settings,
+    job_id: str,
+    kind: str,
+    retry_policy: dict | None = None,
+) -> bool:
+    """Send a new job's message if its owner has a free slot (reconstruction, sampling;
+    training and export always go); else it waits in the database for its turn. Marks the
+    job sent first (``sent_at``), so a message lost with the broker is sent again by the
+    sweep. True if it was sent."""
+    if kind in ADMITTED:
+        job = jobs.get(job_id)
+        if job is None or not jobs.admit(job_id, job.owner, settings.owner_slots):
+            log.info("job %s waits for its owner's turn", job_id)
+            return False
+    else:
+        jobs.set_fields(job_id, sent_at=now())
+    send(app, job_id, kind, retry_policy=retry_policy)
+    return True
+
+
 class CeleryExecutor:
     """The gateway's enqueue interface over Celery: only the job id goes to the broker."""
 
-    def __init__(self, settings: Settings):
-        self.app = make_celery(settings)
+    def __init__(self, settings: Settings, jobs: JobStore):
+        self.app, self.settings, self.jobs = make_celery(settings), settings, jobs
 
     def enqueue(self, job_id: str, kind: str) -> None:
-        """Queue the job id; with the broker down the job stays ``queued`` in the database
-        (already durable) and the sweep sends it when the broker is back: a submission is
-        never refused or lost because Redis restarts."""
+        """Queue the job id, or leave it waiting for its owner's turn; with the broker down
+        the job stays ``queued`` in the database (already durable) and the sweep sends it
+        when the broker is back: a submission is never refused or lost because Redis
+        restarts."""
         try:
-            send(self.app, job_id, kind, retry_policy=BRIEF_RETRY)
+            dispatch(self.app, self.jobs, self.settings, job_id, kind, BRIEF_RETRY)
         except Exception as exc:  # noqa: BLE001 - kombu/redis raise many connection errors
             log.warning("job %s: broker unavailable (%s); the sweep will queue it", job_id, exc)
+
+    def cancel(self, job_id: str) -> None:
+        """Nothing to do: a worker reads the job's cancel flag at every step."""
 
     def ping(self) -> bool:
         with self.app.connection_for_write() as conn:

@@ -3,7 +3,9 @@
 The same functions run inside a Celery task (``workers/celery_app.py``, next issue) or in
 the gateway's embedded executor. A job is claimed by compare-and-set (``queued`` →
 ``running``), so a re-delivered message never runs a finished or running job again.
-Progress is written to the job row about once a second; the cancel flag is read as often.
+Progress is written to the job row about once a second; the cancel flag is read at every
+step, from the database at most every ``CANCEL_POLL_S``, so a cancel takes effect within a
+step (or 50 ms, for steps shorter than that).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,10 +33,15 @@ from models.io import save_png
 from models.physics import SpecError, from_spec, parse_spec
 from models.physics.ct import remove_metal_trace
 from models.registry import ModelError
-from service.db import FINAL, Job, JobStore, auto_export_id, now
+from service.db import ADMITTED, FINAL, Job, JobStore, auto_export_id, now
 from service.results import ResultStore
 
 log = logging.getLogger(__name__)
+CANCEL_POLL_S = 0.05  # the cancel flag is read from the database at most this often
+# The executor's checkpoint, run at every step of the job running in this thread (the
+# embedded executor's fair share: the job may wait there for another owner's turn); it
+# answers True when the job has been cancelled. Unset in Celery workers.
+AT_STEP: ContextVar[Callable[[], bool] | None] = ContextVar("at_step", default=None)
 
 
 @lru_cache(maxsize=4)
@@ -194,23 +203,78 @@ def _chain_export(job_id: str, destination: str, jobs: JobStore, enqueue) -> Non
         enqueue(export_id, "export")
 
 
-def sweep(jobs: JobStore, enqueue, requeue_after_s: float, stale_after_s: float) -> dict:
-    """Recovery, safe to run any number of times: re-enqueue queued jobs older than
-    ``requeue_after_s`` (their message may be lost) and running jobs whose heartbeat is
-    older than ``stale_after_s`` (their worker died); the claim's compare-and-set makes a
-    duplicate message harmless."""
+def sweep(
+    jobs: JobStore,
+    enqueue: Callable[[str], None],
+    requeue_after_s: float,
+    stale_after_s: float,
+    owner_slots: int | None = None,
+) -> dict:
+    """Recovery, safe to run any number of times: re-enqueue queued jobs whose message may
+    be lost and running jobs whose heartbeat is older than ``stale_after_s`` (their worker
+    died); the claim's compare-and-set makes a duplicate message harmless.
+
+    Without ``owner_slots`` (the embedded executor, whose queue is in memory) a queued job is
+    re-enqueued once it is older than ``requeue_after_s``. With it (Celery), a queued job
+    whose message was sent more than ``requeue_after_s`` ago is sent again, and jobs never
+    sent wait for their owner's turn: :func:`admit` sends them round-robin by owner.
+    """
     cutoff_q = now() - dt.timedelta(seconds=requeue_after_s)
     cutoff_r = now() - dt.timedelta(seconds=stale_after_s)
+    lost = Job.created_at < cutoff_q if owner_slots is None else Job.sent_at < cutoff_q
     with jobs.sessions() as s:
-        queued = s.scalars(
-            select(Job.id).where(Job.state == "queued", Job.created_at < cutoff_q)
-        ).all()
+        queued = s.scalars(select(Job.id).where(Job.state == "queued", lost)).all()
         stale = s.scalars(
             select(Job.id).where(Job.state == "running", Job.heartbeat_at < cutoff_r)
         ).all()
-    for job_id in [*queued, *stale]:
+    for job_id in queued:
+        if owner_slots is not None:
+            jobs.set_fields(job_id, sent_at=now())  # resent now: not again for a while
         enqueue(job_id)
-    return {"requeued": len(queued), "orphaned": len(stale)}
+    for job_id in stale:
+        enqueue(job_id)
+    report = {"requeued": len(queued), "orphaned": len(stale)}
+    if owner_slots is not None:
+        report["admitted"] = admit(jobs, enqueue, owner_slots)
+    return report
+
+
+def admit(
+    jobs: JobStore,
+    enqueue: Callable[[str], None],
+    owner_slots: int,
+    owners: Iterable[str] | None = None,
+) -> int:
+    """Send the jobs waiting in the database (queued, never sent): one per owner in turn,
+    each owner's oldest first, while the owner has fewer than ``owner_slots`` jobs sent or
+    running (:meth:`JobStore.admit`; training and export are not limited). Run by the
+    sweep, and by a worker when it finishes a job (for that job's owner), so a freed slot
+    is filled at once. Returns how many were sent."""
+    q = select(Job.id, Job.owner, Job.kind).where(Job.state == "queued", Job.sent_at.is_(None))
+    if owners is not None:
+        q = q.where(Job.owner.in_(list(owners)))
+    with jobs.sessions() as s:
+        rows = s.execute(q.order_by(Job.created_at, Job.id)).all()
+    waiting: dict[str, deque] = {}
+    for row in rows:
+        waiting.setdefault(row.owner, deque()).append(row)
+    sent = 0
+    while waiting:
+        for owner in list(waiting):
+            rest = waiting[owner]
+            job_id, _, kind = rest.popleft()
+            if kind not in ADMITTED:
+                jobs.set_fields(job_id, sent_at=now())
+            elif not jobs.admit(job_id, owner, owner_slots):
+                # No free slot (or the job went meanwhile): only unlimited kinds remain.
+                rest = waiting[owner] = deque(r for r in rest if r.kind not in ADMITTED)
+                job_id = None
+            if job_id is not None:
+                enqueue(job_id)
+                sent += 1
+            if not rest:
+                del waiting[owner]
+    return sent
 
 
 def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
@@ -327,9 +391,15 @@ def _progress_writer(job, jobs: JobStore, phase: str):
 
 
 def _cancel_check(job, jobs: JobStore):
-    check = _Throttle()
+    """The cancel check a runner passes to the core, called at every step: the executor's
+    checkpoint (``AT_STEP``: fair share, immediate cancel), then the job's cancel flag, read
+    from the database at most every ``CANCEL_POLL_S`` (a cancel sent to another process)."""
+    check = _Throttle(CANCEL_POLL_S)
+    at_step = AT_STEP.get()
 
     def cancel() -> bool:
+        if at_step is not None and at_step():
+            return True
         if not check.due():
             return False
         current = jobs.get(job.id)

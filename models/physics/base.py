@@ -13,6 +13,7 @@ also expose ``T``, ``T_inv``, the boolean ``mask`` :math:`\\Lambda` on T's range
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -157,13 +158,15 @@ def conjugate_gradient(
     n_iter: int = 50,
     tol: float = 1e-6,
     x0: torch.Tensor | None = None,
+    each: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Solve ``M x = rhs`` for a symmetric (Hermitian) positive semi-definite ``M``, batched.
 
     Real or complex: inner products are Re⟨a, b⟩, so a Hermitian ``M`` on complex images
     is solved as the symmetric real operator it is on (real, imaginary) pairs. Each batch
     element has its own step sizes; iteration stops when every residual has dropped below
-    ``tol`` times the norm of its right-hand side.
+    ``tol`` times the norm of its right-hand side. ``each`` is called before every iteration
+    and may raise to stop a long solve (a job's cancel check).
     """
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - normal_op(x) if x0 is not None else rhs.clone()
@@ -178,6 +181,8 @@ def conjugate_gradient(
     for _ in range(n_iter):
         if bool((rs <= stop).all()):
             break
+        if each is not None:
+            each()
         mp = normal_op(p)
         alpha = rs / dot(p, mp).clamp_min(1e-30)
         x = x + alpha * p

@@ -40,7 +40,9 @@ def annealed_langevin(
                 raise Cancelled(f"cancelled at level {i} of {total}")
             s = torch.full((shape[0],), float(sigma), device=device)
             alpha = step_lr * (float(sigma) / float(sigmas[-1])) ** 2
-            for _ in range(n_steps_each):
+            for j in range(n_steps_each):
+                if j and cancel is not None and cancel():  # a level is n_steps_each steps
+                    raise Cancelled(f"cancelled at level {i} of {total}")
                 if consistency is not None:
                     x = consistency(x, s)
                 z = torch.randn(shape, generator=generator, device=device)

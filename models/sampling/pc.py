@@ -106,23 +106,27 @@ def ode_sampler(
     device=None,
     progress: Progress | None = None,
     x_init: torch.Tensor | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> SampleResult:
     """Probability-flow ODE (Eq. 7.13) from t = 1 to ``eps``.
 
     ``method="heun"``: ``n_steps`` fixed second-order steps (2 NFE each). ``method="rk45"``:
     adaptive Dormand-Prince (scipy's ``solve_ivp``) to the tolerances ``rtol``/``atol``, as in
-    the paper's ODE sampler; its NFE is whatever the tolerances demand.
+    the paper's ODE sampler; its NFE is whatever the tolerances demand. ``cancel`` is checked
+    before every step (before every drift evaluation for RK45, whose steps it chooses).
     """
     counted = CountingScore(score_fn)
     rsde = sde.reverse(counted, probability_flow=True)
     x = sde.prior_sampling(shape, generator, device) if x_init is None else x_init
     if method == "rk45":
-        return SampleResult(_rk45(rsde, x, sde.T, eps, rtol, atol, progress), counted.nfe)
+        return SampleResult(_rk45(rsde, x, sde.T, eps, rtol, atol, progress, cancel), counted.nfe)
     if method != "heun":
         raise ValueError(f"method must be 'heun' or 'rk45', got {method!r}")
     ts = torch.linspace(sde.T, eps, n_steps + 1, device=device)
     with torch.no_grad():
         for i in range(n_steps):
+            if cancel is not None and cancel():
+                raise Cancelled(f"cancelled at step {i} of {n_steps}")
             t0 = torch.full((shape[0],), float(ts[i]), device=device)
             t1 = torch.full((shape[0],), float(ts[i + 1]), device=device)
             h = float(ts[i + 1] - ts[i])
@@ -135,13 +139,17 @@ def ode_sampler(
     return SampleResult(x, counted.nfe)
 
 
-def _rk45(rsde, x: torch.Tensor, t0: float, t1: float, rtol, atol, progress) -> torch.Tensor:
+def _rk45(
+    rsde, x: torch.Tensor, t0: float, t1: float, rtol, atol, progress, cancel=None
+) -> torch.Tensor:
     """Adaptive RK45 on the flattened batch; progress reports the fraction of [t1, t0] done."""
     from scipy.integrate import solve_ivp
 
     shape, device, dtype = x.shape, x.device, x.dtype
 
     def f(t: float, y: np.ndarray) -> np.ndarray:
+        if cancel is not None and cancel():
+            raise Cancelled(f"cancelled at t = {t:.4g}")
         xt = torch.from_numpy(y).to(device=device, dtype=dtype).reshape(shape)
         with torch.no_grad():
             drift, _ = rsde.sde(xt, torch.full((shape[0],), t, device=device, dtype=dtype))

@@ -12,7 +12,9 @@
   whose hook ``project(x0, t)`` acts on the clean estimate instead.
 
 Every sampler takes the same ``consistency(x, t)`` hook (the data-consistency step of the
-inverse solver) except the ODE ones, whose deterministic flow it would break.
+inverse solver) except the ODE ones, whose deterministic flow it would break. Every sampler
+calls ``cancel()`` before each step (each Langevin step of ALD, each drift evaluation of
+RK45) and raises ``Cancelled`` when it answers True, so a cancel takes effect within a step.
 """
 
 from __future__ import annotations
@@ -74,9 +76,9 @@ def sample(
     if consistency is not None and name.startswith("ode"):
         raise ValueError(f"sampler {name!r} is deterministic and takes no consistency step")
     if name == "ode":
-        return ode_sampler(sde, score_fn, shape, n_steps=n_steps, **common)
+        return ode_sampler(sde, score_fn, shape, n_steps=n_steps, cancel=cancel, **common)
     if name == "ode-rk45":
-        return ode_sampler(sde, score_fn, shape, method="rk45", **common)
+        return ode_sampler(sde, score_fn, shape, method="rk45", cancel=cancel, **common)
     if not isinstance(sde, VESDE):
         raise ValueError("sampler 'ald' needs a VE model (noise-conditional on σ)")
     return annealed_langevin(

@@ -264,3 +264,41 @@ def test_diverged_results_are_flagged_with_the_reason():
     y = op.forward(0.5 + 0.1 * torch.randn(1, 1, SIDE, SIDE, generator=torch.Generator()))
     rec = reconstruct(op, y, Prior(grey, sde, SIDE), ReconConfig(n_steps=10), noise_std=0)
     assert rec.diverged is None
+
+
+def test_cancel_is_honoured_inside_the_final_projection():
+    """Issue 17: the final projection runs up to 3 × 400 CG iterations, longer than many
+    sampler steps; a cancel raised after the last sampler step stops it within one CG
+    iteration (one forward and one adjoint projection)."""
+    from models.inverse import Cancelled, project_affine
+
+    op = from_spec({"modality": "ct", "image_size": 32, "n_views": 8})
+    g = torch.Generator().manual_seed(0)
+    y = op.forward(torch.rand(1, 1, 32, 32, generator=g))
+    sde = VESDE(0.01, 5.0, N=6)
+    armed = []
+    with pytest.raises(Cancelled, match="final projection"):
+        reconstruct(
+            op,
+            y,
+            _prior(sde, 32),
+            ReconConfig(n_steps=6),
+            noise_std=0,  # noiseless: the final projection runs
+            progress=lambda i, n: i == n and armed.append(i),
+            cancel=lambda: bool(armed),
+        )
+    forwards, flag = [0], []
+
+    class Counting:
+        def forward(self, x):
+            forwards[0] += 1
+            if forwards[0] == 5:
+                flag.append(forwards[0])
+            return op.forward(x)
+
+        def adjoint(self, v):
+            return op.adjoint(v)
+
+    with pytest.raises(Cancelled):
+        project_affine(Counting(), torch.zeros(1, 1, 32, 32), y, 400, cancel=lambda: bool(flag))
+    assert forwards[0] - flag[0] <= 1

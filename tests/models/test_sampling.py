@@ -148,3 +148,29 @@ def test_pc_sampler_with_fewer_steps_than_the_sde_discretisation(sde, predictor,
     )
     assert float(res.samples.std()) == pytest.approx(S0, rel=0.08)
     assert res.nfe == 200
+
+
+# The most score evaluations one step of each sampler makes (its NFE per step).
+STEP_NFE = {"pc": 2, "em": 1, "ancestral": 2, "ode": 2, "ode-rk45": 1, "ald": 1, "fast": 1}
+
+
+@pytest.mark.parametrize("name", sorted(STEP_NFE))
+def test_every_sampler_stops_within_one_step_of_a_cancel(name, rng):
+    """Issue 17: a cancel takes effect within one sampler step. The flag is raised inside a
+    score evaluation (mid-step); at most the rest of that step may run before Cancelled."""
+    from models.sampling.registry import sample
+
+    sde = VESDE(0.01, 5.0, N=50) if name != "ode-rk45" else VPSDE()
+    score, calls, flagged = gaussian_score(sde), [0], []
+
+    def counting(x, t):
+        calls[0] += 1
+        if calls[0] == 7 and not flagged:
+            flagged.append(calls[0])
+        return score(x, t)
+
+    with pytest.raises(Cancelled):
+        sample(
+            name, sde, counting, (16, 4), n_steps=50, generator=rng, cancel=lambda: bool(flagged)
+        )
+    assert 0 <= calls[0] - flagged[0] <= STEP_NFE[name], (name, calls[0], flagged)

@@ -12,12 +12,19 @@
 * patient data: a real site (gateway and Celery worker processes) runs, fails and refuses
   jobs that carry a DICOM's patient attributes; none of them reaches a log;
 * bandit finds nothing of medium or high severity that is not explained (docs/security.md);
+* containers (issue 17, part 1): HDF5 external storage, virtual datasets, soft and external
+  links, filter plugins and NPZ links are refused with a 4xx naming the measurement, and no
+  byte of the targeted server file reaches a response or anything stored;
 * forgery and headers (issue 17, part 3): a console POST (login and logout included) without
   the page's CSRF token, with a wrong one or from a foreign Origin is refused with 403 and
   sets no cookie; every form of every console page carries the token; API, console and docs
   answers carry Content-Security-Policy, X-Frame-Options, Referrer-Policy and
   X-Content-Type-Options; /metrics is closed by default and opens only with its token or
   from an allowed network.
+* fair use (issue 17): a job's cost is capped per request and per owner, an owner's queued
+  jobs are capped, another owner's small job waits at most one step of a large one
+  (embedded worker) or runs before the first owner's backlog (Celery), and a cancel takes
+  effect within one step.
 """
 
 from __future__ import annotations
@@ -37,12 +44,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -67,7 +76,7 @@ from models.measurements import MeasurementError, read_array
 from models.registry import ModelError, load_model, sha256_file
 from service.app import create_app
 from service.auth import authenticate, create_key, revoke_key
-from service.db import ApiKey
+from service.db import ApiKey, Job
 from service.oidc import OIDCVerifier
 from service.security import API_CSP, CONSOLE_CSP, docs_csp
 from service.settings import Settings
@@ -1167,7 +1176,7 @@ def test_bandit_finds_nothing_unexplained(record):
     assert not bare, bare
 
 
-# --- 8. containers that point outside the upload (issue 17, part 1) -------------------------
+# --- 7. containers that point outside the upload (issue 17, part 1) -------------------------
 def _stored_bytes(root: Path) -> bytes:
     """Every byte stored under ``root``."""
     return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
@@ -1224,7 +1233,7 @@ def test_hostile_containers_never_read_server_files(gw, tmp_path, record):
     )
 
 
-# --- 7. console forgery, security headers, /metrics (issue 17, part 3) ----------------------
+# --- 9. console forgery, security headers, /metrics (issue 17, part 3) ----------------------
 EVIL = "https://evil.example"
 METRICS_TOKEN = "metrics-" + "k" * 32
 
@@ -1653,3 +1662,289 @@ def test_trusted_origins_extend_the_console_origin(tmp_path):
     for bad in ("scorerecon.hospital.example", "https://x.example/ui", "ftp://x.example"):
         with pytest.raises(ValueError, match="is not an origin"):
             Settings(trusted_origins=[bad])
+
+
+# --- 8. fair use: one key starves everyone (issue 17, part 2) ------------------------------
+class Metronome:
+    """The tiny model with every score evaluation taking at least ``step_s``, recording
+    (batch size, start time) of each: jobs of different ``samples`` tell apart whose step
+    ran when. Installed as the embedded worker's prior loader."""
+
+    def __init__(self, step_s: float):
+        import workers.tasks
+
+        self.step_s, self.calls, self.lock = step_s, [], threading.Lock()
+        self.real = workers.tasks.load_prior
+
+    def load(self, model: str):
+        import dataclasses
+
+        prior = self.real(model)
+
+        def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self.lock:
+                self.calls.append((x.shape[0], time.monotonic()))
+            time.sleep(self.step_s)
+            return prior.score_fn(x, t)
+
+        return dataclasses.replace(prior, score_fn=score)
+
+    def count(self, batch: int, after: float = 0.0, before: float = float("inf")) -> int:
+        with self.lock:
+            return sum(1 for b, t in self.calls if b == batch and after < t < before)
+
+    def times(self, batch: int) -> list[float]:
+        with self.lock:
+            return [t for b, t in self.calls if b == batch]
+
+    def until(self, cond: Callable[[], bool], timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end, "timed out"
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def fair(tmp_path, monkeypatch):
+    """An in-process gateway (embedded worker, SQLite) with small per-owner limits, keys for
+    alice, bob, carol and an admin, and the metronome prior (``fair.metronome(step_s)``)."""
+    import workers.tasks
+
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        rate_limit_per_minute=10**6,
+        max_queued_per_owner=3,
+        max_owner_cost=10_000_000,
+        max_queue=20,
+    ).prepare()
+    tiny_model(settings.models)
+    app = create_app(settings)
+    keys = {
+        name: create_key(app.state.jobs, scopes, owner)[1]
+        for name, scopes, owner in [
+            ("alice", ["recon:submit", "recon:read"], "alice"),
+            ("bob", ["recon:submit", "recon:read"], "bob"),
+            ("carol", ["recon:submit", "recon:read"], "carol"),
+            ("admin", ["admin"], "ops"),
+        ]
+    }
+
+    def metronome(step_s: float) -> Metronome:
+        m = Metronome(step_s)
+        monkeypatch.setattr(workers.tasks, "load_prior", m.load)
+        return m
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        g = Gateway(client, app, settings, keys, {}, lambda **_: "")
+        g.metronome = metronome
+        client.event_hooks = {"response": [lambda r: (r.read(), g.seen.append(r))]}
+        yield g
+        with app.state.jobs.sessions() as s:
+            left = s.scalars(select(Job.id).where(Job.state.not_in(FINAL))).all()
+        for job_id in left:  # the client waits for every job when it closes
+            g.call("DELETE", f"/v1/jobs/{job_id}", keys["admin"])
+    app.state.jobs.engine.dispose()
+
+
+def _post(g: Gateway, who: str, **fields) -> httpx.Response:
+    return g.call("POST", "/v1/reconstructions", g.keys[who], **submit_form(**fields))
+
+
+def _state(g: Gateway, job_id: str) -> str:
+    return g.call("GET", f"/v1/jobs/{job_id}", g.keys["admin"]).json()["state"]
+
+
+def test_a_large_job_delays_another_owners_small_job_by_one_step_at_most(fair, record):
+    """Alice's long job (3 samples per evaluation, 3 000 Euler-Maruyama steps of ≥ 20 ms:
+    a minute alone) holds the only embedded worker. Bob's small job (1 sample, 20 steps)
+    starts at alice's next step and runs to its end before alice takes another step."""
+    m = fair.metronome(0.02)
+    big = _post(fair, "alice", sampler="em", nfe="3000", samples="3")
+    assert big.status_code == 202, big.text
+    m.until(lambda: m.count(3) >= 100)  # alice has used the worker for 2 s
+    t0 = time.monotonic()
+    small = _post(fair, "bob", sampler="em", nfe="20", samples="1")
+    assert small.status_code == 202, small.text
+    done = fair.wait(small.json()["id"], timeout=60)
+    turnaround = time.monotonic() - t0
+    b = m.times(1)
+    alice_meanwhile = m.count(3, t0, b[-1])
+    alice_state = _state(fair, big.json()["id"])
+    record(
+        "security",
+        "fair use: a large job against another owner's small one (embedded worker)",
+        tried=1,
+        outcome=f"bob's 20-step job started {b[0] - t0:.2f} s after submission and finished "
+        f"{turnaround:.1f} s after it; alice's job (3 000 steps of ≥ 20 ms) took "
+        f"{alice_meanwhile} step(s) meanwhile and was still {alice_state}",
+    )
+    assert done["state"] == "succeeded" and len(b) == 20
+    assert alice_meanwhile <= 1  # one Euler-Maruyama step: one evaluation
+    assert alice_state == "running" and turnaround < 20
+    assert fair.five_xx == 0
+
+
+def test_a_cancel_takes_effect_within_one_step_running_or_waiting(fair, record):
+    """A running job stops before its next step; a job waiting for its turn (paused for
+    another owner's) stops at once, without another step."""
+    m = fair.metronome(0.05)
+    a = _post(fair, "alice", sampler="em", nfe="2000", samples="3").json()["id"]
+    m.until(lambda: m.count(3) >= 40)
+    b = _post(fair, "bob", sampler="em", nfe="2000", samples="1").json()["id"]
+    m.until(lambda: m.count(1) >= 3)  # bob runs, alice waits for her turn
+    t_a, wall_a = time.monotonic(), datetime.now(UTC)
+    assert fair.call("DELETE", f"/v1/jobs/{a}", fair.keys["alice"]).status_code == 200
+    waiting = fair.wait(a, timeout=10)
+    bob_state = _state(fair, b)
+    t_b, wall_b = time.monotonic(), datetime.now(UTC)
+    assert fair.call("DELETE", f"/v1/jobs/{b}", fair.keys["bob"]).status_code == 200
+    running = fair.wait(b, timeout=10)
+
+    def after(job: dict, wall: datetime) -> float:
+        """Seconds from the DELETE to the job's final state, on the server's clock."""
+        end = datetime.fromisoformat(job["finished_at"])
+        return ((end if end.tzinfo else end.replace(tzinfo=UTC)) - wall).total_seconds()
+
+    record(
+        "security",
+        "fair use: cancel within one step (embedded worker)",
+        tried=2,
+        outcome=f"a job waiting for its turn was cancelled {after(waiting, wall_a):.3f} s "
+        f"after the DELETE, with {m.count(3, t_a)} more steps; a running one (steps of "
+        f"≥ 50 ms) {after(running, wall_b):.3f} s after, with {m.count(1, t_b)} more",
+    )
+    assert waiting["state"] == "cancelled" and m.count(3, t_a) == 0
+    assert bob_state == "running"
+    assert running["state"] == "cancelled" and m.count(1, t_b) <= 1
+    assert fair.five_xx == 0
+
+
+def _ct128() -> dict:
+    """A valid 128² CT submission for the bundled ct-default model."""
+    from models.physics import from_spec
+
+    spec = {"modality": "ct", "image_size": 128, "n_views": 23}
+    shape = (1, *from_spec(spec).measurement_shape())
+    data = {"spec": json.dumps(spec), "model": "ct-default", "sampler": "pc"}
+    return {"files": {"measurement": ("y.npy", _npy(np.zeros(shape, np.float32)))}, "data": data}
+
+
+def test_one_owner_cannot_fill_the_queue_or_take_every_worker(fair, record):
+    """Per request: nfe=5000 × samples=64 is refused naming the field and its maximum, the
+    project's defaults are not. Per owner: a fourth queued job and work over the owner's
+    cost are refused (429, Retry-After, the limit named); other owners still get in and run
+    while the first owner's long job and backlog wait."""
+    m = fair.metronome(0.02)
+    outcomes: dict[str, int] = {}
+    # Per request, with the default cap, on the bundled 128² model (the owners' cost cap is
+    # lifted for this part: it is about one request).
+    fair.settings.max_owner_cost = 10**12
+    form = _ct128()
+    huge = fair.call(
+        "POST",
+        "/v1/reconstructions",
+        fair.keys["alice"],
+        files=form["files"],
+        data={**form["data"], "nfe": "5000", "samples": "64"},
+    )
+    outcomes["nfe=5000 × samples=64 at 128²"] = huge.status_code
+    body = huge.json()
+    assert huge.status_code == 422 and body["field"] == "nfe", body
+    assert "SCORERECON_MAX_JOB_COST" in body["detail"] and "at most 286" in body["detail"]
+    assert huge.headers["content-type"] == "application/problem+json"
+    sampling = fair.call(
+        "POST",
+        "/v1/admin/sampling",
+        fair.keys["admin"],
+        json={"model": "tiny32", "steps": 5000, "n": 64},
+    )
+    outcomes["admin sampling 5000 steps × 64"] = sampling.status_code
+    assert sampling.status_code == 422 and sampling.json()["field"] == "steps", sampling.text
+    ok = fair.call(
+        "POST",
+        "/v1/reconstructions",
+        fair.keys["carol"],
+        files=form["files"],
+        data={**form["data"], "nfe": "1000", "samples": "8"},
+    )
+    outcomes["nfe=1000 × samples=8 at 128²"] = ok.status_code
+    assert ok.status_code == 202, ok.text  # admitted; cancelled at once below
+    fair.call("DELETE", f"/v1/jobs/{ok.json()['id']}", fair.keys["carol"])
+    assert fair.wait(ok.json()["id"], timeout=60)["state"] == "cancelled"
+    fair.settings.max_owner_cost = 10_000_000
+    # Per owner: alice's long job runs, three more wait; the next one is refused.
+    big = _post(fair, "alice", sampler="em", nfe="3000", samples="3")
+    m.until(lambda: m.count(3) >= 20)
+    backlog = [_post(fair, "alice") for _ in range(3)]
+    assert [r.status_code for r in backlog] == [202] * 3
+    over = _post(fair, "alice")
+    outcomes["alice's 4th queued job"] = over.status_code
+    assert over.status_code == 429 and int(over.headers["Retry-After"]) >= 1, over.text
+    assert "SCORERECON_MAX_QUEUED_PER_OWNER" in over.json()["detail"]
+    # Carol's work: 2 000 × 3 × 1 024 = 6.1·10⁶ fits her 10⁷, 4·10⁶ more does not.
+    carol = _post(fair, "carol", sampler="em", nfe="2000", samples="3")
+    more = _post(fair, "carol", sampler="em", nfe="1000", samples="4")
+    outcomes["carol over her cost"] = more.status_code
+    assert carol.status_code == 202 and more.status_code == 429, more.text
+    assert "SCORERECON_MAX_OWNER_COST" in more.json()["detail"] and more.headers["Retry-After"]
+    # Bob is not held up by either backlog.
+    t0 = time.monotonic()
+    bob = _post(fair, "bob")
+    outcomes["bob"] = bob.status_code
+    assert fair.wait(bob.json()["id"], timeout=60)["state"] == "succeeded"
+    bob_s = time.monotonic() - t0
+    waiting = [_state(fair, r.json()["id"]) for r in backlog]
+    record(
+        "security",
+        "fair use: job cost and per-owner queue limits",
+        tried=len(outcomes),
+        five_xx=fair.five_xx,
+        outcome=f"{outcomes}; bob's job finished in {bob_s:.1f} s while alice's long job "
+        f"was {_state(fair, big.json()['id'])} and her backlog {waiting}",
+    )
+    assert _state(fair, big.json()["id"]) == "running" and waiting == ["queued"] * 3
+    assert fair.five_xx == 0
+
+
+def test_celery_admits_each_owners_jobs_in_turn(tmp_path, record):
+    """A real site (gateway and one Celery worker process, no sweep): with
+    SCORERECON_OWNER_SLOTS=1 alice's second and third jobs wait in the database while her
+    first runs, so bob's job, submitted after all three, runs second; the worker that
+    finishes alice's job sends her next one."""
+    env = {"SCORERECON_OWNER_SLOTS": "1", "SCORERECON_RATE_LIMIT_PER_MINUTE": "1000000"}
+    with Site(tmp_path / "site", redis_db=13, env=env) as site:
+        tiny_model(site.home / "models")
+        alice, bob = (
+            site.key("recon:submit,recon:read", "alice"),
+            site.key("recon:submit,recon:read", "bob"),
+        )
+        site.start_gateway()
+        site.start_worker()
+        from service.db import JobStore
+
+        store = JobStore(f"sqlite:///{site.home / 'scorerecon.db'}")
+        with site.client(alice) as a, site.client(bob) as b:
+            form = submit_form(sampler="pc", nfe="1500")
+            ids = [a.post("/v1/reconstructions", **form).json()["id"] for _ in range(3)]
+            small = b.post("/v1/reconstructions", **submit_form()).json()["id"]
+            held = [store.get(i).sent_at is None for i in [*ids, small]]
+            end = time.monotonic() + 300
+            while any(store.get(i).state not in FINAL for i in [*ids, small]):
+                assert time.monotonic() < end, "jobs did not finish"
+                time.sleep(0.2)
+        rows = {i: store.get(i) for i in [*ids, small]}
+        store.engine.dispose()
+        site.stop_all()
+    order = sorted(rows, key=lambda i: rows[i].started_at)
+    names = {ids[0]: "alice 1", ids[1]: "alice 2", ids[2]: "alice 3", small: "bob"}
+    record(
+        "security",
+        "fair use: per-owner admission to the Celery broker",
+        tried=4,
+        outcome=f"held in the database at submission: {held}; ran in the order "
+        f"{[names[i] for i in order]}; states {[rows[i].state for i in order]}",
+    )
+    assert held == [False, True, True, False]
+    assert [names[i] for i in order] == ["alice 1", "bob", "alice 2", "alice 3"]
+    assert all(r.state == "succeeded" for r in rows.values())
