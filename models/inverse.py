@@ -259,8 +259,9 @@ def _resolve_method(op: LinearOperator, config: ReconConfig) -> str:
 class _ImageDomain:
     """Between the sampler's real images u and the operator's images x.
 
-    CT: x = u. MRI: x = (u + i v) e^{iφ} with φ from the calibration lines, fixed, and v the
-    quadrature part, updated by every data-consistency step (one per posterior sample).
+    CT: x = u. MRI: x = (u + i v) e^{iφ} with φ from the calibration lines, fixed; the prior
+    estimate of v, the quadrature part, is zero, and each data-consistency step's v is kept
+    (one per posterior sample) for the magnitude and phase of the result.
     """
 
     def __init__(self, op: LinearOperator, y: torch.Tensor):
@@ -268,18 +269,22 @@ class _ImageDomain:
         self.phase = self.v = None
         if self.complex:
             low = op.low_resolution(y) if hasattr(op, "low_resolution") else op.adjoint_complex(y)
-            mag = low.abs()
-            floor = 1e-3 * mag.flatten(1).amax(dim=1).clamp_min(1e-30)
-            unit = torch.where(mag > per_sample(floor, mag), low / mag.clamp_min(1e-30), 1.0)
-            self.phase = unit.to(torch.complex64)
+            self.phase = _smooth_phase(low)
             self.v = torch.zeros(low.shape, dtype=torch.float32)
 
     def join(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.complex(u, self.v) * self.phase if self.complex else u
+        """The complex image whose in-phase part is ``u`` and whose quadrature part is its
+        prior estimate, zero: a smooth-phase image has none (phase-constrained). Only the
+        data put some back, in each step's correction (kept in ``v`` for the result)."""
+        return torch.complex(u, torch.zeros_like(u)) * self.phase if self.complex else u
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
+        """u from a data-consistent complex image, whose smoothed phase then replaces φ:
+        as the image sharpens, so does the phase estimate (first from the calibration
+        lines alone)."""
         if not self.complex:
             return x
+        self.phase = _smooth_phase(x, keep=float("inf"), fallback=self.phase)
         w = x * self.phase.conj()
         self.v = w.imag.to(torch.float32)
         return w.real.to(torch.float32)
@@ -289,6 +294,28 @@ class _ImageDomain:
 
     def angle(self, u: torch.Tensor) -> torch.Tensor | None:
         return self.join(u).angle() if self.complex else None
+
+
+def _smooth_phase(
+    low: torch.Tensor, keep: float = 0.05, fallback: torch.Tensor | None = None
+) -> torch.Tensor:
+    """e^{iφ} from a low-resolution complex image: its own phase where its magnitude exceeds
+    ``keep`` of the peak; elsewhere (background, and the small negative lobes a low-pass
+    leaves beside edges, whose phase would flip by π) the phase of a much smoother version,
+    which carries the object's smooth phase out into those pixels (``keep`` = ∞: the smooth
+    phase everywhere; ``fallback`` where even that has no magnitude)."""
+    from models.physics.mri import fft2c, ifft2c
+
+    n = low.shape[-1]
+    f = torch.fft.fftshift(torch.fft.fftfreq(n)) * n
+    radius2 = f[:, None] ** 2 + f[None, :] ** 2
+    smooth = ifft2c(fft2c(low) * torch.exp(-radius2 / (2 * (n / 32) ** 2)))
+    peak = per_sample(low.abs().flatten(1).amax(dim=1).clamp_min(1e-30), low)
+    unit_low = low / low.abs().clamp_min(1e-30)
+    unit_smooth = smooth / smooth.abs().clamp_min(1e-30)
+    default = torch.ones_like(unit_smooth) if fallback is None else fallback
+    unit = torch.where(smooth.abs() > 1e-6 * peak, unit_smooth, default)
+    return torch.where(low.abs() > keep * peak, unit_low, unit).to(torch.complex64)
 
 
 def reconstruct(

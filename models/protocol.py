@@ -122,3 +122,31 @@ def fine_slices(modality: str, split: str, size: int, count: int | None = None) 
     if count is not None and count < len(arr):
         arr = arr[torch.linspace(0, len(arr) - 1, count).round().long()]
     return arr
+
+
+# The strongest classical method per modality, and the TV weights its tuning tries.
+CLASSICAL = {"ct": "fista-tv", "mri": "cs-tv"}
+TV_WEIGHTS = {"ct": (0.01, 0.03, 0.1, 0.3), "mri": (1e-3, 3e-3, 1e-2, 3e-2)}
+TV_ITERATIONS = 300
+
+
+def classical(sim: Simulated, modality: str, weight: float) -> torch.Tensor:
+    """FISTA-TV (CT) or CS-TV on the complex image (MRI) at ``weight``; (N, 1, n, n) in [0, 1]."""
+    from models.baselines import fista_tv
+
+    with torch.no_grad():
+        x = fista_tv(sim.operator, sim.y, weight, TV_ITERATIONS)
+    return (x.abs() if x.is_complex() else x).clamp(0, 1)
+
+
+def tune_classical(sim: Simulated, modality: str) -> tuple[float, float]:
+    """The TV weight with the best mean PSNR on ``sim`` (validation), and that PSNR."""
+    from models.metrics import psnr
+
+    best = (float("nan"), -math.inf)
+    for weight in TV_WEIGHTS[modality]:
+        x = classical(sim, modality, weight)
+        score = sum(psnr(x[i], sim.reference[i]) for i in range(len(x))) / len(x)
+        if score > best[1]:
+            best = (weight, score)
+    return best

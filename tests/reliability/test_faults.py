@@ -52,7 +52,7 @@ def test_worker_killed_mid_job_at_random_points(tmp_path, database, record):
         ids, mid_job = [], 0
         with site.client(key) as c:
             for _ in range(rounds):
-                victim = submit(c, sampler="pc", nfe="600")
+                victim = submit(c, sampler="fast", nfe="600")
                 ids += [victim, submit(c)]  # and one queued behind it
                 wait_running(c, victim)
                 time.sleep(rng.uniform(0.0, 3.0))  # loading, sampling, storing or done
@@ -119,7 +119,7 @@ def test_redis_restarted_with_jobs_queued(tmp_path, database, record):
             ids, refused, unready = [], 0, 0
             with site.client(key) as c:
                 for _ in range(restarts):
-                    ids += [submit(c, sampler="pc", nfe="300") for _ in range(4)]  # queued
+                    ids += [submit(c, sampler="fast", nfe="300") for _ in range(4)]  # queued
                     stop(redis_proc, signal.SIGKILL)  # their messages are gone
                     for _ in range(2):  # submissions while the broker is down still land
                         try:
@@ -225,7 +225,7 @@ def test_database_connections_dropped(tmp_path, database, record):
         site.start_worker(queues="gpu")
         five_xx, statuses = 0, []
         with site.client(key) as c:
-            ids = [submit(c, sampler="pc", nfe="600") for _ in range(3)]
+            ids = [submit(c, sampler="fast", nfe="600") for _ in range(3)]
             wait_running(c, ids[0])
             for _ in range(drops):
                 with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres") as admin:
@@ -331,7 +331,7 @@ def test_poison_job_that_kills_its_worker(tmp_path, database, record):
         site.start_worker(queues="cpu", beat=True)
         gpu = site.start_worker(queues="gpu")
         with site.client(key) as c:
-            poison = submit(c, sampler="pc", nfe="3000")
+            poison = submit(c, sampler="fast", nfe="3000")
             kills = 0
             for attempt in range(1, 5):  # 1 + SCORERECON_MAX_RETRIES
                 wait_running(c, poison, attempt=attempt)

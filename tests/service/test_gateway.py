@@ -144,7 +144,7 @@ def test_listing_is_paginated_filtered_and_private(gateway):
 
 def test_cancellation_of_queued_and_running_jobs(gateway):
     client, keys, _ = gateway
-    slow = submit(client, keys["alice"], nfe="4000", sampler="pc").json()
+    slow = submit(client, keys["alice"], nfe="4000", sampler="fast").json()
     queued = submit(client, keys["alice"]).json()  # one embedded worker: this one waits
     r = client.delete(f"/v1/jobs/{queued['id']}", headers=auth(keys["alice"]))
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
@@ -357,7 +357,7 @@ def test_rate_limit_and_admission_control(settings):
     app = create_app(settings)
     key = create_key(app.state.jobs, ["recon:submit", "recon:read"], "bob")[1]
     with TestClient(app) as client:
-        first = submit(client, key, sampler="pc", nfe="4000")  # occupies the worker
+        first = submit(client, key, sampler="fast", nfe="4000")  # occupies the worker
         second = submit(client, key)  # waits in the queue
         third = submit(client, key)
         assert first.status_code == 202 and second.status_code == 202

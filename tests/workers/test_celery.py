@@ -104,7 +104,7 @@ def test_jobs_run_on_real_workers_and_survive_a_killed_worker(env):
             assert failed["state"] == "failed" and "image_size" in failed["error"]
             assert failed["attempts"] == 1
             # Kill the worker mid-job; a new worker and the sweep finish it, once.
-            slow = submit(client, key, sampler="pc", nfe="3000").json()
+            slow = submit(client, key, sampler="fast", nfe="3000").json()
             end = time.monotonic() + 60
             while (
                 client.get(f"/v1/jobs/{slow['id']}", headers=auth(key)).json()["progress"]["step"]
@@ -122,7 +122,7 @@ def test_jobs_run_on_real_workers_and_survive_a_killed_worker(env):
             done = wait(client, key, slow["id"], timeout=120)
             assert done["state"] == "succeeded" and done["attempts"] == 2
             # Cancel a running job (it stops at its next step) and a queued one behind it.
-            running = submit(client, key, sampler="pc", nfe="3000").json()
+            running = submit(client, key, sampler="fast", nfe="3000").json()
             queued = submit(client, key).json()
             end = time.monotonic() + 60
             while (
