@@ -7,7 +7,6 @@ Needs the real data (``make realdata``, which ``make test`` runs); skipped with 
 where they could not be fetched.
 """
 
-import statistics
 
 import pytest
 
