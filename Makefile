@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/priors.py
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/quality_real.py
 	$(PY) benchmarks/reliability.py
 	$(PY) benchmarks/gateway.py
 	$(PY) benchmarks/queue_latency.py

@@ -79,7 +79,9 @@ def test_busy_owners_take_turns_step_by_step_and_one_owners_jobs_keep_their_orde
     for x, y in zip(owners, owners[1:], strict=False):
         runs = runs + 1 if x == y else 1
         longest = max(longest, runs)
-    assert longest <= 3, owners  # turns of a step or two, not whole jobs
+    # Turns of a few steps (use is measured in slot-seconds: on a loaded machine a step
+    # can take longer than the next), never whole jobs of 30 steps.
+    assert longest <= 6, owners
 
 
 def test_two_slots_serve_two_owners_at_once():
