@@ -45,7 +45,7 @@ TASKS = {
     "ct-poisson": ("ct-sparse", 23, "poisson:1e5", "ct-default"),
     "mri": ("mri", 8, "complex:0.01", "mri-default"),
 }
-GRID = {"rho": (0.1, 0.3, 1.0), "eta": (0.5, 0.85)}
+GRID = {"rho": (0.3, 1.0), "eta": (0.5, 0.85)}
 NFE = 100
 
 

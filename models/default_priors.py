@@ -240,6 +240,7 @@ def train_default(
     )
     card = {
         "name": name,
+        "modality": "ct" if recipe.modality == "ct" else "mri",
         "image_size": recipe.image_size,
         "intensity": recipe.intensity,
         "training_data": sources,
