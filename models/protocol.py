@@ -126,7 +126,7 @@ def fine_slices(modality: str, split: str, size: int, count: int | None = None) 
 
 # The strongest classical method per modality, and the TV weights its tuning tries.
 CLASSICAL = {"ct": "fista-tv", "mri": "cs-tv"}
-TV_WEIGHTS = {"ct": (0.01, 0.03, 0.1, 0.3), "mri": (1e-3, 3e-3, 1e-2, 3e-2)}
+TV_WEIGHTS = {"ct": (0.03, 0.1, 0.3, 1.0, 3.0), "mri": (3e-3, 1e-2, 3e-2, 0.1, 0.3)}
 TV_ITERATIONS = 300
 
 

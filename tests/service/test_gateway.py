@@ -2,6 +2,7 @@
 pagination, cancellation, the auth matrix and the audit trail."""
 
 import io
+import json
 import time
 import zipfile
 
@@ -9,6 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from models.physics import from_spec
+from models.physics.mri import calibration_lines
 from tests.service.conftest import CT_SPEC, METRICS_TOKEN, auth, ct_measurement
 
 
@@ -371,8 +374,6 @@ def test_kspace_as_fastmri_hdf5_is_accepted_and_garbage_hdf5_refused(gateway):
     import h5py
     import torch
 
-    from models.physics import from_spec
-
     client, keys, _ = gateway
     spec = (
         '{"modality": "mri", "image_size": 32, "mask": {"kind": "equispaced", "acceleration": 4}}'
@@ -469,3 +470,48 @@ def test_training_on_an_uploaded_archive(gateway):
     assert done["state"] == "succeeded", done
     card = client.get("/v1/models/uploaded-ct", headers=auth(keys["alice"])).json()
     assert card["training_data"]["source"] == {"dataset": dataset["id"]}
+
+
+def test_solver_settings_that_cannot_hold_are_refused_naming_the_field(gateway, settings):
+    """Issue 18: a mask that cannot reach its stated acceleration, a noise level that is
+    negative or not finite, k-space whose calibration lines are all zero, and a model of the
+    other modality are each a 422 naming the field; nothing is stored."""
+    client, keys, _ = gateway
+    mri = {"modality": "mri", "image_size": 32}
+    k = np.zeros((1, 32, 8), np.complex64)
+    k[..., :] = 1.0 + 1.0j
+    mri_spec = {**mri, "mask": {"kind": "equispaced", "acceleration": 4, "center_fraction": 0.08}}
+    zero_centre = k.copy()
+    mask = from_spec(mri_spec).mask
+    measured = mask.any(dim=0).nonzero().flatten().tolist()
+    zero_centre[..., [measured.index(int(c)) for c in calibration_lines(mask)]] = 0
+    cases = [
+        ("spec", {**mri, "mask": {"kind": "equispaced", "acceleration": 24}}, k, "center_fraction"),
+        (
+            "spec",
+            {"modality": "ct", "image_size": 32, "n_views": 8, "noise_std": -1},
+            None,
+            "noise_std",
+        ),
+        (
+            "spec",
+            '{"modality": "ct", "image_size": 32, "n_views": 8, "noise_std": Infinity}',
+            None,
+            "noise_std",
+        ),
+        ("measurement", mri_spec, zero_centre, "calibration lines"),
+        ("model", mri_spec, k, "CT prior"),
+    ]
+    before = client.get("/v1/jobs", headers=auth(keys["alice"])).json()
+    for field, spec, data, words in cases:
+        raw = None
+        if data is not None:
+            buf = io.BytesIO()
+            np.save(buf, data)
+            raw = buf.getvalue()
+        text = spec if isinstance(spec, str) else json.dumps(spec)
+        model = "ct-default" if field == "model" else "tiny32"
+        r = submit(client, keys["alice"], raw, spec=text, model=model)
+        assert r.status_code == 422, (words, r.text)
+        assert r.json()["field"] == field and words in r.json()["detail"], r.text
+    assert client.get("/v1/jobs", headers=auth(keys["alice"])).json() == before
