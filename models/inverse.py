@@ -289,11 +289,15 @@ class _ImageDomain:
         self.v = w.imag.to(torch.float32)
         return w.real.to(torch.float32)
 
+    def image(self, u: torch.Tensor) -> torch.Tensor:
+        """The image the last data-consistency step left: (u + i v) e^{iφ} (MRI), u (CT)."""
+        return torch.complex(u, self.v) * self.phase if self.complex else u
+
     def magnitude(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.complex(u, self.v).abs() if self.complex else u
+        return self.image(u).abs() if self.complex else u
 
     def angle(self, u: torch.Tensor) -> torch.Tensor | None:
-        return self.join(u).angle() if self.complex else None
+        return self.image(u).angle() if self.complex else None
 
 
 def _smooth_phase(
@@ -425,7 +429,7 @@ def reconstruct(
     u = res.samples
     noiseless = bool((sigma_rep == 0).all())
     if noiseless and config.final_projection:
-        x = project_affine(op, domain.join(u), y_rep, config.final_cg_iters, cancel=cancel)
+        x = project_affine(op, domain.image(u), y_rep, config.final_cg_iters, cancel=cancel)
         u = domain.split(x)
     elif not noiseless and config.sampler != "fast" and method != "proximal":
         # A last MAP step at the smallest noise level (the fast sampler ended with one).
@@ -439,7 +443,7 @@ def reconstruct(
     if domain.complex:
         phase = domain.angle(u).reshape(b, k, n, n)[:, :1]
     with torch.no_grad():
-        fitted = domain.join(u).reshape(b, k, 1, n, n).mean(dim=1) if domain.complex else mean
+        fitted = domain.image(u).reshape(b, k, 1, n, n).mean(dim=1) if domain.complex else mean
         r = op.forward(fitted) - y
     residual = [
         math.sqrt(float(real_inner(r[i], r[i])) / max(float(real_inner(y[i], y[i])), 1e-30))
