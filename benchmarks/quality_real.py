@@ -20,7 +20,6 @@ Writes docs/benchmarks/quality_real.{md,json} and quality_real_<task>.png.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import statistics
@@ -38,6 +37,7 @@ from models.inverse import Prior, ReconConfig, reconstruct  # noqa: E402
 from models.metrics import psnr, ssim  # noqa: E402
 from models.protocol import CLASSICAL, classical, fine_slices, simulate, tune_classical  # noqa: E402
 from models.registry import BUNDLED, update_card  # noqa: E402
+from models.tuning import grid_search  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 TASKS = {
@@ -56,22 +56,6 @@ def score(prior: Prior, sim, modality: str, config: ReconConfig, i: int):
     return rec.mean[0].clamp(0, 1), time.perf_counter() - t0, rec.nfe, rec.noise_std_used[0]
 
 
-def tune_score(prior: Prior, sim, modality: str) -> dict:
-    """A grid over ρ and η on the validation measurements; the best by mean PSNR."""
-    best: dict = {"psnr": -1.0}
-    for rho, eta in itertools.product(GRID["rho"], GRID["eta"]):
-        cfg = ReconConfig(sampler="fast", n_steps=NFE, rho=rho, eta=eta)
-        values = [
-            psnr(score(prior, sim, modality, cfg, i)[0], sim.reference[i])
-            for i in range(len(sim.y))
-        ]
-        mean = statistics.fmean(values)
-        print(f"  tune rho={rho} eta={eta}: {mean:.2f} dB", flush=True)
-        if mean > best["psnr"]:
-            best = {"sampler": "fast", "nfe": NFE, "rho": rho, "eta": eta, "psnr": mean}
-    return best
-
-
 def run(name: str, n: int, n_val: int, tune: bool) -> dict:
     task, level, noise, model = TASKS[name]
     modality = "ct" if task.startswith("ct") else "mri"
@@ -83,7 +67,7 @@ def run(name: str, n: int, n_val: int, tune: bool) -> dict:
         f"{name}: {CLASSICAL[modality]} weight {weight} ({val_classical:.2f} dB on val)", flush=True
     )
     if tune:
-        best = tune_score(prior, val, modality)
+        best = grid_search(prior, val, GRID, NFE)
         card = {**(prior.card.get("recon") or {})}
         card[modality] = {
             **best,

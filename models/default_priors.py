@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from models.io import HUMapping
 from models.nets.ncsnpp import build
+from models.nets.patch import PatchPrior, from_whole_image
 from models.phantoms import ct_phantoms, mri_phantoms
-from models.registry import BUNDLED, WEIGHTS, load_card
+from models.registry import BUNDLED, CARD, WEIGHTS, load_card, load_model
 from models.sde import VESDE, sigma_max_from_data
 from models.training import Cancelled, TrainConfig, fit_prior
 
@@ -93,6 +94,8 @@ def _mri_data(n: int, size: int, split: str) -> torch.Tensor:
     return torch.cat([mni.repeat(reps, 1, 1, 1), phantoms])
 
 
+ARCHS = ("whole", "patch")
+PATCH_SIZE = 32  # of a patch prior at 128² (PaDIS uses ~1/4.5 of the image side)
 REAL_FRACTION = 0.25  # share of the training set that the real slices are repeated to
 
 
@@ -199,10 +202,34 @@ def train_default(
     out: Path = BUNDLED,
     figures: Path = ROOT / "docs" / "models",
     real_data: bool = False,
+    arch: str = "whole",
+    model_dir: Path | None = None,
+    patch_size: int = PATCH_SIZE,
 ) -> int:
     """Train ``name`` until ``steps`` (total, this run's) or ``hours`` of wall time; with
-    ``real_data``, on the recipe's data plus the train split of the fetched real data."""
+    ``real_data``, on the recipe's data plus the train split of the fetched real data.
+
+    ``arch="patch"`` trains a PaDIS patch prior (models/nets/patch.py) instead of the
+    whole-image network; a new one warm-starts from the bundled whole-image weights.
+    ``model_dir`` (default: the bundled ``models/priors/<name>``) is where the model goes; a
+    candidate trained elsewhere keeps its checkpoint in ``runs/<its folder name>`` and its
+    figures beside it, so the shipped prior is untouched until it is chosen.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     recipe = RECIPES[name]
+    bundled = model_dir is None
+    model_dir = out / name if model_dir is None else Path(model_dir)
+    if not bundled:
+        figures = model_dir
+    if (model_dir / CARD).exists():
+        held = load_card(model_dir).get("architecture", {}).get("name")
+        kind = "patch" if held == "ncsnpp-patch" else "whole"
+        if kind != arch:
+            raise ValueError(
+                f"{model_dir} holds a {kind} prior; train it with --arch {kind}, or pass "
+                f"--out with a new folder for a {arch} prior"
+            )
     data = recipe.training_data("train", real=real_data)
     sources = list(recipe.data)
     if real_data:
@@ -212,8 +239,7 @@ def train_default(
             e | {"share": f"repeated to ~{REAL_FRACTION:.0%} of the training set"}
             for e in training_sources("train", recipe.modality)
         ]
-    ckpt = runs / name / "checkpoint.safetensors"
-    model_dir = out / name
+    ckpt = runs / model_dir.name / "checkpoint.safetensors"
     previous_steps, previous_wall = 0, 0.0
     if (model_dir / "card.json").exists():
         card = load_card(model_dir)
@@ -223,12 +249,24 @@ def train_default(
         # clone) training warm-starts from the shipped weights and counts on from them.
         key = "steps_before_run" if ckpt.exists() else "total_steps"
         previous_steps = int(card.get(key, 0))
+    elif arch == "patch" and (out / name / CARD).exists():
+        # A new patch prior starts from the whole-image prior: its SDE, weights and history.
+        whole, sde, card = load_model(out / name)
+        previous_steps = int(card.get("total_steps", 0))
+        previous_wall = float(card.get("wall_time_s_total", 0.0))
     else:
         sde = VESDE(0.01, sigma_max_from_data(data))
     net = build(recipe.preset, sde.sigma)
+    if arch == "patch":
+        if not (model_dir / WEIGHTS).exists() and not ckpt.exists() and previous_steps:
+            net = from_whole_image(whole)
+            print(f"patch prior warm-started from the whole-image {name} ({previous_steps} steps)")
+        else:
+            net = from_whole_image(net)
+        net = PatchPrior(net, patch_size)
     if not ckpt.exists() and (model_dir / WEIGHTS).exists():
         net.load_state_dict(load_file(str(model_dir / WEIGHTS)))
-        print(f"warm start from the bundled {name} ({previous_steps} steps)")
+        print(f"warm start from {model_dir} ({previous_steps} steps)")
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -292,6 +330,20 @@ def add_commands(sub) -> None:
         action="store_true",
         help="add the train split of the fetched real data (scorerecon data fetch)",
     )
+    p.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="whole",
+        help="whole-image NCSN++ or a PaDIS patch prior (warm-started from the whole-image one)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="model directory to train (default: the bundled models/priors/NAME); a candidate "
+        "trained elsewhere leaves the shipped prior untouched",
+    )
+    p.add_argument("--patch-size", type=int, default=PATCH_SIZE)
     p.set_defaults(func=_cmd)
 
 
@@ -305,4 +357,7 @@ def _cmd(args: argparse.Namespace) -> int:
         args.batch_size,
         bf16=args.bf16,
         real_data=args.real_data,
+        arch=args.arch,
+        model_dir=args.out,
+        patch_size=args.patch_size,
     )

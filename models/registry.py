@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from models.losses import ncsn_sigmas
 from models.nets.ncsn import NCSN
 from models.nets.ncsnpp import NCSNpp, NetConfig
+from models.nets.patch import PatchPrior
 from models.sde import SDE, SDES, VESDE, ScoreFn
 
 WEIGHTS, CARD = "weights.safetensors", "card.json"
@@ -69,9 +70,11 @@ def sde_from_dict(d: dict) -> SDE:
     return SDES[params.pop("kind")](**params)
 
 
-def _architecture(net: NCSNpp | NCSN) -> dict:
+def _architecture(net: NCSNpp | NCSN | PatchPrior) -> dict:
     if isinstance(net, NCSN):
         return {"name": "ncsn", "n_sigmas": len(net.sigmas), **net.config.to_dict()}
+    if isinstance(net, PatchPrior):
+        return {"name": "ncsnpp-patch", "patch_size": net.patch, **net.config.to_dict()}
     return {"name": "ncsnpp", **net.config.to_dict()}
 
 
@@ -159,7 +162,7 @@ def card_modality(card: dict, name: str = "") -> str | None:
     return None
 
 
-def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN, SDE, dict]:
+def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN | PatchPrior, SDE, dict]:
     """Load a model (directory or bundled name), verifying the weights' sha256 against the card."""
     directory = resolve(directory)
     card = load_card(directory)
@@ -172,7 +175,9 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN, SDE, 
     if sha256_file(wpath) != card.get("weights_sha256"):
         raise ModelError(f"{directory}: weights do not match the sha256 in {CARD}; re-export")
     sde = sde_from_dict(card["sde"])
-    arch = {k: v for k, v in card["architecture"].items() if k not in ("name", "n_sigmas")}
+    arch = {
+        k: v for k, v in card["architecture"].items() if k not in ("name", "n_sigmas", "patch_size")
+    }
     for key in ("channel_mult", "attention_levels"):
         arch[key] = tuple(arch[key])
     if card["architecture"].get("name") == "ncsn":
@@ -181,6 +186,8 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN, SDE, 
     else:
         sigma_fn = getattr(sde, "sigma", None) if arch.get("embedding") == "fourier" else None
         net = NCSNpp(NetConfig(**arch), sigma_fn)
+        if card["architecture"].get("name") == "ncsnpp-patch":
+            net = PatchPrior(net, int(card["architecture"]["patch_size"]))
     net.load_state_dict(load_file(str(wpath), device="cpu"))
     net.eval()
     if device is not None:

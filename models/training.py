@@ -28,6 +28,7 @@ from models.io import save_png
 from models.losses import ImportanceSampler, objective_loss
 from models.nets.ncsn import NCSN
 from models.nets.ncsnpp import NCSNpp
+from models.nets.patch import PatchPrior, random_patches
 from models.registry import save_model, score_fn_of, time_conditioned
 from models.sampling.registry import sample
 from models.sde import SDE
@@ -51,6 +52,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for forward/backward; weights and Adam stay fp32
     importance_sampling: bool = False
     checkpoint_every: int = 200
+    patches_per_image: int = 8  # random crops per image and step, for a patch prior (PaDIS)
     seed: int = 0
     loss_log_every: int = 10
 
@@ -165,6 +167,9 @@ def train(
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must divide among {world} processes")
     trained = net
+    patches = isinstance(net, PatchPrior)
+    if patches and world > 1:
+        raise ValueError("a patch prior trains in one process (no data parallelism yet)")
     if world > 1:
         # Every rank draws the same global batch and noise, keeps its shard, and DDP
         # averages the gradients: the update equals one process on the whole batch.
@@ -186,11 +191,15 @@ def train(
         batch = data[idx]
         if config.augment:
             batch = augment(batch, gen)
+        score_fn = model
+        if patches:
+            batch, pos = random_patches(batch, net.patch, config.patches_per_image, gen)
+            score_fn = lambda x, t, pos=pos: net.patch_score(x, pos, t)  # noqa: E731
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
         with torch.autocast(batch.device.type, torch.bfloat16, enabled=config.bf16):
             loss = objective_loss(
-                model, sde, batch, config.objective, sampler, generator=gen, shard=(rank, world)
+                score_fn, sde, batch, config.objective, sampler, generator=gen, shard=(rank, world)
             ).float()
         value = _global_mean(loss.detach(), world)
         if not math.isfinite(value):

@@ -10,13 +10,14 @@ sampler's ρ (error scale of the map step) and η (fresh noise); PC's λ and r.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 
 import torch
 
 from models.inverse import Prior, ReconConfig, reconstruct, steps_for_nfe
 from models.metrics import psnr
-from models.protocol import simulate
+from models.protocol import Simulated, simulate
 
 # The noise the validation measurements carry, by modality (see models/protocol.py).
 DEFAULT_NOISE = {"ct": "gaussian:0.005", "mri": "complex:0.01"}
@@ -82,3 +83,29 @@ def tune(
         "level": level,
         "noise": noise,
     }
+
+
+def grid_search(
+    prior: Prior, sim: Simulated, grid: dict[str, tuple], nfe: int = 100, log: bool = True
+) -> dict:
+    """The fast sampler's settings from ``grid`` (e.g. ``{"rho": (0.3, 1.0), "eta": (0.5,
+    0.85)}``) with the best mean PSNR on the validation measurements ``sim``; a few points
+    where Bayesian optimisation (:func:`tune`) would cost too much."""
+    best: dict = {"psnr": -float("inf")}
+    for values in itertools.product(*grid.values()):
+        settings = dict(zip(grid, values, strict=True))
+        cfg = ReconConfig(sampler="fast", **settings)
+        cfg.n_steps = steps_for_nfe(cfg, nfe)
+        scores = [
+            psnr(
+                reconstruct(sim.operator, sim.y[i : i + 1], prior, cfg, 1, i).mean[0].clamp(0, 1),
+                sim.reference[i],
+            )
+            for i in range(len(sim.y))
+        ]
+        mean = statistics.fmean(scores)
+        if log:
+            print(f"  {prior.name} {settings}: {mean:.2f} dB", flush=True)
+        if mean > best["psnr"]:
+            best = {"sampler": "fast", "nfe": nfe, **settings, "psnr": mean}
+    return best

@@ -29,6 +29,7 @@ class NetConfig:
     scale_by_sigma: bool = True
     dropout: float = 0.0
     in_channels: int = 1
+    out_channels: int | None = None  # None: as many as in_channels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,7 +166,7 @@ class NCSNpp(nn.Module):
             if lvl != 0:
                 self.up.append(ResBlock(cur, cur, temb, config.dropout, "up"))
         self.norm_out = _norm(cur)
-        self.conv_out = nn.Conv2d(cur, config.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(cur, config.out_channels or config.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 

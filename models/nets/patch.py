@@ -1,0 +1,125 @@
+"""A patch-based score prior (PaDIS: Hu, Song, Xu, Shen & Fessler, NeurIPS 2024).
+
+The network sees P×P patches together with two position channels (the patch pixels' row
+and column in image coordinates, scaled so the image spans [−1, 1]). The whole-image prior
+is the product of patch priors over a partition of the zero-padded image, so its score is
+the patch scores tiled back together. The partition is shifted at random at every call,
+which spreads the patch seams over the image as sampling proceeds.
+
+Why: a few real volumes are a small data set, and a 128² image holds ~25 distinct 32²
+patches at every shift, so the patch network sees far more distinct training examples for
+the same data and compute; and the same network applies at any image size (256², 512²).
+
+Zero padding is part of the distribution the network learns: a training patch may reach
+past the image into zeros (air), and at sampling time the padded region of x_t is filled
+with fresh N(0, σ(t)²) noise, the marginal of a zero background at time t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.nets.ncsnpp import NCSNpp
+
+
+def positions(
+    top: torch.Tensor, left: torch.Tensor, patch: int, height: int, width: int
+) -> torch.Tensor:
+    """(B, 2, P, P) row and column coordinates of patches whose top-left pixels are
+    ``(top, left)`` in an image of ``height × width``; pixel centres of the image span
+    (−1, 1), the padding lies beyond."""
+    r = torch.arange(patch, dtype=torch.float32)
+    rows = (top[:, None].float() + r[None] + 0.5) / height * 2 - 1
+    cols = (left[:, None].float() + r[None] + 0.5) / width * 2 - 1
+    return torch.stack(
+        [
+            rows[:, :, None].expand(-1, patch, patch),
+            cols[:, None, :].expand(-1, patch, patch),
+        ],
+        1,
+    )
+
+
+def random_patches(
+    images: torch.Tensor, patch: int, per_image: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_image`` random P×P crops of each zero-padded image, with their positions.
+
+    Top-left corners are drawn uniformly from [−(P−1), N] on each axis: exactly the corners a
+    shifted partition of the padded image produces at sampling time (see :class:`PatchPrior`).
+    """
+    b, c, h, w = images.shape
+    n = b * per_image
+    src = images.repeat_interleave(per_image, 0)
+    top = torch.randint(-(patch - 1), h + 1, (n,), generator=generator)
+    left = torch.randint(-(patch - 1), w + 1, (n,), generator=generator)
+    padded = nn.functional.pad(src, (patch, patch, patch, patch))
+    r = (top + patch)[:, None] + torch.arange(patch)[None]  # (n, P) rows in the padded image
+    q = (left + patch)[:, None] + torch.arange(patch)[None]
+    idx = torch.arange(n)[:, None, None]
+    crops = padded.permute(0, 2, 3, 1)[idx, r[:, :, None], q[:, None, :]].permute(0, 3, 1, 2)
+    return crops.contiguous(), positions(top, left, patch, h, w).to(images.device)
+
+
+class PatchPrior(nn.Module):
+    """Whole-image score s(x, t) assembled from a patch network ``net`` (PaDIS).
+
+    :param net: an :class:`NCSNpp` with ``in_channels = C + 2`` (image and positions) and
+        ``out_channels = C``, trained with :meth:`patch_score` on :func:`random_patches`.
+    :param patch: the patch size P; image sides need not be multiples of it.
+    :param seed: of the generator that draws the partition shifts and the padding noise, so
+        a reconstruction repeats exactly.
+    """
+
+    def __init__(self, net: NCSNpp, patch: int, seed: int = 0):
+        super().__init__()
+        self.net = net
+        self.patch = patch
+        self.config = net.config
+        self.sigma_fn = net.sigma_fn
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self._gen.manual_seed(seed)
+
+    def patch_score(self, x: torch.Tensor, pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The score of patches ``x`` (B, C, P, P) at ``pos`` (B, 2, P, P)."""
+        return self.net(torch.cat([x, pos.to(x.dtype)], 1), t)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.patch
+        oy, ox = (int(v) for v in torch.randint(0, p, (2,), generator=self._gen))
+        ny, nx = math.ceil((h + oy) / p), math.ceil((w + ox) / p)
+        t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
+        sigma = self.sigma_fn(t) if self.sigma_fn is not None else torch.zeros_like(t)
+        noise = torch.randn((b, c, ny * p, nx * p), generator=self._gen).to(x)
+        canvas = noise * sigma.reshape(-1, 1, 1, 1).to(x)
+        canvas[:, :, oy : oy + h, ox : ox + w] = x
+        # (B, C, ny, P, nx, P) -> (B·ny·nx, C, P, P), row-major over the tiles
+        tiles = canvas.reshape(b, c, ny, p, nx, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, p, p)
+        top = (torch.arange(ny) * p - oy).repeat_interleave(nx).repeat(b)
+        left = (torch.arange(nx) * p - ox).repeat(ny).repeat(b)
+        pos = positions(top, left, p, h, w).to(x.device)
+        score = self.patch_score(tiles, pos, t.repeat_interleave(ny * nx))
+        score = score.reshape(b, ny, nx, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return score.reshape(b, c, ny * p, nx * p)[:, :, oy : oy + h, ox : ox + w]
+
+
+def from_whole_image(net: NCSNpp) -> NCSNpp:
+    """A patch network warm-started from a whole-image one: the same weights, with input
+    channels for the positions that start at zero (so it first acts as the whole-image net
+    applied to crops)."""
+    from models.nets.ncsnpp import NetConfig
+
+    c = net.config.in_channels
+    cfg = NetConfig(**{**net.config.to_dict(), "in_channels": c + 2, "out_channels": c})
+    out = NCSNpp(cfg, net.sigma_fn)
+    state = net.state_dict()
+    w = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([w, torch.zeros(w.shape[0], 2, *w.shape[2:])], 1)
+    out.load_state_dict(state)
+    return out

@@ -1,0 +1,126 @@
+"""The PaDIS patch prior (models/nets/patch.py) and test-time adaptation (models/adapt.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from models.adapt import adapt_prior
+from models.inverse import Prior
+from models.nets.ncsnpp import build
+from models.nets.patch import PatchPrior, from_whole_image, positions, random_patches
+from models.registry import load_model, save_model, score_fn_of
+from models.sde import VESDE
+from models.training import TrainConfig, train
+
+
+class Probe(nn.Module):
+    """A 'network' that returns one of its input channels: 0 the image, 1 rows, 2 columns."""
+
+    def __init__(self, channel: int):
+        super().__init__()
+        self.channel = channel
+        self.config = build("tiny").config
+        self.sigma_fn = VESDE(0.01, 10.0).sigma
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x[:, self.channel : self.channel + 1]
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 24), (17, 29)])
+def test_the_assembled_score_puts_every_patch_back_where_it_came_from(size):
+    h, w = size
+    x = torch.rand(2, 1, h, w)
+    t = torch.full((2,), 0.5)
+    rows = (torch.arange(h) + 0.5) / h * 2 - 1
+    cols = (torch.arange(w) + 0.5) / w * 2 - 1
+    for seed in range(4):  # several random partitions
+        assert torch.equal(PatchPrior(Probe(0), 8, seed)(x, t), x)
+        got_rows = PatchPrior(Probe(1), 8, seed)(x, t)
+        got_cols = PatchPrior(Probe(2), 8, seed)(x, t)
+        assert torch.allclose(got_rows, rows[:, None].expand(h, w).expand(2, 1, h, w))
+        assert torch.allclose(got_cols, cols[None, :].expand(h, w).expand(2, 1, h, w))
+
+
+def test_random_patches_are_crops_of_the_zero_padded_image_at_their_positions():
+    images = torch.rand(3, 1, 16, 16)
+    crops, pos = random_patches(images, 8, 5, torch.Generator().manual_seed(0))
+    assert crops.shape == (15, 1, 8, 8) and pos.shape == (15, 2, 8, 8)
+    padded = nn.functional.pad(images, (8, 8, 8, 8))
+    for k in range(15):
+        # positions back to pixel indices: (i + 0.5) / 16 * 2 - 1 = p
+        top = round(float((pos[k, 0, 0, 0] + 1) / 2 * 16 - 0.5))
+        left = round(float((pos[k, 1, 0, 0] + 1) / 2 * 16 - 0.5))
+        assert -7 <= top <= 16 and -7 <= left <= 16
+        expected = padded[k // 5, :, top + 8 : top + 16, left + 8 : left + 16]
+        assert torch.equal(crops[k], expected)
+
+
+def test_positions_span_the_image_and_reach_past_it_in_the_padding():
+    pos = positions(torch.tensor([-4]), torch.tensor([12]), 8, 16, 16)
+    assert pos[0, 0, 4, 0] == pytest.approx((0.5 / 16) * 2 - 1)  # row 0 of the image
+    assert pos[0, 0, 0, 0] < -1 and pos[0, 1, 0, -1] > 1  # padding beyond the image
+
+
+def test_a_warm_started_patch_net_first_acts_as_the_whole_image_net():
+    sde = VESDE(0.01, 10.0)
+    whole = build("tiny", sde.sigma).eval()
+    for p in whole.parameters():
+        nn.init.normal_(p, std=0.05)
+    patch = from_whole_image(whole).eval()
+    x, t = torch.rand(2, 1, 16, 16), torch.full((2,), 0.4)
+    with torch.no_grad():
+        prior = PatchPrior(patch, 16)
+        assert torch.allclose(prior.patch_score(x, torch.randn(2, 2, 16, 16), t), whole(x, t))
+
+
+def test_a_patch_prior_trains_saves_and_reloads_to_the_same_score(tmp_path):
+    sde = VESDE(0.01, 5.0)
+    prior = PatchPrior(from_whole_image(build("tiny", sde.sigma)), 8)
+    data = torch.rand(6, 1, 16, 16)
+    result = train(prior, sde, data, TrainConfig(steps=6, batch_size=2, warmup=1))
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+    save_model(tmp_path, result.ema, sde, {"name": "p", "image_size": 16})
+    loaded, _, card = load_model(tmp_path)
+    assert card["architecture"] == {**card["architecture"], "name": "ncsnpp-patch", "patch_size": 8}
+    x, t = torch.rand(1, 1, 16, 16), torch.full((1,), 0.3)
+    result.ema.reseed(3)
+    loaded.reseed(3)
+    with torch.no_grad():
+        assert torch.allclose(result.ema(x, t), loaded(x, t))
+
+
+def test_the_bundled_training_refuses_to_mix_a_patch_and_a_whole_image_lineage(tmp_path):
+    from models.default_priors import train_default
+
+    sde = VESDE(0.01, 5.0)
+    save_model(tmp_path / "m", build("tiny", sde.sigma), sde, {"name": "m", "image_size": 16})
+    with pytest.raises(ValueError, match="holds a whole prior; train it with --arch whole"):
+        train_default("ct-default", 1, arch="patch", model_dir=tmp_path / "m", runs=tmp_path)
+
+
+def test_test_time_adaptation_fits_the_image_and_moves_only_biases_and_norms():
+    torch.manual_seed(0)
+    sde = VESDE(0.01, 5.0)
+    net = build("tiny", sde.sigma).eval()
+    for p in net.parameters():  # as if trained: every layer passes gradients
+        nn.init.normal_(p, std=0.05)
+    prior = Prior(score_fn_of(net, sde), sde, 16, "tiny")
+    image = torch.zeros(1, 1, 16, 16)
+    image[..., 4:12, 4:12] = 0.8
+
+    def loss(score_fn) -> float:
+        g = torch.Generator().manual_seed(1)
+        sigma = torch.tensor([0.1, 0.3, 1.0, 3.0])
+        z = torch.randn(4, 1, 16, 16, generator=g)
+        s = score_fn(image + sigma[:, None, None, None] * z, sde.t_of_sigma(sigma))
+        return float((s * sigma[:, None, None, None] + z).pow(2).sum() / 2)
+
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    adapted = adapt_prior(net, prior, image, steps=30, sigma_floor=0.1, lr=1e-2)
+    assert loss(adapted.score_fn) < 0.9 * loss(prior.score_fn)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # a copy moved
+    assert adapted.card["adapted"]["steps"] == 30 and adapted.name == "tiny+tta"
+    with pytest.raises(ValueError, match="sigma_floor must be in"):
+        adapt_prior(net, prior, image, sigma_floor=10.0)
