@@ -40,11 +40,43 @@ def dsm_at_sigmas(score, sde, images: torch.Tensor, sigmas: list[float]) -> list
     return out
 
 
+def validation_sets(name: str, card: dict, size: int, n: int) -> dict[str, torch.Tensor]:
+    """The held-out images to show and score: the real validation slabs first (when
+    fetched, models/realdata.py), then the recipe's own validation data."""
+    from models.realdata import available, real_slices
+
+    out: dict[str, torch.Tensor] = {}
+    modality = {"ct": "ct", "mri": "mr"}.get(str(card.get("modality")), "")
+    if modality and available():
+        real = torch.from_numpy(real_slices(modality, "val", size))[:, None]
+        if len(real):
+            out[f"real {modality.upper()} val slabs"] = real[
+                torch.linspace(0, len(real) - 1, min(n, len(real))).round().long()
+            ]
+    if name in RECIPES:
+        out["recipe val (phantoms / template)"] = RECIPES[name].training_data("val")[:n]
+    return out
+
+
+def _minutes(card: dict) -> str:
+    seconds = card.get("wall_time_s_total", card.get("wall_time_s_this_run"))
+    return f"{float(seconds) / 60:.0f} min" if seconds is not None else "unknown"
+
+
+def _held_out(entry: dict) -> str:
+    split = entry.get("split")
+    if not split:
+        return "validation seed / slab, see files"
+    return "; ".join(
+        f"{k} " + ", ".join(f"[{a}, {b})" for a, b in v) for k, v in split.items() if k != "train"
+    )
+
+
 def page(name: str, n: int, steps: int) -> str:
     net, sde, card = load_model(name)
     score = score_fn_of(net, sde, bf16=True)
     size = card["image_size"]
-    val = RECIPES[name].training_data("val")[:n] if name in RECIPES else None
+    vals = validation_sets(name, card, size, n)
     bar = tqdm(total=steps, desc=f"{name} samples", unit="step")
     res = sample(
         "pc",
@@ -66,8 +98,9 @@ def page(name: str, n: int, steps: int) -> str:
         f"- SDE: {json.dumps(card['sde'])} (σ_max by {card.get('sigma_max_rule', 'the card')})",
         f"- network: {card['architecture']['name']} "
         f"{json.dumps({k: v for k, v in card['architecture'].items() if k != 'name'})}",
-        f"- training: {steps_total} steps in total ({card.get('steps')} in the last run, "
-        f"{card.get('wall_time_s_this_run')} s wall time), objective {card.get('objective')}, "
+        f"- training: {steps_total} steps in total, {_minutes(card)} of wall time "
+        f"({card.get('steps')} steps and {card.get('wall_time_s_this_run')} s in the last run), "
+        f"objective {card.get('objective')}, "
         f"batch {card.get('train_config', {}).get('batch_size')}, final loss "
         f"{card.get('final_loss'):.4g}"
         if card.get("final_loss") is not None
@@ -76,10 +109,10 @@ def page(name: str, n: int, steps: int) -> str:
         "",
         "## Training data",
         "",
-        "| source | files | licence |",
-        "|---|---|---|",
+        "| source | files | held out (slices) | licence |",
+        "|---|---|---|---|",
         *[
-            f"| {d['source']} | {d['files']} | {d['licence']} |"
+            f"| {d['source']} | {d['files']} | {_held_out(d)} | {d['licence']} |"
             for d in card.get("training_data", [])
             if isinstance(d, dict)
         ],
@@ -89,12 +122,14 @@ def page(name: str, n: int, steps: int) -> str:
         f"![samples]({name}_samples.png)",
         "",
     ]
-    if val is not None:
-        save_png(DOCS / f"{name}_validation.png", grid(val, cols))
+    if vals:
+        first = next(iter(vals.values()))
+        save_png(DOCS / f"{name}_validation.png", grid(first, cols))
         sigmas = [0.01, 0.05, 0.2, 1.0, 5.0, float(sde.sigma_max)]
-        losses = dsm_at_sigmas(score, sde, val, sigmas)
         lines += [
-            "## Validation images (never trained on)",
+            f"## Validation images (never trained on): {next(iter(vals))}",
+            "",
+            "Samples above, held-out slices here:",
             "",
             f"![validation]({name}_validation.png)",
             "",
@@ -102,11 +137,15 @@ def page(name: str, n: int, steps: int) -> str:
             "",
             "E‖σ s(x + σz, σ) + z‖² / D per pixel (1 = a zero score):",
             "",
-            "| σ | " + " | ".join(f"{s:g}" for s in sigmas) + " |",
+            "| validation set (images) | " + " | ".join(f"σ = {s:g}" for s in sigmas) + " |",
             "|---" * (1 + len(sigmas)) + "|",
-            "| loss | " + " | ".join(f"{v:.4f}" for v in losses) + " |",
-            "",
         ]
+        for label, images in vals.items():
+            losses = dsm_at_sigmas(score, sde, images, sigmas)
+            lines.append(
+                f"| {label} ({len(images)}) | " + " | ".join(f"{v:.4f}" for v in losses) + " |"
+            )
+        lines.append("")
     lines += ["## Loss curve", "", f"![loss]({name}_loss.png)", ""]
     return "\n".join(lines)
 

@@ -144,7 +144,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         args.noise,
     )
     best["data"] = args.data
-    recon = {**(prior.card.get("recon") or {}), modality: best}
+    recon = {**(prior.card.get("recon") or {})}
+    current = recon.get(modality) or {}
+    if current and current.get("sampler", DEFAULT_SAMPLER) != args.sampler:
+        # The card's default sampler stays; this one's values are kept beside it.
+        others = {**(current.get("samplers") or {}), args.sampler: best}
+        recon[modality] = {**current, "samplers": others}
+    else:
+        recon[modality] = {**best, "samplers": current.get("samplers") or {}}
     path = update_card(args.model, {"recon": recon})
     print(json.dumps({"modality": modality, **best, "card": str(path)}))
     return 0

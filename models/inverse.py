@@ -128,10 +128,15 @@ class ReconConfig:
         cls, prior: Prior | None, modality: str, sampler: str | None = None, nfe: int | None = None
     ) -> ReconConfig:
         """The defaults, then the prior card's tuned values for this modality and sampler,
-        then the caller's sampler and NFE budget."""
+        then the caller's sampler and NFE budget. The card's ``recon`` → modality holds the
+        default sampler's values, and other samplers' under ``samplers`` → name."""
         tuned = ((prior.card if prior else {}).get("recon") or {}).get(modality) or {}
         sampler = sampler or tuned.get("sampler", DEFAULT_SAMPLER)
         config = cls(sampler=sampler)
+        if tuned.get("sampler", DEFAULT_SAMPLER) != sampler:
+            # Another sampler's tuned values (``scorerecon tune --sampler pc``), if any.
+            tuned = (tuned.get("samplers") or {}).get(sampler) or {}
+            tuned = {**tuned, "sampler": sampler} if tuned else tuned
         if tuned.get("sampler", DEFAULT_SAMPLER) == sampler:
             names = {f.name for f in fields(cls)} - {"sampler", "n_steps"}
             for key, value in tuned.items():

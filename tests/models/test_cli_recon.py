@@ -187,6 +187,26 @@ def test_tune_writes_best_values_into_the_card_and_reconstruct_uses_them(tmp_pat
     assert report["provenance"]["config.eta"] == best["eta"]
 
 
+def test_tuning_pc_keeps_the_default_samplers_values_and_pc_then_uses_its_own(tmp_path):
+    from models.inverse import Prior, ReconConfig
+
+    model = _model(tmp_path)
+    base = ["tune", "--model", str(model), "--task", "ct-sparse", "--level", "8", "--n", "1"]
+    base += ["--trials", "2", "--nfe", "4", "--data", "phantoms"]
+    assert main([*base, "--sampler", "fast"]) == 0
+    assert main([*base, "--sampler", "pc"]) == 0
+    recon = json.loads((model / "card.json").read_text())["recon"]["ct"]
+    assert recon["sampler"] == "fast" and "rho" in recon  # the default stays
+    pc = recon["samplers"]["pc"]
+    assert 0.05 <= pc["lam"] <= 1.0 and 0.02 <= pc["snr"] <= 0.4
+    prior = Prior.load(str(model))
+    assert ReconConfig.for_prior(prior, "ct").sampler == "fast"
+    config = ReconConfig.for_prior(prior, "ct", "pc")
+    assert (config.lam, config.snr) == (pc["lam"], pc["snr"]) and config.n_steps == 2
+    assert main([*base, "--sampler", "fast"]) == 0  # re-tuning the default keeps PC's
+    assert json.loads((model / "card.json").read_text())["recon"]["ct"]["samplers"]["pc"] == pc
+
+
 def test_reconstruct_removes_a_thresholded_metal_trace(tmp_path):
     model = _model(tmp_path)
     img = ct_phantoms(1, 32, seed=3, kinds=("abdomen",))[0, 0].numpy().copy()
