@@ -42,6 +42,7 @@ bench: setup
 	$(PY) benchmarks/priors.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality_real.py
+	$(PY) benchmarks/priors_compare.py
 	$(PY) benchmarks/reliability.py
 	$(PY) benchmarks/gateway.py
 	$(PY) benchmarks/queue_latency.py

@@ -6,7 +6,7 @@ loss on the validation images at several noise levels σ (per pixel,
 E‖σ s(x + σz, σ) + z‖² / D: 1 for a score of zero, 0 for a perfect one), plus the card's
 data, licences, normalisation, SDE, network and training record.
 
-Run: ``python benchmarks/priors.py [--n 16] [--steps 250]``.
+Run: ``python benchmarks/priors.py [--n 16] [--steps 250] [--names mri-default]``.
 """
 
 from __future__ import annotations
@@ -154,9 +154,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--names", nargs="+", default=bundled_models(), choices=bundled_models())
     args = parser.parse_args()
     DOCS.mkdir(parents=True, exist_ok=True)
-    for name in bundled_models():
+    for name in args.names:
         text = page(name, args.n, args.steps)
         (DOCS / f"{name}.md").write_text(text)
         print(text)

@@ -10,8 +10,9 @@ sampler, 100 NFE) by a small grid; (c) uses (a)'s. Per slice: PSNR / SSIM (data 
 seconds; per prior: training steps and minutes from its card.
 
 Run: ``python benchmarks/priors_compare.py [--n 5] [--n-val 2] [--tasks ct mri]
-[--ct-whole DIR] [--ct-patch DIR] [--mri-whole DIR] [--mri-patch DIR]``. A candidate
-directory that does not exist is left out and the table says so. Writes
+[--ct-whole DIR] [--ct-patch DIR] [--mri-whole DIR] [--mri-patch DIR]``; by default (a) is
+the bundled prior and (b) the patch prior kept in models/candidates/. A candidate directory
+that does not exist is left out and the table says so. Writes
 docs/benchmarks/priors_compare.{md,json} and priors_compare_<task>.png.
 """
 
@@ -45,6 +46,7 @@ from models.registry import BUNDLED, load_model  # noqa: E402
 from models.tuning import grid_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = ROOT / "models" / "candidates"  # priors that were compared and did not ship
 DOCS = ROOT / "docs" / "benchmarks"
 TASKS = {"ct": ("ct-sparse", 23, "gaussian:0.005"), "mri": ("mri", 8, "complex:0.01")}
 GRID = {"rho": (0.3, 1.0), "eta": (0.5, 0.85)}
@@ -60,7 +62,7 @@ LABELS = {
 def candidates(args: argparse.Namespace, modality: str) -> dict[str, Path]:
     default = {"ct": "ct-default", "mri": "mri-default"}[modality]
     whole = getattr(args, f"{modality}_whole") or BUNDLED / default
-    patch = getattr(args, f"{modality}_patch") or ROOT / "runs" / "candidates" / f"{modality}-patch"
+    patch = getattr(args, f"{modality}_patch") or CANDIDATES / f"{modality}-patch"
     return {"whole": Path(whole), "patch": Path(patch)}
 
 
@@ -260,9 +262,12 @@ def main() -> None:
             parser.add_argument(f"--{modality}-{kind}", type=Path, default=None)
     args = parser.parse_args()
     store = DOCS / "priors_compare.json"
-    results = json.loads(store.read_text()) if store.exists() else {}
+    results: dict = {}
     for name in args.tasks:
-        results[name] = run(name, candidates(args, name), args.n, args.n_val)
+        result = run(name, candidates(args, name), args.n, args.n_val)
+        # Re-read before writing: one process per task may run side by side.
+        results = json.loads(store.read_text()) if store.exists() else {}
+        results[name] = result
         store.write_text(json.dumps(results, indent=2))
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     (DOCS / "priors_compare.md").write_text(render(results, machine))
