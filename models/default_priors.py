@@ -230,11 +230,16 @@ def train_default(
                 f"{model_dir} holds a {kind} prior; train it with --arch {kind}, or pass "
                 f"--out with a new folder for a {arch} prior"
             )
+    if real_data:
+        from models.realdata import real_slices, training_report, training_sources
+
+        print(training_report("train", recipe.modality))
+        if len(real_slices(recipe.modality, "train", recipe.image_size)) == 0:
+            print(f"no real {recipe.modality} train slices: training on the recipe's data only")
+            real_data = False
     data = recipe.training_data("train", real=real_data)
     sources = list(recipe.data)
     if real_data:
-        from models.realdata import training_sources
-
         sources += [
             e | {"share": f"repeated to ~{REAL_FRACTION:.0%} of the training set"}
             for e in training_sources("train", recipe.modality)

@@ -807,3 +807,24 @@ def training_sources(split: str = "train", modality: str | None = None, root=Non
         if (modality is None or e["modality"] == modality)
         and any(o["split"] == split for o in e["outputs"])
     ]
+
+
+def training_report(split: str = "train", modality: str | None = None, root=None) -> str:
+    """One line for a person starting training: the real sources of ``modality`` it uses,
+    and those that could not be fetched, with why (so a missing package is never silent)."""
+    manifest = load_manifest(root)
+    used = [
+        e["name"]
+        for e in manifest["sources"]
+        if (modality is None or e["modality"] == modality)
+        and any(o["split"] == split for o in e["outputs"])
+    ]
+    missing = [
+        f"{f['name']} ({f.get('reason', 'not fetched')})"
+        for f in manifest.get("failed", [])
+        if f["name"] not in used
+    ]
+    line = f"real {modality or 'any'} data ({split}): {', '.join(used) or 'none'}"
+    if missing:
+        line += "; not available, training goes on without: " + "; ".join(missing)
+    return line

@@ -442,3 +442,25 @@ def test_real_splits_do_not_leak_the_itk_slices():
     assert best(real_slices("mr", "test", 64, sources=["colin27"])) > 0.95
     assert best(real_slices("mr", "train", 64)) < 0.9
     assert best(real_slices("mr", "val", 64)) < 0.9
+
+
+def test_training_says_which_real_sources_it_uses_and_which_it_goes_on_without(tmp_path):
+    from models.realdata import training_report
+
+    pkgs = tmp_path / "packages"
+    pkgs.mkdir()
+    _fake_packages(pkgs)
+
+    def get(self, package):
+        if package == "mricron-data":
+            raise FetchError("`apt-get download mricron-data` failed: E: no such package")
+        return pkgs / package, "1.0-test"
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(realdata._Apt, "get", get)
+        fetch(tmp_path / "real")
+    ct = training_report("train", "ct", tmp_path / "real")
+    assert ct.startswith("real ct data (train): cranium") and "colin27" in ct
+    mr = training_report("train", "mr", tmp_path / "real")
+    assert "(train): none" in mr  # Colin27 is the only MR source with a train split
+    assert "training goes on without: colin27 (`apt-get download mricron-data` failed" in mr
