@@ -31,6 +31,11 @@ class LinearOperator:
 
     image_size: int
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(H, W) of the images; N×N unless an operator says otherwise."""
+        return (self.image_size, self.image_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -42,13 +47,13 @@ class LinearOperator:
 
     def measurement_shape(self) -> tuple[int, ...]:
         """Shape of one measurement (without the batch dimension)."""
-        x = torch.zeros(1, 1, self.image_size, self.image_size)
+        x = torch.zeros(1, 1, *self.image_shape)
         return tuple(self.forward(x).shape[1:])
 
     @property
     def complex_measurements(self) -> bool:
         """True when measurements are complex (k-space), False for real ones (sinograms)."""
-        return self.forward(torch.zeros(1, 1, self.image_size, self.image_size)).is_complex()
+        return self.forward(torch.zeros(1, 1, *self.image_shape)).is_complex()
 
     @property
     def has_decomposition(self) -> bool:
@@ -58,7 +63,7 @@ class LinearOperator:
     def norm(self, n_iter: int = 30, seed: int = 0) -> float:
         """Operator norm ||A||_2 by power iteration on A*A (used for step sizes)."""
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(1, 1, self.image_size, self.image_size, generator=g)
+        x = torch.randn(1, 1, *self.image_shape, generator=g)
         x = x / x.norm()
         value = 0.0
         for _ in range(n_iter):
@@ -213,7 +218,7 @@ def adjointness_test(
     True
     """
     g = generator or torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 1, op.image_size, op.image_size, generator=g)
+    x = torch.randn(batch, 1, *op.image_shape, generator=g)
     ax = op.forward(x)
     y = torch.randn(ax.shape, generator=g, dtype=torch.float32)
     if ax.is_complex():

@@ -28,8 +28,13 @@ def ifft2c(k: torch.Tensor) -> torch.Tensor:
     return torch.fft.fftshift(torch.fft.ifft2(k, norm="ortho"), dim=(-2, -1))
 
 
-def _lines_to_mask(size: int, lines: np.ndarray) -> torch.Tensor:
-    mask = torch.zeros(size, size, dtype=torch.bool)
+def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of an N×N or rectangular image."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _lines_to_mask(size: int | tuple[int, int], lines: np.ndarray) -> torch.Tensor:
+    mask = torch.zeros(*_shape(size), dtype=torch.bool)
     mask[:, torch.from_numpy(lines.astype(np.int64))] = True
     return mask
 
@@ -40,29 +45,34 @@ def _center_lines(size: int, center_fraction: float) -> np.ndarray:
     return np.arange(start, start + n_low)
 
 
-def equispaced_mask(size: int, acceleration: float, center_fraction: float) -> torch.Tensor:
+def equispaced_mask(
+    size: int | tuple[int, int], acceleration: float, center_fraction: float
+) -> torch.Tensor:
     """fastMRI-style equispaced lines: a full centre plus evenly spaced outer lines.
 
     The outer lines are spread evenly over the lines outside the centre, so that the total
-    is ``round(size / acceleration)`` and the achieved acceleration matches the request.
+    is ``round(cols / acceleration)`` and the achieved acceleration matches the request.
+    ``size`` is N (N×N) or (rows, cols); lines are columns.
     """
-    _check_mask_args(size, acceleration, center_fraction)
-    center = _center_lines(size, center_fraction)
-    n_outer = max(0, int(round(size / acceleration)) - len(center))
-    rest = np.setdiff1d(np.arange(size), center)
+    cols = _shape(size)[1]
+    _check_mask_args(cols, acceleration, center_fraction)
+    center = _center_lines(cols, center_fraction)
+    n_outer = max(0, int(round(cols / acceleration)) - len(center))
+    rest = np.setdiff1d(np.arange(cols), center)
     picks = np.unique(np.round(np.linspace(0, len(rest) - 1, n_outer)).astype(np.int64))
     lines = np.concatenate([center, rest[picks]]) if n_outer else center
     return _lines_to_mask(size, lines)
 
 
 def random_mask(
-    size: int, acceleration: float, center_fraction: float, seed: int = 0
+    size: int | tuple[int, int], acceleration: float, center_fraction: float, seed: int = 0
 ) -> torch.Tensor:
     """fastMRI-style random lines: a full centre plus outer lines drawn without replacement."""
-    _check_mask_args(size, acceleration, center_fraction)
-    center = _center_lines(size, center_fraction)
-    n_outer = max(0, int(round(size / acceleration)) - len(center))
-    rest = np.setdiff1d(np.arange(size), center)
+    cols = _shape(size)[1]
+    _check_mask_args(cols, acceleration, center_fraction)
+    center = _center_lines(cols, center_fraction)
+    n_outer = max(0, int(round(cols / acceleration)) - len(center))
+    rest = np.setdiff1d(np.arange(cols), center)
     rng = np.random.default_rng(seed)
     outer = rng.choice(rest, size=min(n_outer, len(rest)), replace=False)
     return _lines_to_mask(size, np.concatenate([center, outer]))
@@ -160,21 +170,43 @@ class MRIOperator(DecomposedOperator):
 
 
 class MultiCoilMRIOperator(LinearOperator):
-    """Multi-coil Cartesian MRI, A = M F S with given sensitivity maps S.
+    """Multi-coil Cartesian MRI, A = M F S with given sensitivity maps S (one slice's).
 
     No invertible T exists (S maps one image to C coil images), so this operator has no
     Proposition 8.1 decomposition; solvers use least squares (CG) for data consistency.
+    Images may be rectangular, ``(B, 1, H, W)``; measurements are the zero-filled k-space
+    ``(B, C, H, W)``, fastMRI's layout.
 
-    :param mask: boolean ``(N, N)`` k-space mask.
-    :param sensitivities: complex ``(C, N, N)`` coil maps.
+    :param image_shape: N for N×N images, or ``(H, W)``.
+    :param mask: boolean ``(H, W)`` k-space mask.
+    :param sensitivities: complex ``(C, H, W)`` coil maps.
     """
 
-    def __init__(self, image_size: int, mask: torch.Tensor, sensitivities: torch.Tensor):
-        if sensitivities.ndim != 3 or tuple(sensitivities.shape[1:]) != (image_size, image_size):
-            raise ValueError("sensitivities must have shape (coils, image_size, image_size)")
-        self.image_size = image_size
+    def __init__(
+        self, image_shape: int | tuple[int, int], mask: torch.Tensor, sensitivities: torch.Tensor
+    ):
+        shape = (image_shape, image_shape) if isinstance(image_shape, int) else image_shape
+        shape = tuple(int(s) for s in shape)
+        if sensitivities.ndim != 3 or tuple(sensitivities.shape[1:]) != shape:
+            raise ValueError(f"sensitivities must have shape (coils, {shape[0]}, {shape[1]})")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"mask must be {shape[0]}x{shape[1]}, got {tuple(mask.shape)}")
+        self._shape = shape
+        self.image_size = shape[0] if shape[0] == shape[1] else None
         self.mask = mask.bool()
         self.sensitivities = sensitivities.to(torch.complex64)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def complex_measurements(self) -> bool:
+        return True
+
+    @property
+    def coils(self) -> int:
+        return int(self.sensitivities.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         coil_images = x.to(torch.complex64) * self.sensitivities[None]
@@ -191,6 +223,10 @@ class MultiCoilMRIOperator(LinearOperator):
     def low_resolution(self, y: torch.Tensor) -> torch.Tensor:
         """Coil-combined complex image of the calibration lines alone (phase estimates)."""
         return self.adjoint_complex(y * calibration_window(self.mask))
+
+    def zero_filled(self, y: torch.Tensor) -> torch.Tensor:
+        """Root sum of squares of the zero-filled coil images (the field's baseline)."""
+        return ifft2c(y * self.mask).abs().pow(2).sum(dim=1, keepdim=True).sqrt()
 
 
 def birdcage_sensitivities(image_size: int, coils: int) -> torch.Tensor:

@@ -7,6 +7,13 @@ Example specs::
      "source_distance": 500, "detector_distance": 300}
     {"modality": "mri", "image_size": 128,
      "mask": {"kind": "equispaced", "acceleration": 8, "center_fraction": 0.04}}
+    {"modality": "mri", "image_size": [640, 368], "sensitivities": "espirit",
+     "mask": {"kind": "equispaced", "acceleration": 4, "center_fraction": 0.08}}
+
+Multi-coil MRI: ``"sensitivities": "espirit"`` estimates the coil maps of each slice from its
+own auto-calibration lines (:func:`models.physics.coils.espirit_maps`), so the operator is
+built from the data (:func:`slice_operators`); the coil count is the measurement's.
+``"coils": C`` alone keeps the synthetic birdcage maps of simulations.
 """
 
 from __future__ import annotations
@@ -15,7 +22,14 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from models.physics.base import LinearOperator
 from models.physics.ct import (
@@ -64,7 +78,11 @@ class MeasurementSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     modality: Literal["ct", "mri"]
-    image_size: int = Field(..., ge=8, le=1024)
+    image_size: int | tuple[int, int] = Field(
+        ...,
+        description="N for N×N images, or [rows, cols] (MRI): rows along the readout, "
+        "cols the phase-encoding lines",
+    )
     noise_std: float | None = Field(
         None,
         ge=0,
@@ -92,12 +110,34 @@ class MeasurementSpec(BaseModel):
     # MRI
     mask: MaskSpec | None = None
     coils: int | None = Field(None, ge=1, le=64)
+    sensitivities: Literal["birdcage", "espirit"] | None = Field(
+        None,
+        description="multi-coil MRI: 'espirit' estimates coil maps from the data's "
+        "auto-calibration lines; 'birdcage' uses synthetic maps (simulations, needs coils)",
+    )
+
+    @field_validator("image_size")
+    @classmethod
+    def _square_as_int(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        return v[0] if not isinstance(v, int) and v[0] == v[1] else v
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the image."""
+        n = self.image_size
+        return (n, n) if isinstance(n, int) else (int(n[0]), int(n[1]))
 
     @model_validator(mode="after")
     def _check(self) -> MeasurementSpec:
+        if not all(8 <= n <= 1024 for n in self.shape):
+            raise ValueError("image_size must lie in [8, 1024] (each of rows and cols)")
         if self.modality == "ct":
-            if self.mask is not None or self.coils is not None:
-                raise ValueError("mask and coils apply to modality 'mri' only; remove them")
+            if self.mask is not None or self.coils is not None or self.sensitivities:
+                raise ValueError(
+                    "mask, coils and sensitivities apply to modality 'mri' only; remove them"
+                )
+            if not isinstance(self.image_size, int):
+                raise ValueError("image_size must be one number N (N×N) for CT")
             sparse = self.n_full_views is not None and self.n_full_views != self.n_views
             if self.metal_threshold_hu is not None and sparse:
                 raise ValueError("metal_threshold_hu needs every view measured: drop n_full_views")
@@ -121,9 +161,17 @@ class MeasurementSpec(BaseModel):
                     "MRI needs mask, e.g. {'kind': 'equispaced', 'acceleration': 8, "
                     "'center_fraction': 0.04}"
                 )
-            if self.mask.lines and max(self.mask.lines) >= self.image_size:
-                raise ValueError(f"mask.lines must be in [0, {self.image_size - 1}]")
-            _check_acceleration(self.mask, self.image_size)
+            cols = self.shape[1]
+            if self.mask.lines and max(self.mask.lines) >= cols:
+                raise ValueError(f"mask.lines must be in [0, {cols - 1}]")
+            _check_acceleration(self.mask, cols)
+            if self.sensitivities == "birdcage" and not self.coils:
+                raise ValueError("sensitivities 'birdcage' needs coils (e.g. 8)")
+            if self.sensitivities != "espirit" and not isinstance(self.image_size, int):
+                raise ValueError(
+                    "a rectangular image_size needs multi-coil data: set sensitivities to "
+                    "'espirit' (or use one number N for N×N)"
+                )
             if self.n_views is not None or self.angles is not None:
                 raise ValueError("n_views and angles apply to modality 'ct' only; remove them")
             if self.metal_threshold_hu is not None:
@@ -202,25 +250,60 @@ def _ct(spec: MeasurementSpec) -> CTOperator:
     return CTOperator(geom, mask)
 
 
-def _mri(spec: MeasurementSpec) -> LinearOperator:
-    m, n = spec.mask, spec.image_size
+def mask_of(spec: MeasurementSpec) -> torch.Tensor:
+    """The boolean (rows, cols) k-space mask an MRI spec describes."""
+    m, shape = spec.mask, spec.shape
     if m.kind == "equispaced":
-        mask = equispaced_mask(n, m.acceleration, m.center_fraction)
-    elif m.kind == "random":
-        mask = random_mask(n, m.acceleration, m.center_fraction, m.seed)
-    else:
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        mask[:, sorted(set(m.lines))] = True
+        return equispaced_mask(shape, m.acceleration, m.center_fraction)
+    if m.kind == "random":
+        return random_mask(shape, m.acceleration, m.center_fraction, m.seed)
+    mask = torch.zeros(*shape, dtype=torch.bool)
+    mask[:, sorted(set(m.lines))] = True
+    return mask
+
+
+def _mri(spec: MeasurementSpec, kspace: torch.Tensor | None = None) -> LinearOperator:
+    mask = mask_of(spec)
+    if spec.sensitivities == "espirit":
+        return MultiCoilMRIOperator(spec.shape, mask, _espirit(spec, mask, kspace))
     if spec.coils and spec.coils > 1:
+        n = spec.image_size
         return MultiCoilMRIOperator(n, mask, birdcage_sensitivities(n, spec.coils))
-    return MRIOperator(n, mask)
+    return MRIOperator(spec.image_size, mask)
+
+
+def _espirit(spec: MeasurementSpec, mask: torch.Tensor, kspace) -> torch.Tensor:
+    """ESPIRiT maps of one slice's zero-filled k-space ``(C, rows, cols)``, checked first."""
+    from models.physics.coils import espirit_maps
+
+    if kspace is None:
+        raise SpecError(
+            "sensitivities 'espirit' estimates the coil maps from the measurement: build the "
+            "operator with the k-space (slice_operators)"
+        )
+    k = torch.as_tensor(kspace)
+    if k.ndim != 3 or tuple(k.shape[1:]) != spec.shape:
+        raise SpecError(
+            f"measurement: one slice of multi-coil k-space must be (coils, {spec.shape[0]}, "
+            f"{spec.shape[1]}) for image_size {list(spec.shape)}, got {tuple(k.shape)}"
+        )
+    if spec.coils is not None and k.shape[0] != spec.coils:
+        raise SpecError(
+            f"coils: the spec says {spec.coils} but the measurement has {k.shape[0]}; "
+            "drop coils (the measurement's count is used) or send matching data"
+        )
+    try:
+        return espirit_maps(k * mask, mask)
+    except ValueError as exc:
+        raise SpecError(f"sensitivities: {exc}") from None
 
 
 _FACTORIES = {"ct": _ct, "mri": _mri}
 
 
-def from_spec(spec: MeasurementSpec | dict | str) -> LinearOperator:
-    """Build the forward operator a spec describes.
+def from_spec(spec: MeasurementSpec | dict | str, kspace=None) -> LinearOperator:
+    """Build the forward operator a spec describes; ``kspace`` (one slice's ``(C, H, W)``)
+    is needed, and used, only for coil maps estimated from the data (``espirit``).
 
     >>> op = from_spec({"modality": "ct", "image_size": 32, "n_views": 8})
     >>> op.measurement_shape()[:2]
@@ -228,4 +311,21 @@ def from_spec(spec: MeasurementSpec | dict | str) -> LinearOperator:
     """
     if not isinstance(spec, MeasurementSpec):
         spec = parse_spec(spec)
-    return _FACTORIES[spec.modality](spec)
+    if spec.modality == "mri":
+        return _mri(spec, kspace)
+    return _ct(spec)
+
+
+def needs_data(spec: MeasurementSpec) -> bool:
+    """True when the operator depends on the measurement (coil maps from the data)."""
+    return spec.modality == "mri" and spec.sensitivities == "espirit"
+
+
+def slice_operators(spec: MeasurementSpec | dict | str, y) -> list[LinearOperator]:
+    """One operator per slice of ``y`` ``(S, C, H, W)``: the same one for every slice unless
+    the coil maps come from each slice's own data (``espirit``)."""
+    if not isinstance(spec, MeasurementSpec):
+        spec = parse_spec(spec)
+    if not needs_data(spec):
+        return [from_spec(spec)] * len(y)
+    return [from_spec(spec, y[s]) for s in range(len(y))]
