@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from models.nets.patch import tiled_score
 from models.noise import estimate_noise
 from models.physics.base import LinearOperator, conjugate_gradient, real_inner
 from models.physics.mri import MRIOperator
@@ -88,6 +89,11 @@ class Prior:
             card.get("weights_sha256", ""),
             card,
         )
+
+    @property
+    def any_size(self) -> bool:
+        """True for a patch prior (PaDIS), whose network works at any image size."""
+        return (self.card.get("architecture") or {}).get("name") == "ncsnpp-patch"
 
     @property
     def modality(self) -> str | None:
@@ -315,10 +321,11 @@ def _smooth_phase(
     phase everywhere; ``fallback`` where even that has no magnitude)."""
     from models.physics.mri import fft2c, ifft2c
 
-    n = low.shape[-1]
-    f = torch.fft.fftshift(torch.fft.fftfreq(n)) * n
-    radius2 = f[:, None] ** 2 + f[None, :] ** 2
-    smooth = ifft2c(fft2c(low) * torch.exp(-radius2 / (2 * (n / 32) ** 2)))
+    rows, cols = low.shape[-2:]
+    fr = torch.fft.fftshift(torch.fft.fftfreq(rows)) * rows
+    fc = torch.fft.fftshift(torch.fft.fftfreq(cols)) * cols
+    radius2 = fr[:, None] ** 2 + fc[None, :] ** 2
+    smooth = ifft2c(fft2c(low) * torch.exp(-radius2 / (2 * (max(rows, cols) / 32) ** 2)))
     peak = per_sample(low.abs().flatten(1).amax(dim=1).clamp_min(1e-30), low)
     unit_low = low / low.abs().clamp_min(1e-30)
     unit_smooth = smooth / smooth.abs().clamp_min(1e-30)
@@ -350,7 +357,8 @@ def reconstruct(
         raise ValueError("n_samples must be at least 1")
     if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
         raise ValueError("noise_std must be a finite number >= 0 (or None: estimated)")
-    if operator.image_size != prior.image_size:
+    h, w = operator.image_shape
+    if (h, w) != (prior.image_size, prior.image_size) and not operator.complex_measurements:
         raise ValueError(
             f"image_size {operator.image_size} differs from the prior's {prior.image_size}; "
             f"set the spec's image_size to {prior.image_size}"
@@ -359,9 +367,9 @@ def reconstruct(
     started = time.perf_counter()
     sde, op = prior.sde, operator
     gen = torch.Generator().manual_seed(seed)
-    b, k, n = y.shape[0], n_samples, prior.image_size
+    b, k = y.shape[0], n_samples
     y_rep = y.repeat_interleave(k, dim=0)
-    shape = (b * k, 1, n, n)
+    shape = (b * k, 1, h, w)
     sigma = (
         estimate_noise(op, y).to(torch.float64)
         if noise_std is None
@@ -403,6 +411,11 @@ def reconstruct(
         return domain.split(x)
 
     score_fn = prior.score_fn
+    if (h, w) != (prior.image_size, prior.image_size) and not prior.any_size:
+        # MR images of another size: the prior applied patch-wise (models/nets/patch.py).
+        score_fn = tiled_score(
+            score_fn, prior.image_size, lambda t: _coefficients(sde, t)[1].float(), seed
+        )
     if method == "langevin":
         score_fn = _likelihood_score(prior.score_fn, sde, op, y_rep, sigma_rep, config)
     if method == "score-sde":
@@ -441,14 +454,14 @@ def reconstruct(
         t0 = torch.full((b * k,), 1e-3)
         u = domain.split(prox_step(op, domain.join(u), y_rep, map_weight(t0), config.cg_iters))
     images = domain.magnitude(u)
-    samples = images.reshape(b, k, n, n)
+    samples = images.reshape(b, k, h, w)
     mean = samples.mean(dim=1, keepdim=True)
     std = samples.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(mean)
     phase = None
     if domain.complex:
-        phase = domain.angle(u).reshape(b, k, n, n)[:, :1]
+        phase = domain.angle(u).reshape(b, k, h, w)[:, :1]
     with torch.no_grad():
-        fitted = domain.image(u).reshape(b, k, 1, n, n).mean(dim=1) if domain.complex else mean
+        fitted = domain.image(u).reshape(b, k, 1, h, w).mean(dim=1) if domain.complex else mean
         r = op.forward(fitted) - y
     residual = [
         math.sqrt(float(real_inner(r[i], r[i])) / max(float(real_inner(y[i], y[i])), 1e-30))

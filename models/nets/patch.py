@@ -18,6 +18,7 @@ with fresh N(0, σ(t)²) noise, the marginal of a zero background at time t.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -90,23 +91,63 @@ class PatchPrior(nn.Module):
         return self.net(torch.cat([x, pos.to(x.dtype)], 1), t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        p = self.patch
-        oy, ox = (int(v) for v in torch.randint(0, p, (2,), generator=self._gen))
-        ny, nx = math.ceil((h + oy) / p), math.ceil((w + ox) / p)
-        t = t.reshape(-1).expand(b) if t.numel() in (1, b) else t
+        h, w = x.shape[-2:]
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
         sigma = self.sigma_fn(t) if self.sigma_fn is not None else torch.zeros_like(t)
-        noise = torch.randn((b, c, ny * p, nx * p), generator=self._gen).to(x)
-        canvas = noise * sigma.reshape(-1, 1, 1, 1).to(x)
-        canvas[:, :, oy : oy + h, ox : ox + w] = x
-        # (B, C, ny, P, nx, P) -> (B·ny·nx, C, P, P), row-major over the tiles
-        tiles = canvas.reshape(b, c, ny, p, nx, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, p, p)
-        top = (torch.arange(ny) * p - oy).repeat_interleave(nx).repeat(b)
-        left = (torch.arange(nx) * p - ox).repeat(ny).repeat(b)
-        pos = positions(top, left, p, h, w).to(x.device)
-        score = self.patch_score(tiles, pos, t.repeat_interleave(ny * nx))
-        score = score.reshape(b, ny, nx, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return score.reshape(b, c, ny * p, nx * p)[:, :, oy : oy + h, ox : ox + w]
+
+        def score(tiles, top, left, tt):
+            return self.patch_score(tiles, positions(top, left, self.patch, h, w).to(x.device), tt)
+
+        return partition_apply(x, t, self.patch, sigma, score, self._gen)
+
+
+def partition_apply(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    patch: int,
+    pad_std: torch.Tensor,
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``fn(tiles, top, left, t)`` over a randomly shifted partition of ``x`` (B, C, H, W)
+    into P×P tiles, the results tiled back. The canvas beyond the image is filled with
+    N(0, pad_std²) noise per image (the marginal of a zero background at time t); ``top``
+    and ``left`` are the tiles' corners in image coordinates (negative: in the padding)."""
+    b, c, h, w = x.shape
+    p = patch
+    oy, ox = (int(v) for v in torch.randint(0, p, (2,), generator=generator))
+    ny, nx = math.ceil((h + oy) / p), math.ceil((w + ox) / p)
+    noise = torch.randn((b, c, ny * p, nx * p), generator=generator).to(x)
+    canvas = noise * pad_std.reshape(-1, 1, 1, 1).to(x)
+    canvas[:, :, oy : oy + h, ox : ox + w] = x
+    # (B, C, ny, P, nx, P) -> (B·ny·nx, C, P, P), row-major over the tiles
+    tiles = canvas.reshape(b, c, ny, p, nx, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, p, p)
+    top = (torch.arange(ny) * p - oy).repeat_interleave(nx).repeat(b)
+    left = (torch.arange(nx) * p - ox).repeat(ny).repeat(b)
+    out = fn(tiles, top, left, t.repeat_interleave(ny * nx))
+    out = out.reshape(b, ny, nx, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return out.reshape(b, c, ny * p, nx * p)[:, :, oy : oy + h, ox : ox + w]
+
+
+def tiled_score(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tile: int,
+    pad_std: Callable[[torch.Tensor], torch.Tensor],
+    seed: int = 0,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A whole-image score of side ``tile`` applied to images of any size, patch-wise: on a
+    shifted partition into tile×tile pieces (:func:`partition_apply`), the padding filled
+    with noise of std ``pad_std(t)``. A smaller image sits in one noisy canvas (padding); a
+    larger one is covered by pieces whose seams move at every call."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == (tile, tile):
+            return score_fn(x, t)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
+        return partition_apply(x, t, tile, pad_std(t), lambda v, _a, _b, tt: score_fn(v, tt), gen)
+
+    return score
 
 
 def from_whole_image(net: NCSNpp) -> NCSNpp:

@@ -5,8 +5,10 @@
   of :func:`models.physics.mri.birdcage_sensitivities`, each loop sees a local patch with a
   steep fall-off and its own phase wrap).
 - :func:`espirit_maps`: sensitivities estimated from the auto-calibration lines of the data
-  (ESPIRiT, Uecker et al. 2014, through sigpy's ``EspiritCalib``), normalised to a root sum of
-  squares of one inside the object and zero outside it.
+  (ESPIRiT, Uecker et al. 2014), normalised to a root sum of squares of one inside the object
+  and zero outside it; our own, because a Cartesian scan's calibration region is the full
+  readout by a few lines, and the square region sigpy's ``EspiritCalib`` takes does not fit
+  narrow ACS (checked against sigpy where both apply, in the tests).
 - :func:`noise_covariance`, :func:`whitening_matrix`, :func:`whiten`: coil noise is
   correlated (coils couple and overlap); pre-whitening with the Cholesky factor of its
   covariance makes it white and equal, which least-squares data consistency assumes. The
@@ -25,6 +27,9 @@ import numpy as np
 import torch
 
 from models.physics.mri import calibration_lines
+
+# ESPIRiT's kernel (3 wide at least) must fit its calibration lines with room to move.
+MIN_ACS_LINES = 8
 
 
 def loop_coil_sensitivities(
@@ -78,42 +83,56 @@ def loop_coil_sensitivities(
 def espirit_maps(
     kspace: torch.Tensor | np.ndarray,
     mask: torch.Tensor | None = None,
-    calib_width: int | None = None,
     threshold: float = 0.02,
     crop: float = 0.95,
-    kernel_width: int = 6,
+    kernel_width: int | None = None,
+    calib_rows: int = 32,
 ) -> torch.Tensor:
-    """ESPIRiT sensitivities ``(C, H, W)`` complex64 from one slice's k-space ``(C, H, W)``.
+    """ESPIRiT sensitivities ``(C, H, W)`` complex64 from one slice's k-space ``(C, H, W)``
+    (Uecker et al., MRM 2014), normalised to RSS 1 where they apply, zero elsewhere.
 
-    The calibration region is the fully sampled centre: ``calib_width`` lines, by default
-    the run of measured lines through the centre of ``mask`` (or of the data's nonzero
-    columns). Raises ``ValueError`` naming the problem when the data have no such centre
-    (fewer lines than the kernel needs).
+    The calibration region is the fully sampled centre as a Cartesian scan has it: the run
+    of lines through the centre that ``mask`` names and the data hold (nonzero),
+    by the central ``calib_rows`` readout points; it need not be square, which sigpy's and
+    BART's defaults assume. Its k×k×C patches span the signal subspace (singular values
+    above ``threshold`` of the largest); each pixel's C×C operator built from those kernels
+    has an eigenvalue near 1 exactly where the object is, whose eigenvector is the coil
+    sensitivity there (``crop``: the eigenvalue below which a pixel gets no map). The
+    kernel is at most 6 wide and at most half the calibration lines minus one, so that the
+    patches outnumber their unknowns. Each pixel's map keeps an arbitrary phase; it is
+    referenced to the first coil's, as sigpy and BART do.
     """
     k = torch.as_tensor(kspace).to(torch.complex64)
     if k.ndim != 3:
         raise ValueError(f"k-space of one slice must be (coils, rows, cols), got {tuple(k.shape)}")
-    if calib_width is None:
-        if mask is None:
-            mask = (k != 0).any(dim=0)
-        calib_width = len(calibration_lines(mask.bool()))
-    if calib_width < kernel_width + 2:
+    coils, rows, cols = k.shape
+    acquired = (k != 0).any(dim=0)  # lines the mask names but the data lack do not count
+    lines = calibration_lines(acquired if mask is None else acquired & mask.bool())
+    kw = kernel_width or min(6, len(lines) // 2 - 1)
+    if kw < 3 or len(lines) < max(MIN_ACS_LINES, kw + 3):
         raise ValueError(
-            f"ESPIRiT needs a fully sampled k-space centre of at least {kernel_width + 2} "
-            f"lines (auto-calibration lines); the data have {calib_width}: acquire ACS lines "
+            f"ESPIRiT needs a fully sampled k-space centre of at least {MIN_ACS_LINES} lines "
+            f"(auto-calibration lines); the data have {len(lines)}: acquire ACS lines "
             "or send the coil sensitivities"
         )
-    import sigpy.mri
-
-    maps = sigpy.mri.app.EspiritCalib(
-        k.numpy(),
-        calib_width=int(min(calib_width, *k.shape[1:])),
-        thresh=threshold,
-        kernel_width=kernel_width,
-        crop=crop,
-        show_pbar=False,
-    ).run()
-    return torch.from_numpy(np.asarray(maps)).to(torch.complex64)
+    n_rows = min(rows, max(calib_rows, len(lines)))
+    top = (rows - n_rows + 1) // 2
+    calib = k[:, top : top + n_rows, int(lines[0]) : int(lines[-1]) + 1]
+    patches = calib.unfold(1, kw, 1).unfold(2, kw, 1)  # (C, r, c, kw, kw)
+    a = patches.permute(1, 2, 0, 3, 4).reshape(-1, coils * kw * kw)
+    _, s, vh = torch.linalg.svd(a, full_matrices=False)
+    kernels = vh[s > threshold * s[0]].reshape(-1, coils, kw, kw)
+    # Each pixel's operator G(x) = Σ_j g_j(x) g_j(x)ᴴ / k², g_j the image-domain kernel j.
+    g_sum = torch.zeros(rows, cols, coils, coils, dtype=torch.complex64)
+    for chunk in kernels.split(16):
+        pad = torch.zeros(len(chunk), coils, rows, cols, dtype=torch.complex64)
+        pad[..., :kw, :kw] = chunk
+        g = torch.fft.fftshift(torch.fft.ifft2(pad) * (rows * cols), dim=(-2, -1))
+        g_sum += torch.einsum("jchw,jdhw->hwcd", g, g.conj())
+    values, vectors = torch.linalg.eigh(g_sum / (kw * kw))
+    maps = vectors[..., -1].permute(2, 0, 1)
+    maps = maps * torch.exp(-1j * torch.angle(maps[:1]))
+    return (maps * (values[..., -1] > crop)).to(torch.complex64)
 
 
 def rss(coil_images: torch.Tensor, dim: int = -3) -> torch.Tensor:

@@ -167,6 +167,18 @@ class MeasurementSpec(BaseModel):
             _check_acceleration(self.mask, cols)
             if self.sensitivities == "birdcage" and not self.coils:
                 raise ValueError("sensitivities 'birdcage' needs coils (e.g. 8)")
+            if self.sensitivities == "espirit":
+                from models.physics.coils import MIN_ACS_LINES
+                from models.physics.mri import calibration_lines
+
+                acs = len(calibration_lines(mask_of(self)))
+                if acs < MIN_ACS_LINES:
+                    raise ValueError(
+                        f"sensitivities 'espirit' estimates coil maps from the fully sampled "
+                        f"k-space centre, and this mask has {acs} centre lines (at least "
+                        f"{MIN_ACS_LINES} needed): raise mask.center_fraction, or send data "
+                        "with auto-calibration lines"
+                    )
             if self.sensitivities != "espirit" and not isinstance(self.image_size, int):
                 raise ValueError(
                     "a rectangular image_size needs multi-coil data: set sensitivities to "

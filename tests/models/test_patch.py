@@ -9,7 +9,13 @@ from torch import nn
 from models.adapt import adapt_prior
 from models.inverse import Prior
 from models.nets.ncsnpp import build
-from models.nets.patch import PatchPrior, from_whole_image, positions, random_patches
+from models.nets.patch import (
+    PatchPrior,
+    from_whole_image,
+    positions,
+    random_patches,
+    tiled_score,
+)
 from models.registry import load_model, save_model, score_fn_of
 from models.sde import VESDE
 from models.training import TrainConfig, train
@@ -124,3 +130,32 @@ def test_test_time_adaptation_fits_the_image_and_moves_only_biases_and_norms():
     assert adapted.card["adapted"]["steps"] == 30 and adapted.name == "tiny+tta"
     with pytest.raises(ValueError, match="sigma_floor must be in"):
         adapt_prior(net, prior, image, sigma_floor=10.0)
+
+
+def test_a_whole_image_score_applies_patch_wise_to_any_size():
+    """``tiled_score``: a tile-sized image goes to the score as it is; any other size is cut
+    into tiles of the score's side over a shifted, noise-padded canvas, so a score that acts
+    pixel by pixel comes back unchanged, and each tile the score sees has its side."""
+    seen = []
+
+    def local(x, t):  # pixelwise: the partition cannot show
+        seen.append(tuple(x.shape[-2:]))
+        return -2.0 * x + t.reshape(-1, 1, 1, 1)
+
+    pad = torch.zeros_like  # noise-free padding: the score sees only the image
+    score = tiled_score(local, 8, lambda t: pad(t), seed=0)
+    t = torch.full((2,), 0.3)
+    for shape in [(8, 8), (20, 12), (5, 7)]:
+        x = torch.rand(2, 1, *shape)
+        seen.clear()
+        assert torch.allclose(score(x, t), local(x, t))
+        assert seen[0] == (8, 8)
+
+    # A score that sees its tile's mean reveals the seams; their places move between calls.
+    def mean_score(x, t):
+        return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
+
+    score = tiled_score(mean_score, 8, lambda t: torch.zeros_like(t), seed=1)
+    x = torch.rand(1, 1, 24, 24)
+    first, second = score(x, t[:1]), score(x, t[:1])
+    assert not torch.equal(first, second)
