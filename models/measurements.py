@@ -13,7 +13,8 @@ One reader for the CLI and the gateway. Formats, recognised by content, not by n
   a column, as the line masks of :mod:`models.physics.mri` select columns; the matrix size
   comes from ``dataset/xml``; an oversampled readout (twice the encoded x size, FOV doubled)
   is cropped in image space with the √½ that keeps the object's intensity. Lines never
-  acquired stay zero.
+  acquired stay zero. fastMRI's multi-coil k-space, readout 2× oversampled (640 rows for a
+  spec of 320), is cropped the same way when the spec's rows are half the data's.
 
 Errors are :class:`MeasurementError` (a :class:`~models.physics.spec.SpecError`) whose message
 names what is wrong and how to fix it; :class:`MeasurementTooLarge` for archives that inflate
@@ -254,11 +255,19 @@ def _ismrmrd_kspace(acqs: np.ndarray, xml, limit: int) -> np.ndarray:
     for a, data in enumerate(acqs["data"]):
         pairs = np.asarray(data, np.float32).reshape(coils, samples, 2)
         k[sl[a], :, :, ky[a]] = pairs[..., 0] + 1j * pairs[..., 1]
-    if samples == 2 * nx:  # remove readout oversampling: crop the central half in image space
-        img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(k, -2), axis=-2, norm="ortho"), -2)
-        img = img[..., nx // 2 : nx // 2 + nx, :] * np.sqrt(0.5)
-        k = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, -2), axis=-2, norm="ortho"), -2)
+    if samples == 2 * nx:
+        k = remove_readout_oversampling(k, nx)
     return k.astype(np.complex64)
+
+
+def remove_readout_oversampling(k: np.ndarray, rows: int) -> np.ndarray:
+    """k-space ``(..., 2 rows, cols)`` whose readout (rows) was oversampled 2× (the field of
+    view doubled) → ``(..., rows, cols)``: the central half of the image along the readout,
+    with the √½ that keeps the object's intensity under the orthonormal FFT."""
+    img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(k, -2), axis=-2, norm="ortho"), -2)
+    lo = (k.shape[-2] - rows) // 2
+    img = img[..., lo : lo + rows, :] * np.sqrt(0.5)
+    return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, -2), axis=-2, norm="ortho"), -2)
 
 
 def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
@@ -288,6 +297,9 @@ def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
         raise MeasurementError("a CT sinogram is real: send the real array, not a complex one")
     with np.errstate(over="ignore", invalid="ignore"):
         arr = np.ascontiguousarray(arr.astype(np.complex64 if complex_data else np.float32))
+    if complex_data and arr.ndim == 4 and arr.shape[-2:] == (2 * expected[-2], expected[-1]):
+        # fastMRI stores the readout 2× oversampled (640 for a 320 field of view).
+        arr = remove_readout_oversampling(arr, expected[-2]).astype(np.complex64)
     if not np.isfinite(arr).all():
         raise MeasurementError(
             "measurement contains NaN or Inf, or values beyond the float32 range; "

@@ -55,11 +55,15 @@ def task_spec(task: str, level: int, size: int) -> dict:
     return spec
 
 
-def smooth_phase(n: int, size: int, seed: int, amplitude: float = math.pi / 2) -> torch.Tensor:
-    """Random smooth image phases (N, 1, size, size): a quadratic surface each, up to
-    ``amplitude`` radians across the field of view, like B0 and coil phase."""
+def smooth_phase(
+    n: int, size: int | tuple[int, int], seed: int, amplitude: float = math.pi / 2
+) -> torch.Tensor:
+    """Random smooth image phases (N, 1, rows, cols) (``size``: N for N×N): a quadratic
+    surface each, up to ``amplitude`` radians across the field of view, like B0 and coil
+    phase."""
     g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    rows, cols = (size, size) if isinstance(size, int) else size
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, rows), torch.linspace(-1, 1, cols), indexing="ij")
     basis = torch.stack([xx, yy, xx * yy, xx**2 - 0.5, yy**2 - 0.5])
     coeffs = (torch.rand(n, 5, generator=g) * 2 - 1) * amplitude / 2
     offset = (torch.rand(n, generator=g) * 2 - 1) * math.pi

@@ -6,7 +6,15 @@ from models.physics.base import (
     adjointness_test,
     conjugate_gradient,
 )
-from models.physics.spec import MeasurementSpec, SpecError, from_spec, parse_spec
+from models.physics.spec import (
+    MeasurementSpec,
+    SpecError,
+    from_spec,
+    layout_operator,
+    needs_data,
+    parse_spec,
+    slice_operators,
+)
 
 __all__ = [
     "DecomposedOperator",
@@ -16,5 +24,8 @@ __all__ = [
     "adjointness_test",
     "conjugate_gradient",
     "from_spec",
+    "layout_operator",
+    "needs_data",
     "parse_spec",
+    "slice_operators",
 ]

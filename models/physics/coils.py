@@ -39,11 +39,14 @@ def loop_coil_sensitivities(
     distance: float = 1.5,
     rings: int | None = None,
     segments: int = 64,
+    extent: float | None = None,
 ) -> torch.Tensor:
     """Receive fields ``(C, H, W)`` complex64 of ``coils`` circular loops (Biot-Savart).
 
     The loops (``radius``) lie on a cylinder of radius ``distance`` around the field of
-    view, facing its axis; lengths are in units of half the larger image side. With more
+    view, facing its axis; lengths are in units of ``extent`` pixels (default half the
+    larger image side; give the object's when the grid is larger, e.g. an oversampled
+    readout, so the coils stay where they are). With more
     than 8 coils they sit on two rings at z = ±radius, as head and knee arrays do. The
     receive sensitivity of a coil is B_x − i B_y of the field its unit current makes in the
     image plane (the negatively rotating component, which a receive coil picks up). Maps
@@ -52,7 +55,7 @@ def loop_coil_sensitivities(
     if coils < 1:
         raise ValueError(f"coils must be >= 1, got {coils}")
     rows, cols = shape
-    half = max(rows, cols) / 2
+    half = extent or max(rows, cols) / 2
     y = (torch.arange(rows, dtype=torch.float64) - (rows - 1) / 2) / half
     x = (torch.arange(cols, dtype=torch.float64) - (cols - 1) / 2) / half
     yy, xx = torch.meshgrid(y, x, indexing="ij")

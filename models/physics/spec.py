@@ -333,6 +333,28 @@ def needs_data(spec: MeasurementSpec) -> bool:
     return spec.modality == "mri" and spec.sensitivities == "espirit"
 
 
+def layout_operator(spec: MeasurementSpec, measurement) -> LinearOperator:
+    """An operator with the spec's image shape and mask and the measurement's coil count, with
+    unit coil maps: it checks a measurement's layout (shape, calibration lines) before the
+    maps are estimated from it, and is not for reconstruction."""
+    from models.measurements import MeasurementError
+
+    shape = tuple(getattr(measurement, "shape", ()))
+    if len(shape) < 3:
+        raise MeasurementError(
+            f"multi-coil k-space must be (slices, coils, {spec.shape[0]}, {spec.shape[1]}) "
+            f"or (coils, {spec.shape[0]}, {spec.shape[1]}); got {shape}"
+        )
+    coils = int(shape[-3])
+    if spec.coils is not None and coils != spec.coils:
+        raise MeasurementError(
+            f"coils: the spec says {spec.coils} but the measurement has {coils} (axis -3); "
+            "drop coils from the spec (the measurement's count is used) or send matching data"
+        )
+    unit = torch.full((coils, *spec.shape), coils**-0.5, dtype=torch.complex64)
+    return MultiCoilMRIOperator(spec.shape, mask_of(spec), unit)
+
+
 def slice_operators(spec: MeasurementSpec | dict | str, y) -> list[LinearOperator]:
     """One operator per slice of ``y`` ``(S, C, H, W)``: the same one for every slice unless
     the coil maps come from each slice's own data (``espirit``)."""
