@@ -213,6 +213,52 @@ def _read_hdf5(raw: bytes, limit: int) -> np.ndarray:
     )
 
 
+def read_mask(raw: bytes) -> np.ndarray | None:
+    """The measured lines a fastMRI file declares (its ``mask`` dataset, over the columns),
+    as booleans; ``None`` for other files or when there is none."""
+    if not raw.startswith(HDF5_MAGIC):
+        return None
+    import h5py
+
+    try:
+        with h5py.File(io.BytesIO(raw), "r") as f:
+            ds = _hdf5_dataset(f, "mask", 1 << 24)
+            if ds is None:
+                return None
+            mask = np.asarray(ds[()])
+    except MeasurementError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MeasurementError(
+            f"HDF5 'mask' could not be read ({type(exc).__name__}); store it as fastMRI does, "
+            "one number per phase-encoding line"
+        ) from None
+    if mask.dtype.kind not in "biuf" or mask.ndim not in (1, 2):
+        raise MeasurementError("HDF5 'mask' must be numbers, one per phase-encoding line")
+    mask = mask != 0
+    return mask.any(axis=0) if mask.ndim == 2 else mask
+
+
+def check_mask(lines: np.ndarray, operator) -> None:
+    """The file's measured lines must be the spec's: a mismatch would fit the data to the
+    wrong samples."""
+    expected = operator.mask.any(dim=0).numpy()
+    if lines.shape != expected.shape or not np.array_equal(lines, expected):
+        got = np.flatnonzero(lines).tolist() if lines.shape == expected.shape else lines.shape
+        raise MeasurementError(
+            f"mask: the file's mask dataset measures lines {_brief(got)} but the spec's mask "
+            f"measures {_brief(np.flatnonzero(expected).tolist())} of {expected.size}; send "
+            "the spec's mask as it was acquired (kind 'explicit' with these lines)"
+        )
+
+
+def _brief(items) -> str:
+    if not isinstance(items, list):
+        return f"of shape {tuple(items)}"
+    text = ", ".join(map(str, items[:12]))
+    return f"[{text}{', …' if len(items) > 12 else ''}] ({len(items)} lines)"
+
+
 def _encoded_matrix(xml) -> tuple[int, int] | None:
     if xml is None:
         return None

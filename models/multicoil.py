@@ -70,10 +70,13 @@ def simulate_multicoil(
     correlation: float = 0.3,
     oversampling: int = 2,
     seed: int = 0,
+    segments: int = 64,
 ) -> MultiCoilCase:
     """Multi-coil k-space of real-valued ``images_fine`` (N, 1, 2 rows, 2 cols) on [0, 1].
 
-    ``noise_std`` per real component of each coil on the image's scale (orthonormal FFT).
+    ``noise_std`` per real component of each coil on the image's scale (orthonormal FFT),
+    for the samples as acquired (removing the readout oversampling halves its variance);
+    ``segments`` of each loop in the Biot-Savart sum.
     """
     g = torch.Generator().manual_seed(seed)
     n, _, fine_rows, fine_cols = images_fine.shape
@@ -85,9 +88,14 @@ def simulate_multicoil(
     # The oversampled field of view: the object in the middle of R times the rows.
     pad = (oversampling - 1) * fine_rows // 2
     obj_os = torch.nn.functional.pad(obj, (0, 0, pad, pad))
-    maps_fine = loop_coil_sensitivities(
-        obj_os.shape[-2:], coils, extent=max(fine_rows, fine_cols) / 2
+    # Coil fields are smooth: computed on the acquired grid, interpolated to the fine one.
+    maps = loop_coil_sensitivities(
+        (oversampling * rows, cols), coils, extent=max(rows, cols) / 2, segments=segments
     )
+    maps = maps / rss(maps, 0).clamp_min(1e-12)
+    parts = torch.view_as_real(maps).permute(3, 0, 1, 2)  # (2, C, R rows, cols)
+    fine = torch.nn.functional.interpolate(parts, scale_factor=2, mode="bilinear")
+    maps_fine = torch.complex(fine[0], fine[1])
     maps_fine = maps_fine / rss(maps_fine, 0).clamp_min(1e-12)
     k_fine = fft2c(obj_os * maps_fine[None])
     r0 = (k_fine.shape[-2] - oversampling * rows) // 2
@@ -111,13 +119,13 @@ def simulate_multicoil(
         line_mask = equispaced_mask((1, cols), acceleration, center_fraction)[0]
     else:
         line_mask = random_mask((1, cols), acceleration, center_fraction, seed)[0]
-    maps = maps_fine[:, pad : pad + fine_rows].reshape(coils, rows, 2, cols, 2).mean((2, 4))
+    top = (oversampling - 1) * rows // 2
     return MultiCoilCase(
         kspace=(k * line_mask).to(torch.complex64),
         mask=line_mask,
         reference=image.abs().clamp(0, 1),
         phase=image.angle(),
-        sensitivities=(maps / rss(maps, 0).clamp_min(1e-12)).to(torch.complex64),
+        sensitivities=maps[:, top : top + rows].to(torch.complex64),
         noise_scan=scan,
         noise_covariance=noise_std**2 * 2 * (mix @ mix.conj().T),
         oversampling=oversampling,

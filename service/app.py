@@ -31,8 +31,15 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.inverse import DEFAULT_NFE, DEFAULT_SAMPLER, RECON_SAMPLERS
-from models.measurements import MeasurementError, MeasurementTooLarge, as_measurement, read_array
-from models.physics import SpecError, from_spec, parse_spec
+from models.measurements import (
+    MeasurementError,
+    MeasurementTooLarge,
+    as_measurement,
+    check_mask,
+    read_array,
+    read_mask,
+)
+from models.physics import SpecError, from_spec, layout_operator, needs_data, parse_spec
 from models.registry import ModelError, bundled_models, card_modality, load_card, resolve
 from service.archives import ArchiveError, extract
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
@@ -396,7 +403,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _check_model(model, parsed.image_size, settings, parsed.modality)  # before the operator
         raw = _read_limited(measurement, settings.max_upload_mb)
         y = _parse_measurement(raw, parsed)
-        pixels = parsed.image_size**2
+        pixels = parsed.shape[0] * parsed.shape[1]
         factors = [
             Factor("nfe", nfe, 2),
             Factor("samples", samples),
@@ -888,7 +895,13 @@ def _parse_measurement(raw: bytes, spec) -> torch.Tensor:
     """The upload read and checked by the core (:mod:`models.measurements`): format, shape,
     dtype, finiteness; an archive bomb is refused before it is inflated."""
     try:
-        return as_measurement(read_array(raw), from_spec(spec))
+        arr = read_array(raw)
+        # Coil maps estimated from the data are the worker's job: here only the layout.
+        op = layout_operator(spec, arr) if needs_data(spec) else from_spec(spec)
+        lines = read_mask(raw)
+        if lines is not None and spec.modality == "mri":
+            check_mask(lines, op)
+        return as_measurement(arr, op)
     except MeasurementTooLarge as exc:
         raise Problem(413, "Archive too large", str(exc), "measurement") from None
     except MeasurementError as exc:
@@ -996,7 +1009,11 @@ def _model_summary(name: str, settings: Settings) -> dict:
     }
 
 
-def _check_model(name: str, image_size: int, settings: Settings, modality: str) -> None:
+def _check_model(
+    name: str, image_size: int | tuple[int, int], settings: Settings, modality: str
+) -> None:
+    """The model exists, is usable and fits the modality; a CT image must have the prior's
+    size (MR images of another size are reconstructed patch-wise)."""
     if name not in _model_names(settings):
         raise Problem(
             422, "Unknown model", f"model '{name}' not found; see GET /v1/models", "model"
@@ -1014,7 +1031,7 @@ def _check_model(name: str, image_size: int, settings: Settings, modality: str) 
             f"'{modality}'; choose a {modality.upper()} model (see GET /v1/models)",
             "model",
         )
-    if card.get("image_size") != image_size:
+    if modality == "ct" and card.get("image_size") != image_size:
         raise Problem(
             422,
             "Image size mismatch",

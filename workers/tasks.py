@@ -30,7 +30,7 @@ from models.baselines import baseline_name, reconstruct_baseline
 from models.figures import preview
 from models.inverse import Cancelled, Prior, ReconConfig, reconstruct
 from models.io import save_png
-from models.physics import SpecError, from_spec, parse_spec
+from models.physics import SpecError, needs_data, parse_spec, slice_operators
 from models.physics.ct import remove_metal_trace
 from models.registry import ModelError
 from service.db import ADMITTED, FINAL, Job, JobStore, auto_export_id, now
@@ -279,17 +279,24 @@ def admit(
 
 def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
     spec = parse_spec(job.spec)
-    op = from_spec(spec)
     y = torch.from_numpy(
         np.load(io.BytesIO(results.get(job.id, "measurement.npy")), allow_pickle=False)
     )
+    # One operator for the stack, or one per slice when its coil maps come from its data.
+    if needs_data(spec):
+        jobs.set_fields(job.id, phase="coil maps")
+    ops = slice_operators(spec, y)
+    op = ops[0]
     expected = tuple(op.measurement_shape())
     if y.ndim != len(expected) + 1 or tuple(y.shape[1:]) != expected:
         raise ValueError(f"stored measurement {tuple(y.shape)} does not match the spec {expected}")
     params = job.params
-    base = reconstruct_baseline(op, y, baseline_name(op))
+    base = torch.cat(
+        [reconstruct_baseline(o, y[i : i + 1], baseline_name(o)) for i, o in enumerate(ops)]
+    )
     if spec.metal_threshold_hu is not None:
         op, y, _ = remove_metal_trace(op, y, threshold_hu=spec.metal_threshold_hu)
+        ops = [op] * len(y)
     prior = load_prior(resolve_model(job.model, models_dir))
     config = ReconConfig.for_prior(prior, spec.modality, params.get("sampler"), params.get("nfe"))
     progress, cancel = _progress_writer(job, jobs, "sampling"), _cancel_check(job, jobs)
@@ -297,7 +304,7 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     # A stack of slices runs in batches of ``batch_slices`` (× K samples each); the
     # results keep the slice order. Progress counts steps over all batches.
     k = int(params.get("samples", 1))
-    per = max(1, int(params.get("batch_slices", 4)))
+    per = 1 if needs_data(spec) else max(1, int(params.get("batch_slices", 4)))
     chunks = list(range(0, y.shape[0], per))
     means, stds, nfe, residual, seconds, sigmas, warnings = [], [], 0, [], 0.0, [], []
     for c, start in enumerate(chunks):
@@ -307,7 +314,7 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
 
         seed = int(params.get("seed", 0)) + start
         part = reconstruct(
-            op,
+            ops[start],
             y[start : start + per],
             prior,
             config,
