@@ -30,7 +30,7 @@ from models.baselines import baseline_name, reconstruct_baseline
 from models.figures import preview
 from models.inverse import Cancelled, Prior, ReconConfig, reconstruct
 from models.io import save_png
-from models.physics import SpecError, needs_data, parse_spec, slice_operators
+from models.physics import SpecError, needs_data, parse_spec, slice_problems
 from models.physics.ct import remove_metal_trace
 from models.registry import ModelError
 from service.db import ADMITTED, FINAL, Job, JobStore, auto_export_id, now
@@ -282,10 +282,10 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     y = torch.from_numpy(
         np.load(io.BytesIO(results.get(job.id, "measurement.npy")), allow_pickle=False)
     )
-    # One operator for the stack, or one per slice when its coil maps come from its data.
+    # One operator for the stack, or one per slice (maps and whitening from its own data).
     if needs_data(spec):
         jobs.set_fields(job.id, phase="coil maps")
-    ops = slice_operators(spec, y)
+    ops, y = slice_problems(spec, y)
     op = ops[0]
     expected = tuple(op.measurement_shape())
     if y.ndim != len(expected) + 1 or tuple(y.shape[1:]) != expected:

@@ -135,16 +135,24 @@ def tiled_score(
     pad_std: Callable[[torch.Tensor], torch.Tensor],
     seed: int = 0,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A whole-image score of side ``tile`` applied to images of any size, patch-wise: on a
-    shifted partition into tile×tile pieces (:func:`partition_apply`), the padding filled
-    with noise of std ``pad_std(t)``. A smaller image sits in one noisy canvas (padding); a
-    larger one is covered by pieces whose seams move at every call."""
+    """A whole-image score of side ``tile`` applied to images of any size. An image that
+    fits is padded: centred on one tile×tile canvas whose margin is noise of std
+    ``pad_std(t)`` (the marginal of a zero background), one evaluation. A larger one is
+    scored patch-wise, on a shifted partition into tile×tile pieces (:func:`partition_apply`)
+    whose seams move at every call."""
     gen = torch.Generator().manual_seed(seed)
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == (tile, tile):
+        h, w = x.shape[-2:]
+        if (h, w) == (tile, tile):
             return score_fn(x, t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
+        std = pad_std(t).reshape(-1, 1, 1, 1).to(x)
+        if h <= tile and w <= tile:
+            top, left = (tile - h) // 2, (tile - w) // 2
+            canvas = torch.randn((*x.shape[:2], tile, tile), generator=gen).to(x) * std
+            canvas[..., top : top + h, left : left + w] = x
+            return score_fn(canvas, t)[..., top : top + h, left : left + w]
         return partition_apply(x, t, tile, pad_std(t), lambda v, _a, _b, tt: score_fn(v, tt), gen)
 
     return score

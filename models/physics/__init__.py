@@ -13,7 +13,7 @@ from models.physics.spec import (
     layout_operator,
     needs_data,
     parse_spec,
-    slice_operators,
+    slice_problems,
 )
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "layout_operator",
     "needs_data",
     "parse_spec",
-    "slice_operators",
+    "slice_problems",
 ]

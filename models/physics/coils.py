@@ -9,11 +9,11 @@
   and zero outside it; our own, because a Cartesian scan's calibration region is the full
   readout by a few lines, and the square region sigpy's ``EspiritCalib`` takes does not fit
   narrow ACS (checked against sigpy where both apply, in the tests).
-- :func:`noise_covariance`, :func:`whitening_matrix`, :func:`whiten`: coil noise is
-  correlated (coils couple and overlap); pre-whitening with the Cholesky factor of its
-  covariance makes it white and equal, which least-squares data consistency assumes. The
-  covariance comes from a noise scan when there is one, else from the k-space corners,
-  where an object with a finite extent leaves only noise (:func:`noise_from_kspace`).
+- :func:`noise_covariance`, :func:`whitening_matrix`, :func:`whiten`, :func:`prewhiten`:
+  coil noise is correlated (coils couple and overlap); pre-whitening with the Cholesky
+  factor of its covariance makes it white and equal, which least-squares data consistency
+  assumes. The covariance comes from a noise scan when there is one, else from the ends of
+  the readout, where an object of finite extent leaves only noise (:func:`noise_from_kspace`).
 - :func:`rss`: root-sum-of-squares coil combination, the zero-filled baseline of the field.
 
 Shapes: one slice's maps are ``(C, H, W)``; k-space is ``(..., C, H, W)``, centred.
@@ -181,3 +181,15 @@ def whitening_matrix(covariance: torch.Tensor) -> torch.Tensor:
 def whiten(kspace: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Apply the whitening matrix ``w`` (C, C) along the coil axis of ``(..., C, H, W)``."""
     return torch.einsum("dc,...chw->...dhw", w, kspace.to(torch.complex64))
+
+
+def prewhiten(op, y: torch.Tensor, noise: torch.Tensor | None = None):
+    """``(op_w, y_w)``: a multi-coil operator and its slice's data ``y`` (1, C, H, W), both
+    whitened by W from the coil noise covariance: of the ``noise`` scan (C, M) when there is
+    one, else of the measured k-space's readout ends (:func:`noise_from_kspace`)."""
+    from models.physics.mri import MultiCoilMRIOperator
+
+    samples = noise if noise is not None else noise_from_kspace(y, op.mask)
+    w = whitening_matrix(noise_covariance(samples))
+    op_w = MultiCoilMRIOperator(op.image_shape, op.mask, op.sensitivities, whitening=w)
+    return op_w, whiten(y, w) * op.mask

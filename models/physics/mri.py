@@ -175,7 +175,10 @@ class MultiCoilMRIOperator(LinearOperator):
     No invertible T exists (S maps one image to C coil images), so this operator has no
     Proposition 8.1 decomposition; solvers use least squares (CG) for data consistency.
     Images may be rectangular, ``(B, 1, H, W)``; measurements are the zero-filled k-space
-    ``(B, C, H, W)``, fastMRI's layout.
+    ``(B, C, H, W)``, fastMRI's layout. With a ``whitening`` matrix W (C×C) the operator is
+    W M F S, for data pre-whitened by the same W (:func:`models.physics.coils.prewhiten`):
+    least squares then weighs the coils by their correlated noise, and the image keeps the
+    scale of the unwhitened maps.
 
     :param image_shape: N for N×N images, or ``(H, W)``.
     :param mask: boolean ``(H, W)`` k-space mask.
@@ -183,7 +186,11 @@ class MultiCoilMRIOperator(LinearOperator):
     """
 
     def __init__(
-        self, image_shape: int | tuple[int, int], mask: torch.Tensor, sensitivities: torch.Tensor
+        self,
+        image_shape: int | tuple[int, int],
+        mask: torch.Tensor,
+        sensitivities: torch.Tensor,
+        whitening: torch.Tensor | None = None,
     ):
         shape = (image_shape, image_shape) if isinstance(image_shape, int) else image_shape
         shape = tuple(int(s) for s in shape)
@@ -195,6 +202,7 @@ class MultiCoilMRIOperator(LinearOperator):
         self.image_size = shape[0] if shape[0] == shape[1] else None
         self.mask = mask.bool()
         self.sensitivities = sensitivities.to(torch.complex64)
+        self.whitening = None if whitening is None else whitening.to(torch.complex64)
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -208,16 +216,20 @@ class MultiCoilMRIOperator(LinearOperator):
     def coils(self) -> int:
         return int(self.sensitivities.shape[0])
 
+    def _mix(self, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        return y if w is None else torch.einsum("dc,bchw->bdhw", w, y)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         coil_images = x.to(torch.complex64) * self.sensitivities[None]
-        return fft2c(coil_images) * self.mask
+        return self._mix(fft2c(coil_images), self.whitening) * self.mask
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         return self.adjoint_complex(y).real
 
     def adjoint_complex(self, y: torch.Tensor) -> torch.Tensor:
         """Aᴴ y as a complex image."""
-        coil_images = ifft2c(y * self.mask) * torch.conj(self.sensitivities[None])
+        w = None if self.whitening is None else self.whitening.conj().T
+        coil_images = ifft2c(self._mix(y * self.mask, w)) * torch.conj(self.sensitivities[None])
         return coil_images.sum(dim=1, keepdim=True)
 
     def low_resolution(self, y: torch.Tensor) -> torch.Tensor:
@@ -225,7 +237,10 @@ class MultiCoilMRIOperator(LinearOperator):
         return self.adjoint_complex(y * calibration_window(self.mask))
 
     def zero_filled(self, y: torch.Tensor) -> torch.Tensor:
-        """Root sum of squares of the zero-filled coil images (the field's baseline)."""
+        """Root sum of squares of the zero-filled coil images (the field's baseline); of the
+        unwhitened coils when the data were whitened."""
+        if self.whitening is not None:
+            y = self._mix(y, torch.linalg.inv(self.whitening))
         return ifft2c(y * self.mask).abs().pow(2).sum(dim=1, keepdim=True).sqrt()
 
 

@@ -12,7 +12,7 @@ Example specs::
 
 Multi-coil MRI: ``"sensitivities": "espirit"`` estimates the coil maps of each slice from its
 own auto-calibration lines (:func:`models.physics.coils.espirit_maps`), so the operator is
-built from the data (:func:`slice_operators`); the coil count is the measurement's.
+built from the data (:func:`slice_problems`); the coil count is the measurement's.
 ``"coils": C`` alone keeps the synthetic birdcage maps of simulations.
 """
 
@@ -291,7 +291,7 @@ def _espirit(spec: MeasurementSpec, mask: torch.Tensor, kspace) -> torch.Tensor:
     if kspace is None:
         raise SpecError(
             "sensitivities 'espirit' estimates the coil maps from the measurement: build the "
-            "operator with the k-space (slice_operators)"
+            "operator with the k-space (slice_problems)"
         )
     k = torch.as_tensor(kspace)
     if k.ndim != 3 or tuple(k.shape[1:]) != spec.shape:
@@ -355,11 +355,25 @@ def layout_operator(spec: MeasurementSpec, measurement) -> LinearOperator:
     return MultiCoilMRIOperator(spec.shape, mask_of(spec), unit)
 
 
-def slice_operators(spec: MeasurementSpec | dict | str, y) -> list[LinearOperator]:
-    """One operator per slice of ``y`` ``(S, C, H, W)``: the same one for every slice unless
-    the coil maps come from each slice's own data (``espirit``)."""
+def slice_problems(
+    spec: MeasurementSpec | dict | str, y: torch.Tensor
+) -> tuple[list[LinearOperator], torch.Tensor]:
+    """One operator per slice of ``y`` ``(S, ...)``, and the data they fit.
+
+    The same operator serves every slice unless the coil maps come from each slice's own
+    data (``espirit``): then each slice's maps are estimated, and its data and operator are
+    pre-whitened by its coil noise covariance, estimated from the readout ends
+    (:func:`models.physics.coils.prewhiten`).
+    """
+    from models.physics.coils import prewhiten
+
     if not isinstance(spec, MeasurementSpec):
         spec = parse_spec(spec)
     if not needs_data(spec):
-        return [from_spec(spec)] * len(y)
-    return [from_spec(spec, y[s]) for s in range(len(y))]
+        return [from_spec(spec)] * len(y), y
+    ops, data = [], []
+    for s in range(len(y)):
+        op, ys = prewhiten(from_spec(spec, y[s]), y[s : s + 1])
+        ops.append(op)
+        data.append(ys)
+    return ops, torch.cat(data)
