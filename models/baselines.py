@@ -130,7 +130,10 @@ def _full_kspace(op: LinearOperator, y: torch.Tensor) -> tuple[torch.Tensor, tor
     """Zero-filled k-space ``(B, C, H, W)`` and maps ``(C, H, W)`` (ones for one coil)."""
     if isinstance(op, MRIOperator):
         return op.pad(y), torch.ones(1, *op.image_shape, dtype=torch.complex64)
-    return y * op.mask, op.sensitivities
+    maps = op.sensitivities
+    if op.whitening is not None:  # W F S = F (W S): W mixes coils pixel by pixel
+        maps = torch.einsum("dc,chw->dhw", op.whitening, maps)
+    return y * op.mask, maps
 
 
 def cs_wavelet(

@@ -14,7 +14,7 @@ import torch
 from models import cli_recon, default_priors
 from models.baselines import METHODS, reconstruct_baseline
 from models.cli_prior import add_commands
-from models.io import load_image, load_measurement, save_png
+from models.io import load_image, load_problems, save_png
 from models.metrics import data_residual, psnr, ssim
 from models.noise import add_noise
 from models.physics import SpecError, from_spec, parse_spec
@@ -47,10 +47,9 @@ def simulate(args: argparse.Namespace) -> int:
 def baseline(args: argparse.Namespace) -> int:
     """Measurement + spec → reconstruction NPY, preview PNG and report.json."""
     spec = _read_spec(args.spec)
-    op = from_spec(spec)
-    y = load_measurement(args.input, op)
+    ops, y = load_problems(args.input, spec)
     start = time.perf_counter()
-    x = reconstruct_baseline(op, y, args.method)
+    x = torch.cat([reconstruct_baseline(op, y[i : i + 1], args.method) for i, op in enumerate(ops)])
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +59,9 @@ def baseline(args: argparse.Namespace) -> int:
         "method": args.method,
         "seconds": round(seconds, 4),
         "spec": spec.model_dump(exclude_none=True),
-        "data_residual": data_residual(op, x, y),
+        "data_residual": max(
+            data_residual(op, x[i : i + 1], y[i : i + 1]) for i, op in enumerate(ops)
+        ),
     }
     if args.reference:
         ref = torch.from_numpy(np.load(args.reference, allow_pickle=False)).reshape(x[:1].shape)

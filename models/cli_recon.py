@@ -20,19 +20,22 @@ from models.inverse import (
     RECON_SAMPLERS,
     Prior,
     ReconConfig,
+    merge,
     reconstruct,
 )
-from models.io import load_measurement, save_png
+from models.io import load_problems, save_png
 from models.metrics import psnr, ssim
-from models.physics import from_spec, parse_spec
+from models.physics import parse_spec
 from models.physics.ct import remove_metal_trace
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     spec = parse_spec(Path(args.spec).read_bytes())
-    op = from_spec(spec)
-    y = load_measurement(args.input, op)
-    base = reconstruct_baseline(op, y, baseline_name(op))
+    ops, y = load_problems(args.input, spec)
+    op = ops[0]
+    base = torch.cat(
+        [reconstruct_baseline(o, y[i : i + 1], baseline_name(o)) for i, o in enumerate(ops)]
+    )
     metal = None
     if spec.metal_threshold_hu is not None or args.metal_mask:
         given = (
@@ -54,7 +57,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         bar.n = i
         bar.refresh()
 
-    rec = reconstruct(op, y, prior, config, args.samples, args.seed, spec.noise_std, progress)
+    if len(set(map(id, ops))) == 1:
+        rec = reconstruct(op, y, prior, config, args.samples, args.seed, spec.noise_std, progress)
+    else:  # coil maps per slice: one solve each
+        parts = [
+            reconstruct(o, y[i : i + 1], prior, config, args.samples, args.seed + i, spec.noise_std)
+            for i, o in enumerate(tqdm(ops, desc="slices", unit="slice"))
+        ]
+        rec = merge(parts)
     bar.close()
     if rec.diverged is not None:
         print(f"error: the reconstruction diverged ({rec.diverged})", file=sys.stderr)

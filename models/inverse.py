@@ -172,6 +172,29 @@ class Reconstruction:
     diverged: str | None = None  # why the result is not an image, or None
 
 
+def merge(parts: list[Reconstruction]) -> Reconstruction:
+    """Reconstructions of consecutive slices (or batches) as one, in order."""
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    first = parts[0]
+    return Reconstruction(
+        mean=cat("mean"),
+        std=cat("std"),
+        samples=cat("samples"),
+        nfe=sum(p.nfe for p in parts),
+        residual=[r for p in parts for r in p.residual],
+        seconds=sum(p.seconds for p in parts),
+        provenance=first.provenance,
+        noise_std_used=[s for p in parts for s in p.noise_std_used],
+        phase=cat("phase"),
+        warnings=[w for p in parts for w in p.warnings],
+        diverged=next((p.diverged for p in parts if p.diverged is not None), None),
+    )
+
+
 def _coefficients(sde: SDE, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """α(t), β(t): x_t = α x_0 + β z, so ŷ_t = α y + β A z follows the same law (ch. 8.3.2)."""
     mean, std = sde.marginal_prob(torch.ones(len(t), 1, device=t.device), t)

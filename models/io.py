@@ -87,6 +87,19 @@ def fit_square(arr: np.ndarray, size: int) -> np.ndarray:
     return arr
 
 
+def load_problems(path: str | Path, spec) -> tuple[list, torch.Tensor]:
+    """A measurement file read against a parsed spec, as per-slice operators and the data
+    they fit (:func:`models.physics.slice_problems`); errors name ``--input``."""
+    from models.measurements import MeasurementError, read_measurement
+    from models.physics import slice_problems
+
+    try:
+        y = read_measurement(Path(path).read_bytes(), spec)
+    except MeasurementError as exc:
+        raise type(exc)(f"--input: {exc}") from None
+    return slice_problems(spec, y)
+
+
 def load_measurement(path: str | Path, operator) -> torch.Tensor:
     """A measurement file (see :mod:`models.measurements`) as (B, *shape), checked against
     the operator's shape; errors name ``--input``."""

@@ -316,6 +316,21 @@ def remove_readout_oversampling(k: np.ndarray, rows: int) -> np.ndarray:
     return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, -2), axis=-2, norm="ortho"), -2)
 
 
+def read_measurement(raw: bytes, spec) -> torch.Tensor:
+    """A measurement file's bytes read and checked against a parsed spec: format, shape,
+    dtype, finiteness, and a fastMRI file's own mask. For coil maps estimated from the data
+    (``espirit``) only the layout is checked here; the maps come per slice later
+    (:func:`models.physics.slice_problems`)."""
+    from models.physics.spec import from_spec, layout_operator, needs_data
+
+    arr = read_array(raw)
+    op = layout_operator(spec, arr) if needs_data(spec) else from_spec(spec)
+    lines = read_mask(raw)
+    if lines is not None and spec.modality == "mri":
+        check_mask(lines, op)
+    return as_measurement(arr, op)
+
+
 def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
     """``(B, *measurement_shape)`` from an array, checked for dtype, shape and finiteness.
 

@@ -31,15 +31,8 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.inverse import DEFAULT_NFE, DEFAULT_SAMPLER, RECON_SAMPLERS
-from models.measurements import (
-    MeasurementError,
-    MeasurementTooLarge,
-    as_measurement,
-    check_mask,
-    read_array,
-    read_mask,
-)
-from models.physics import SpecError, from_spec, layout_operator, needs_data, parse_spec
+from models.measurements import MeasurementError, MeasurementTooLarge, read_measurement
+from models.physics import SpecError, parse_spec
 from models.registry import ModelError, bundled_models, card_modality, load_card, resolve
 from service.archives import ArchiveError, extract
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
@@ -895,13 +888,7 @@ def _parse_measurement(raw: bytes, spec) -> torch.Tensor:
     """The upload read and checked by the core (:mod:`models.measurements`): format, shape,
     dtype, finiteness; an archive bomb is refused before it is inflated."""
     try:
-        arr = read_array(raw)
-        # Coil maps estimated from the data are the worker's job: here only the layout.
-        op = layout_operator(spec, arr) if needs_data(spec) else from_spec(spec)
-        lines = read_mask(raw)
-        if lines is not None and spec.modality == "mri":
-            check_mask(lines, op)
-        return as_measurement(arr, op)
+        return read_measurement(raw, spec)  # coil maps from the data: the worker's job
     except MeasurementTooLarge as exc:
         raise Problem(413, "Archive too large", str(exc), "measurement") from None
     except MeasurementError as exc:

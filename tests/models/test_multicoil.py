@@ -72,3 +72,38 @@ def test_the_fastmri_file_reads_back_with_its_mask(tmp_path):
     y = as_measurement(arr, op)
     assert y.shape == (2, 6, 32, 28)  # readout oversampling removed
     assert np.array_equal(lines, case.mask.numpy())
+
+
+def test_baseline_command_reads_a_fastmri_file_with_espirit(tmp_path):
+    """``scorerecon baseline --method sense|cs-wavelet`` on the file as a scanner sends it."""
+    import json
+
+    from models.cli import main
+
+    case = _case(acceleration=2, center_fraction=0.3, noise_std=0.005)
+    path = write_fastmri(tmp_path / "case.h5", case)
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "modality": "mri",
+                "image_size": [32, 28],
+                "sensitivities": "espirit",
+                "mask": {"kind": "equispaced", "acceleration": 2, "center_fraction": 0.3},
+            }
+        )
+    )
+    ref = tmp_path / "ref.npy"
+    np.save(ref, case.reference[:1].numpy())
+    psnrs = {}
+    for method in ("zero-filled", "sense", "cs-wavelet"):
+        out = tmp_path / method
+        args = ["baseline", "--input", str(path), "--spec", str(spec), "--method", method]
+        assert main([*args, "--out", str(out), "--reference", str(ref)]) == 0
+        x = np.load(out / "recon.npy")
+        assert x.shape == (2, 1, 32, 28)
+        report = json.loads((out / "report.json").read_text())
+        psnrs[method] = report["psnr"]
+    # Measured 27.1, 32.4 and 32.6 dB: the parallel-imaging methods unfold the aliasing.
+    assert psnrs["zero-filled"] > 24, psnrs
+    assert min(psnrs["sense"], psnrs["cs-wavelet"]) > psnrs["zero-filled"] + 3, psnrs

@@ -1,0 +1,255 @@
+"""Multi-coil MRI on realistic data: the score solver against the field's classical methods.
+
+The test set (models/multicoil.py): real MR slices no prior saw (the test slabs of
+models/realdata.py; the validation slabs for tuning), simulated on a grid twice as fine with
+a smooth phase, 8 Biot-Savart loop coils, coil noise of std 0.01 per component correlated
+across coils, the readout 2× oversampled, written as fastMRI HDF5 and read back through the
+same reader as the gateway's. Reconstruction matrix 128 × 112 (rows × phase-encoding lines).
+
+Per task (4× and 8×, equispaced and random lines, fastMRI's centre fractions of 0.08 and
+0.04 but never fewer than 9 lines, which ESPIRiT needs at this matrix), each slice is
+solved as the worker solves it (models.physics.slice_problems): coil maps by ESPIRiT from
+its own calibration lines, data and operator pre-whitened by the coil noise covariance
+estimated from the readout ends. Methods: zero-filled RSS, SENSE (CG, Tikhonov),
+L1-wavelet SENSE (sigpy), TV-SENSE (FISTA), each with its weight tuned on 2 validation
+slices; the score solver (mri-default, applied on a noise-padded 128² canvas) at its card's
+defaults, 100 NFE. PSNR / SSIM against the magnitude of the fully sampled object (data range 1).
+
+Run: ``python benchmarks/mri_multicoil.py [--n 4] [--tasks 4x-equispaced ...]``.
+Writes docs/benchmarks/mri_multicoil.{md,json} and mri_multicoil_<task>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from models.baselines import cs_wavelet, fista_tv, reconstruct_baseline, sense  # noqa: E402
+from models.inverse import Prior, ReconConfig, reconstruct  # noqa: E402
+from models.measurements import as_measurement, read_array  # noqa: E402
+from models.metrics import psnr, ssim  # noqa: E402
+from models.multicoil import simulate_multicoil, write_fastmri  # noqa: E402
+from models.physics import layout_operator, parse_spec, slice_problems  # noqa: E402
+from models.protocol import fine_slices  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+TASKS = {
+    "4x-equispaced": (4, "equispaced"),
+    "4x-random": (4, "random"),
+    "8x-equispaced": (8, "equispaced"),
+    "8x-random": (8, "random"),
+}
+SHAPE = (128, 112)
+COILS, NOISE, CORRELATION = 8, 0.01, 0.3
+MIN_CENTRE_LINES = 9
+NFE = 100
+MODEL = "mri-default"
+# Each classical method's weight, tuned on the validation slices from these.
+WEIGHTS = {
+    "sense": (1e-3, 1e-2, 3e-2, 0.1),
+    "cs-wavelet": (1e-4, 3e-4, 1e-3, 3e-3),
+    "cs-tv": (3e-4, 1e-3, 3e-3, 1e-2),
+}
+CLASSICAL = {
+    "sense": lambda op, y, w: sense(op, y, lam=w),
+    "cs-wavelet": lambda op, y, w: cs_wavelet(op, y, w),
+    "cs-tv": lambda op, y, w: fista_tv(op, y, w),
+}
+
+
+def centre_fraction(acceleration: int) -> float:
+    fastmri = 0.08 if acceleration <= 4 else 0.04
+    return max(fastmri, MIN_CENTRE_LINES / SHAPE[1])
+
+
+def case(split: str, n: int, acceleration: int, kind: str, seed: int):
+    """Slices of ``split`` as a fastMRI file read back: (spec, per-slice problems, case)."""
+    fine = fine_slices("mri", split, SHAPE[0], n)
+    cut = (fine.shape[-1] - 2 * SHAPE[1]) // 2
+    fine = fine[..., cut : cut + 2 * SHAPE[1]]
+    sim = simulate_multicoil(
+        fine,
+        COILS,
+        acceleration,
+        kind,
+        centre_fraction(acceleration),
+        NOISE,
+        CORRELATION,
+        seed=seed,
+    )
+    mask = {"kind": "explicit", "lines": sim.mask.nonzero().flatten().tolist()}
+    spec = parse_spec(
+        {"modality": "mri", "image_size": list(SHAPE), "sensitivities": "espirit", "mask": mask}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = write_fastmri(Path(tmp) / "case.h5", sim).read_bytes()
+    arr = read_array(raw)
+    y = as_measurement(arr, layout_operator(spec, arr))
+    t0 = time.perf_counter()
+    ops, y = slice_problems(spec, y)
+    maps_s = (time.perf_counter() - t0) / len(y)
+    return ops, y, sim.reference, maps_s
+
+
+def tune(ops, y, ref) -> dict:
+    """Each classical method's weight with the best mean validation PSNR."""
+    best = {}
+    for method, weights in WEIGHTS.items():
+        scores = {
+            w: statistics.fmean(
+                psnr(CLASSICAL[method](op, y[i : i + 1], w)[0].abs().clamp(0, 1), ref[i])
+                for i, op in enumerate(ops)
+            )
+            for w in weights
+        }
+        best[method] = max(scores, key=scores.get)
+        print(f"  {method}: weight {best[method]} ({scores[best[method]]:.2f} dB on val)")
+    return best
+
+
+def run(name: str, n: int, n_val: int) -> dict:
+    acceleration, kind = TASKS[name]
+    print(f"{name}: tuning on {n_val} validation slices", flush=True)
+    weights = tune(*case("val", n_val, acceleration, kind, seed=1)[:3])
+    ops, y, ref, maps_s = case("test", n, acceleration, kind, seed=2)
+    prior = Prior.load(MODEL)
+    config = ReconConfig.for_prior(prior, "mri", nfe=NFE)
+    rows, examples = [], []
+    for i, op in enumerate(ops):
+        yi, images = y[i : i + 1], {}
+        row = {"slice": i}
+        t0 = time.perf_counter()
+        images["zero-filled"] = reconstruct_baseline(op, yi, "zero-filled")[0]
+        row["zero-filled"] = time.perf_counter() - t0
+        for method, w in weights.items():
+            t0 = time.perf_counter()
+            images[method] = CLASSICAL[method](op, yi, w)[0].abs()
+            row[method] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rec = reconstruct(op, yi, prior, config, 1, i)
+        images["score"] = rec.mean[0]
+        row["score"] = time.perf_counter() - t0
+        row["nfe"] = rec.nfe
+        for method, img in images.items():
+            img = img.clamp(0, 1)
+            row[method] = [psnr(img, ref[i]), ssim(img, ref[i]), row[method]]
+        rows.append(row)
+        print(f"  slice {i}: " + ", ".join(f"{m} {row[m][0]:.2f}" for m in images), flush=True)
+        if i < 3:
+            examples.append((ref[i], images))
+    figure(name, examples)
+    return {
+        "acceleration": acceleration,
+        "mask": kind,
+        "centre_fraction": centre_fraction(acceleration),
+        "coils": COILS,
+        "noise": NOISE,
+        "correlation": CORRELATION,
+        "shape": list(SHAPE),
+        "weights": weights,
+        "model": MODEL,
+        "model_steps": prior.card.get("total_steps"),
+        "config": {"sampler": config.sampler, "nfe": NFE, "rho": config.rho, "eta": config.eta},
+        "maps_seconds_per_slice": maps_s,
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+METHODS = ("zero-filled", "sense", "cs-wavelet", "cs-tv", "score")
+
+
+def figure(name: str, examples) -> None:
+    fig, axes = plt.subplots(
+        len(examples),
+        1 + len(METHODS),
+        figsize=(2.1 * (1 + len(METHODS)), 2.4 * len(examples)),
+        squeeze=False,
+    )
+    for r, (ref, images) in enumerate(examples):
+        panels = [("reference", ref)] + [(m, images[m].clamp(0, 1)) for m in METHODS]
+        for c, (title, img) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title if c == 0 else f"{title} {psnr(img, ref):.1f} dB", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(DOCS / f"mri_multicoil_{name}.png", dpi=90)
+    plt.close(fig)
+
+
+def render(results: dict, machine: str) -> str:
+    lines = [
+        "# Multi-coil MRI on realistic data",
+        "",
+        f"Measured by `python benchmarks/mri_multicoil.py` on {machine}. Real MR test slices",
+        f"no prior saw, simulated as a scanner measures them ({COILS} loop coils by Biot-Savart,",
+        f"coil noise std {NOISE} per component correlated across coils, smooth phase, a grid",
+        "twice as fine, readout 2× oversampled), written as fastMRI HDF5 and read back; coil",
+        "maps by ESPIRiT from each slice's own calibration lines and pre-whitening from its",
+        "readout ends, as the worker does. Classical weights tuned on validation slices; the",
+        f"score solver with `{MODEL}`'s card defaults. PSNR / SSIM, data range 1;",
+        "seconds per slice in the last row.",
+        "",
+    ]
+    for name, r in results.items():
+        best = lambda row: max(row[m][0] for m in METHODS if m != "score")  # noqa: E731
+        lines += [
+            f"## {name}: {r['acceleration']}× {r['mask']}, centre fraction "
+            f"{r['centre_fraction']:.3f}, {r['shape'][0]}×{r['shape'][1]} ({r['date']})",
+            "",
+            f"Weights (val): {r['weights']}; model `{r['model']}` ({r['model_steps']} steps), "
+            f"{r['config']}; ESPIRiT + whitening {r['maps_seconds_per_slice']:.1f} s per slice.",
+            "",
+            "| slice | " + " | ".join(METHODS) + " | score − best classical (dB) |",
+            "|---|" + "---|" * (len(METHODS) + 1),
+        ]
+        for row in r["rows"]:
+            cells = " | ".join(f"{row[m][0]:.2f} / {row[m][1]:.3f}" for m in METHODS)
+            lines.append(f"| {row['slice']} | {cells} | {row['score'][0] - best(row):+.2f} |")
+        mean = {m: statistics.fmean(row[m][0] for row in r["rows"]) for m in METHODS}
+        secs = {m: statistics.fmean(row[m][2] for row in r["rows"]) for m in METHODS}
+        gap = statistics.fmean(row["score"][0] - best(row) for row in r["rows"])
+        below = sum(row["score"][0] < best(row) for row in r["rows"])
+        lines += [
+            "| mean | " + " | ".join(f"{mean[m]:.2f}" for m in METHODS) + f" | {gap:+.2f} |",
+            "| s / slice | " + " | ".join(f"{secs[m]:.1f}" for m in METHODS) + " | |",
+            "",
+            f"NFE {r['rows'][0]['nfe']}; slices where the score solver is below the best "
+            f"classical method: {below} of {len(r['rows'])}.",
+            "",
+            f"![{name}](mri_multicoil_{name}.png)",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=4, help="test slices per task")
+    parser.add_argument("--n-val", type=int, default=2, help="validation slices for tuning")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    args = parser.parse_args()
+    store = DOCS / "mri_multicoil.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    for name in args.tasks:
+        results[name] = run(name, args.n, args.n_val)
+        store.write_text(json.dumps(results, indent=2))
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    (DOCS / "mri_multicoil.md").write_text(render(results, machine))
+
+
+if __name__ == "__main__":
+    main()
