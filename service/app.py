@@ -133,6 +133,11 @@ class ExportRequest(BaseModel):
     destination: str = Field(..., description="a PACS named in SCORERECON_PACS")
 
 
+def _is_mri(job: Job) -> bool:
+    """Whether a job's spec is MRI (whose images are complex: it has a phase result)."""
+    return isinstance(job.spec, dict) and job.spec.get("modality") == "mri"
+
+
 def job_json(job: Job) -> dict:
     base = f"/v1/jobs/{job.id}"
     links = {"self": base, "cancel": base}
@@ -141,6 +146,8 @@ def job_json(job: Job) -> dict:
             "reconstruction": ("npy", "std", "baseline", "png", "json", "dicom"),
             "sampling": ("npy", "png", "json"),
         }.get(job.kind, ("json",))
+        if job.kind == "reconstruction" and _is_mri(job):
+            formats = (*formats, "phase")
         links |= {f"result_{f}": f"{base}/result?format={f}" for f in formats}
         if job.params.get("export_to"):
             links["export"] = f"/v1/jobs/{auto_export_id(job.id, job.params['export_to'])}"
@@ -550,15 +557,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def result(
         job_id: str,
         p: Annotated[Principal, Depends(scope("recon:read"))],
-        format: Annotated[str, Query(pattern="^(npy|std|baseline|png|json|dicom)$")] = "npy",
+        format: Annotated[str, Query(pattern="^(npy|std|baseline|phase|png|json|dicom)$")] = "npy",
     ) -> Response:
         job = own_job(job_id, p)
         if job.state != "succeeded":
             raise Problem(409, "No result", f"job {job_id} is {job.state}; poll until 'succeeded'")
-        if format in ("dicom", "std", "baseline") and job.kind != "reconstruction":
+        if format in ("dicom", "std", "baseline", "phase") and job.kind != "reconstruction":
             raise Problem(
                 404, "No such result", f"a {job.kind} job has no {format} result", "format"
             )
+        if format == "phase" and not _is_mri(job):
+            raise Problem(404, "No such result", "only MRI reconstructions have a phase", "format")
         if job.kind == "training" and format != "json":
             raise Problem(
                 404,
@@ -580,6 +589,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             "std": ("std.npy", "application/octet-stream"),
             "baseline": ("baseline.npy", "application/octet-stream"),
+            "phase": ("phase.npy", "application/octet-stream"),
             "png": ("preview.png", "image/png"),
             "json": ("report.json", "application/json"),
         }[format]

@@ -30,6 +30,7 @@ NAMES = {
     "report.json",
     "samples.npy",
     "metal_mask.npy",
+    "phase.npy",
 }
 _JOB = re.compile(r"^[0-9a-f]{32}$")
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import OperationalError
 
 from models.baselines import baseline_name, reconstruct_baseline
 from models.figures import preview
-from models.inverse import Cancelled, Prior, ReconConfig, reconstruct
+from models.inverse import Cancelled, Prior, ReconConfig, merge, reconstruct
 from models.io import save_png
 from models.physics import SpecError, needs_data, parse_spec, slice_problems
 from models.physics.ct import remove_metal_trace
@@ -306,7 +306,7 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     k = int(params.get("samples", 1))
     per = 1 if needs_data(spec) else max(1, int(params.get("batch_slices", 4)))
     chunks = list(range(0, y.shape[0], per))
-    means, stds, nfe, residual, seconds, sigmas, warnings = [], [], 0, [], 0.0, [], []
+    parts = []
     for c, start in enumerate(chunks):
 
         def chunk_progress(step: int, total: int, c: int = c) -> None:
@@ -327,18 +327,17 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
         if part.diverged is not None:
             # Never a success: a diverged result would be exported and read as an image.
             raise ValueError(f"the reconstruction diverged ({part.diverged})")
-        means.append(part.mean)
-        stds.append(part.std)
-        sigmas += part.noise_std_used
-        warnings += part.warnings
-        nfe += part.nfe
-        residual += part.residual
-        seconds += part.seconds
-    mean, std, provenance = torch.cat(means), torch.cat(stds), part.provenance
+        parts.append(part)
+    rec = merge(parts)
+    mean, std, provenance = rec.mean, rec.std, rec.provenance
+    nfe, residual, seconds = rec.nfe, rec.residual, rec.seconds
+    sigmas, warnings = rec.noise_std_used, rec.warnings
     jobs.set_fields(job.id, phase="storing")
     _put_npy(results, job.id, "recon.npy", mean.numpy())
     _put_npy(results, job.id, "std.npy", std.numpy())
     _put_npy(results, job.id, "baseline.npy", base.numpy())
+    if rec.phase is not None:  # MR images are complex: their phase, in radians
+        _put_npy(results, job.id, "phase.npy", rec.phase.numpy())
     image, scale = preview(mean[0], std[0], base[0])
     buf = io.BytesIO()
     save_png(buf, image)
@@ -358,6 +357,7 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     steps = config.n_steps * config.nfe_per_step() * len(chunks)
     fields = {"progress_step": steps, "progress_total": steps}
     keys = ["recon.npy", "std.npy", "baseline.npy", "preview.png"]
+    keys += ["phase.npy"] if rec.phase is not None else []
     return _succeed(job, jobs, results, report, keys, **fields)
 
 

@@ -169,6 +169,28 @@ def noise_from_kspace(
     return corner[:, corner.abs().sum(0) > 0]
 
 
+def noise_from_oversampled(kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Noise samples ``(C, M)`` from k-space ``(..., C, 2H, W)`` whose readout was 2×
+    oversampled: along the readout the object fills the central half of the field of view,
+    so in hybrid space (readout position × phase-encoding line) the outer quarters of every
+    measured line hold noise alone, whatever the object's own k-space looks like."""
+    k = kspace.reshape(-1, *kspace.shape[-3:])
+    rows = k.shape[-2]
+    hybrid = torch.fft.fftshift(
+        torch.fft.ifft(torch.fft.ifftshift(k, dim=-2), dim=-2, norm="ortho"), dim=-2
+    )
+    measured = mask.bool().any(dim=0).nonzero().flatten()
+    width = mask.shape[-1]
+    # High phase-encoding frequencies only: there the object's own profile, and the ringing
+    # of its edges along the readout, are weakest.
+    high = measured[(measured - width // 2).abs() > width // 4]
+    cols = high if len(high) else measured
+    edge = max(1, rows // 8)  # the outer eighth each side, farthest from the object
+    outer = torch.cat([hybrid[..., :edge, :], hybrid[..., rows - edge :, :]], -2)
+    outer = outer[..., cols].movedim(-3, 0)
+    return outer.reshape(k.shape[-3], -1)
+
+
 def whitening_matrix(covariance: torch.Tensor) -> torch.Tensor:
     """W = L⁻¹ with L Lᴴ = Ψ/mean(diag Ψ): W n has identity covariance times the mean coil
     noise variance, so whitened data keep their units and noise level."""
@@ -185,8 +207,10 @@ def whiten(kspace: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def prewhiten(op, y: torch.Tensor, noise: torch.Tensor | None = None):
     """``(op_w, y_w)``: a multi-coil operator and its slice's data ``y`` (1, C, H, W), both
-    whitened by W from the coil noise covariance: of the ``noise`` scan (C, M) when there is
-    one, else of the measured k-space's readout ends (:func:`noise_from_kspace`)."""
+    whitened by W from the coil noise covariance: of the ``noise`` samples (C, M), from a
+    noise scan or an oversampled readout (:func:`noise_from_oversampled`), when there are
+    any, else of the measured k-space's readout ends (:func:`noise_from_kspace`), which
+    holds for objects well inside the field of view."""
     from models.physics.mri import MultiCoilMRIOperator
 
     samples = noise if noise is not None else noise_from_kspace(y, op.mask)

@@ -336,7 +336,8 @@ def needs_data(spec: MeasurementSpec) -> bool:
 def layout_operator(spec: MeasurementSpec, measurement) -> LinearOperator:
     """An operator with the spec's image shape and mask and the measurement's coil count, with
     unit coil maps: it checks a measurement's layout (shape, calibration lines) before the
-    maps are estimated from it, and is not for reconstruction."""
+    maps are estimated from it, and is not for reconstruction. A readout 2× oversampled
+    (twice the spec's rows) is accepted as it is."""
     from models.measurements import MeasurementError
 
     shape = tuple(getattr(measurement, "shape", ()))
@@ -351,8 +352,12 @@ def layout_operator(spec: MeasurementSpec, measurement) -> LinearOperator:
             f"coils: the spec says {spec.coils} but the measurement has {coils} (axis -3); "
             "drop coils from the spec (the measurement's count is used) or send matching data"
         )
-    unit = torch.full((coils, *spec.shape), coils**-0.5, dtype=torch.complex64)
-    return MultiCoilMRIOperator(spec.shape, mask_of(spec), unit)
+    rows, cols = spec.shape
+    if shape[-2] == 2 * rows:  # kept as sent: the worker uses the empty half for the noise
+        rows *= 2
+    unit = torch.full((coils, rows, cols), coils**-0.5, dtype=torch.complex64)
+    mask = mask_of(spec)[:1].expand(rows, cols)
+    return MultiCoilMRIOperator((rows, cols), mask, unit)
 
 
 def slice_problems(
@@ -362,18 +367,25 @@ def slice_problems(
 
     The same operator serves every slice unless the coil maps come from each slice's own
     data (``espirit``): then each slice's maps are estimated, and its data and operator are
-    pre-whitened by its coil noise covariance, estimated from the readout ends
-    (:func:`models.physics.coils.prewhiten`).
+    pre-whitened by its coil noise covariance (:func:`models.physics.coils.prewhiten`),
+    estimated from the empty half of a 2× oversampled readout, which is then removed, or
+    else from the readout ends.
     """
-    from models.physics.coils import prewhiten
+    from models.measurements import remove_readout_oversampling
+    from models.physics.coils import noise_from_oversampled, prewhiten
 
     if not isinstance(spec, MeasurementSpec):
         spec = parse_spec(spec)
     if not needs_data(spec):
         return [from_spec(spec)] * len(y), y
     ops, data = [], []
+    rows = spec.shape[0]
     for s in range(len(y)):
-        op, ys = prewhiten(from_spec(spec, y[s]), y[s : s + 1])
+        ys, noise = y[s : s + 1], None
+        if ys.shape[-2] == 2 * rows:  # oversampled readout: noise from its empty half
+            noise = noise_from_oversampled(ys, mask_of(spec))
+            ys = torch.from_numpy(remove_readout_oversampling(ys.numpy(), rows)).to(ys.dtype)
+        op, ys = prewhiten(from_spec(spec, ys[0]), ys, noise)
         ops.append(op)
         data.append(ys)
     return ops, torch.cat(data)

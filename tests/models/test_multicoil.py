@@ -16,7 +16,7 @@ from models.measurements import (
 from models.metrics import psnr
 from models.multicoil import simulate_multicoil, write_fastmri
 from models.phantoms import mri_phantoms
-from models.physics import layout_operator, parse_spec
+from models.physics import layout_operator, parse_spec, slice_problems
 from models.physics.coils import noise_covariance, rss
 from models.physics.mri import ifft2c
 
@@ -70,8 +70,27 @@ def test_the_fastmri_file_reads_back_with_its_mask(tmp_path):
     lines = read_mask(raw)
     check_mask(lines, op)
     y = as_measurement(arr, op)
-    assert y.shape == (2, 6, 32, 28)  # readout oversampling removed
+    assert y.shape == (2, 6, 64, 28)  # kept as sent: its empty half holds the noise
     assert np.array_equal(lines, case.mask.numpy())
+    ops, yw = slice_problems(spec, y)
+    assert yw.shape == (2, 6, 32, 28) and ops[0].image_shape == (32, 28)
+
+
+def test_noise_from_the_oversampled_readout_matches_the_true_covariance():
+    """The empty half of a 2× oversampled readout gives the coil noise covariance even for an
+    object that fills its field of view, where the k-space readout ends carry signal."""
+    from models.physics.coils import noise_from_kspace, noise_from_oversampled
+
+    full = torch.ones(2, 1, 64, 56) * 0.8  # fills the field of view: hard edges everywhere
+    case = simulate_multicoil(full, coils=4, acceleration=2, noise_std=0.02, correlation=0.5)
+    mask = case.mask[None].expand(64, 28)
+    truth = case.noise_covariance
+    scale = float(truth.diagonal().real.mean())
+    good = noise_covariance(noise_from_oversampled(case.kspace, mask))
+    assert float((good - truth).abs().max()) < 0.2 * scale
+    cropped = torch.from_numpy(remove_readout_oversampling(case.kspace.numpy(), 32))
+    bad = noise_covariance(noise_from_kspace(cropped, mask))
+    assert float((bad - truth).abs().max()) > float((good - truth).abs().max())
 
 
 def test_baseline_command_reads_a_fastmri_file_with_espirit(tmp_path):

@@ -43,7 +43,7 @@ def test_job_life_from_submit_to_results(gateway):
     job = r.json()
     assert job["state"] == "queued" and r.headers["Location"] == f"/v1/jobs/{job['id']}"
     done = wait(client, keys["alice"], job["id"])
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", done.get("error")
     assert done["progress"]["fraction"] == 1.0 and done["attempts"] == 1
     npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"]))
     assert np.load(io.BytesIO(npy.content)).shape == (1, 1, 32, 32)
@@ -51,6 +51,9 @@ def test_job_life_from_submit_to_results(gateway):
     assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
     report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
     assert report["nfe"] == 6 and report["provenance"]["samples"] == 2
+    assert "result_phase" not in done["links"]  # a CT image has no phase
+    r = client.get(f"/v1/jobs/{job['id']}/result?format=phase", headers=auth(keys["alice"]))
+    assert r.status_code == 404 and r.json()["field"] == "format"
     assert client.get(done["links"]["result_npy"], headers=auth(keys["bob"])).status_code == 404
     dicom = client.get(done["links"]["result_dicom"], headers=auth(keys["alice"]))
     assert dicom.headers["content-type"] == "application/zip"
@@ -267,7 +270,7 @@ def test_a_stack_of_slices_runs_in_batches_and_keeps_slice_order(gateway):
     r = submit(client, keys["alice"], data=buf.getvalue(), samples="1")
     assert r.status_code == 202, r.text
     done = wait(client, keys["alice"], r.json()["id"])
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", done.get("error")
     recon = np.load(
         io.BytesIO(client.get(done["links"]["result_npy"], headers=auth(keys["alice"])).content)
     )
@@ -314,7 +317,7 @@ def test_admin_sampling_and_training_jobs(gateway, settings, tmp_path):
     r = client.post("/v1/admin/training", json=train, headers=auth(keys["admin"]))
     assert r.status_code == 202, r.text
     done = wait(client, keys["admin"], r.json()["id"], timeout=120)
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", done.get("error")
     models = client.get("/v1/models", headers=auth(keys["alice"])).json()["items"]
     assert "site-ct" in [m["id"] for m in models]
     again = client.post("/v1/admin/training", json=train, headers=auth(keys["admin"]))
@@ -467,7 +470,7 @@ def test_training_on_an_uploaded_archive(gateway):
     r = client.post("/v1/admin/training", json=train, headers=auth(keys["admin"]))
     assert r.status_code == 202, r.text
     done = wait(client, keys["admin"], r.json()["id"], timeout=120)
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", done.get("error")
     card = client.get("/v1/models/uploaded-ct", headers=auth(keys["alice"])).json()
     assert card["training_data"]["source"] == {"dataset": dataset["id"]}
 
@@ -540,9 +543,12 @@ def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_p
     r = submit(client, keys["alice"], data=path.read_bytes(), spec=json.dumps(spec), nfe="4")
     assert r.status_code == 202, r.text
     done = wait(client, keys["alice"], r.json()["id"], timeout=600)
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", done.get("error")
     npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"]))
     assert np.load(io.BytesIO(npy.content)).shape == (1, 1, 320, 368)
+    phase = client.get(done["links"]["result_phase"], headers=auth(keys["alice"]))
+    phase = np.load(io.BytesIO(phase.content))
+    assert phase.shape == (1, 1, 320, 368) and np.abs(phase).max() <= np.pi + 1e-5
     dicom = client.get(done["links"]["result_dicom"], headers=auth(keys["alice"]))
     with zipfile.ZipFile(io.BytesIO(dicom.content)) as z:
         first = pydicom.dcmread(io.BytesIO(z.read(z.namelist()[0])))
