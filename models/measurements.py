@@ -277,10 +277,24 @@ def _encoded_matrix(xml) -> tuple[int, int] | None:
     return None
 
 
+# ISMRMRD acquisition flags (1-based bits) of readouts that are not image lines: noise
+# measurements, navigators, phase correction and dummy scans.
+NOT_IMAGING = (19, 23, 24, 27)
+
+
 def _ismrmrd_kspace(acqs: np.ndarray, xml, limit: int) -> np.ndarray:
     """(slices, coils, ny, nx) complex64 from ISMRMRD acquisitions (one readout each)."""
     if len(acqs) == 0:
         raise MeasurementError("ISMRMRD file holds no acquisitions")
+    flags = acqs["head"]["flags"].astype(np.uint64)
+    other = np.zeros(len(acqs), bool)
+    for bit in NOT_IMAGING:
+        other |= ((flags >> np.uint64(bit - 1)) & np.uint64(1)).astype(bool)
+    acqs = acqs[~other]
+    if len(acqs) == 0:
+        raise MeasurementError(
+            "ISMRMRD file holds only noise, navigator, phase-correction or dummy acquisitions"
+        )
     head = acqs["head"]
     samples = int(head["number_of_samples"][0])
     coils = int(head["active_channels"][0])

@@ -161,6 +161,39 @@ def test_ismrmrd_lines_land_where_they_were_acquired(oversample):
     assert torch.allclose(y, k, atol=1e-5 * float(k.abs().max()))
 
 
+def test_ismrmrd_noise_and_navigator_readouts_are_not_image_lines():
+    """A noise scan (flag 19, another length) and a navigator (flag 23) before the image
+    lines change nothing; a file of such readouts alone is refused."""
+    k, op = _kspace(1)
+    lines = np.flatnonzero(op.mask.any(dim=0).numpy())
+    plain = read_array(_ismrmrd(op.pad(k).numpy(), lines))
+    raw = _ismrmrd(op.pad(k).numpy(), lines)
+    with h5py.File(io.BytesIO(raw)) as f:
+        acqs = f["dataset/data"][()]
+        xml = f["dataset/xml"][()]
+    extra = np.zeros(2, acqs.dtype)
+    for a, bit in zip(extra, (19, 23), strict=True):
+        a["head"]["flags"] = 1 << (bit - 1)
+        a["head"]["number_of_samples"] = 7
+        a["head"]["active_channels"] = 1
+        a["head"]["idx"]["kspace_encode_step_1"] = lines[0]
+        a["traj"] = np.zeros(0, np.float32)
+        a["data"] = np.full(14, 1e3, np.float32)
+
+    def write(acquisitions):
+        def w(f):
+            g = f.create_group("dataset")
+            g.create_dataset("data", data=acquisitions)
+            g.create_dataset("xml", data=xml, dtype=h5py.string_dtype())
+
+        return _h5(w)
+
+    mixed = read_array(write(np.concatenate([extra, acqs])))
+    assert np.array_equal(mixed, plain)
+    with pytest.raises(MeasurementError, match="only noise"):
+        read_array(write(extra))
+
+
 def test_load_measurement_reads_hdf5_for_the_cli(tmp_path):
     k, op = _kspace(1)
     path = tmp_path / "scan.h5"
