@@ -220,7 +220,9 @@ def add_commands(sub) -> None:
         type=int,
         help=f"spend about this many network evaluations (default: the card's, else {DEFAULT_NFE})",
     )
-    r.add_argument("--samples", type=int, default=1, help="posterior samples K (std map)")
+    r.add_argument(
+        "--samples", type=int, default=None, help="posterior samples K (default: the card's)"
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--lam", type=float, help="λ of the proximal step (default: tuned or 1)")
     r.add_argument("--snr", type=float, help="corrector signal-to-noise ratio r")

@@ -125,6 +125,7 @@ class ReconConfig:
     eta: float = 0.5  # fast sampler: fraction of fresh noise when re-noising
     clip: bool = True  # fast sampler: clip each clean estimate to [0, 1] before data consistency
     langevin_gamma: float = 1.0
+    samples: int = 1  # posterior samples K averaged into the result when the caller names none
 
     def nfe_per_step(self) -> int:
         return 2 if self.sampler == "pc" else 3 if self.sampler == "ald" else 1
@@ -136,7 +137,14 @@ class ReconConfig:
         """The defaults, then the prior card's tuned values for this modality and sampler,
         then the caller's sampler and NFE budget. The card's ``recon`` → modality holds the
         default sampler's values, and other samplers' under ``samplers`` → name."""
-        tuned = ((prior.card if prior else {}).get("recon") or {}).get(modality) or {}
+        return cls.from_card(prior.card if prior else {}, modality, sampler, nfe)
+
+    @classmethod
+    def from_card(
+        cls, card: dict, modality: str, sampler: str | None = None, nfe: int | None = None
+    ) -> ReconConfig:
+        """:meth:`for_prior` from a model card alone (no weights loaded: the gateway)."""
+        tuned = ((card or {}).get("recon") or {}).get(modality) or {}
         sampler = sampler or tuned.get("sampler", DEFAULT_SAMPLER)
         config = cls(sampler=sampler)
         if tuned.get("sampler", DEFAULT_SAMPLER) != sampler:
@@ -362,13 +370,14 @@ def reconstruct(
     y: torch.Tensor,
     prior: Prior,
     config: ReconConfig | None = None,
-    n_samples: int = 1,
+    n_samples: int | None = None,
     seed: int = 0,
     noise_std: float | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Reconstruction:
-    """K = ``n_samples`` posterior samples for each of the B measurements in ``y``.
+    """K = ``n_samples`` posterior samples for each of the B measurements in ``y`` (``None``:
+    the config's ``samples``, which a prior's card may set); the result is their mean.
 
     ``noise_std``: σ_y in measurement units; ``None`` estimates it from ``y``; 0 declares
     the data noiseless (they are then fitted exactly). ``progress(nfe_done, nfe_total)``.
@@ -376,6 +385,7 @@ def reconstruct(
     config = config or ReconConfig()
     if config.sampler not in RECON_SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(RECON_SAMPLERS)}")
+    n_samples = config.samples if n_samples is None else n_samples
     if n_samples < 1:
         raise ValueError("n_samples must be at least 1")
     if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):

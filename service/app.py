@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.inverse import DEFAULT_NFE, DEFAULT_SAMPLER, RECON_SAMPLERS
+from models.inverse import DEFAULT_NFE, DEFAULT_SAMPLER, RECON_SAMPLERS, ReconConfig
 from models.measurements import MeasurementError, MeasurementTooLarge, read_measurement
 from models.physics import SpecError, parse_spec
 from models.registry import ModelError, bundled_models, card_modality, load_card, resolve
@@ -363,7 +363,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model: Annotated[str, Form()] = "ct-default",
         sampler: Annotated[str, Form()] = DEFAULT_SAMPLER,
         nfe: Annotated[int, Form(ge=2, le=5000)] = DEFAULT_NFE,
-        samples: Annotated[int, Form(ge=1, le=64)] = 1,
+        samples: Annotated[
+            int | None,
+            Form(
+                ge=1,
+                le=64,
+                description="posterior samples K, averaged into the result (their std is the "
+                "uncertainty map); omitted: the model card's default",
+            ),
+        ] = None,
         seed: Annotated[int, Form(ge=0, le=MAX_SEED)] = 0,
         source: Annotated[
             str | None,
@@ -404,6 +412,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raw = _read_limited(measurement, settings.max_upload_mb)
         y = _parse_measurement(raw, parsed)
         pixels = parsed.shape[0] * parsed.shape[1]
+        if samples is None:
+            card = load_card(_model_path(model, settings))
+            samples = ReconConfig.from_card(card, parsed.modality, sampler).samples
         factors = [
             Factor("nfe", nfe, 2),
             Factor("samples", samples),

@@ -303,7 +303,7 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
 
     # A stack of slices runs in batches of ``batch_slices`` (× K samples each); the
     # results keep the slice order. Progress counts steps over all batches.
-    k = int(params.get("samples", 1))
+    k = int(params.get("samples") or config.samples)  # none named: the card's default
     per = 1 if needs_data(spec) else max(1, int(params.get("batch_slices", 4)))
     chunks = list(range(0, y.shape[0], per))
     parts = []

@@ -315,3 +315,15 @@ def test_every_evaluation_task_builds_its_operator():
             op = from_spec(task_spec(task, level, 128))
             if task.startswith("mri"):
                 assert acceleration_of(op.mask) == pytest.approx(level, rel=0.1)
+
+
+def test_the_number_of_posterior_samples_defaults_to_the_cards():
+    """K comes from the call, else from the config, which a card's ``recon`` sets."""
+    op, _, y = _problem()
+    sde = VESDE(0.01, 5.0, N=10)
+    card = {"recon": {"ct": {"sampler": "fast", "nfe": 10, "samples": 3}}}
+    config = ReconConfig.from_card(card, "ct")
+    assert config.samples == 3 and config.n_steps == 10
+    assert reconstruct(op, y, _prior(sde), config).samples.shape[1] == 3
+    assert reconstruct(op, y, _prior(sde), config, 2).samples.shape[1] == 2
+    assert ReconConfig.from_card({}, "ct").samples == 1
