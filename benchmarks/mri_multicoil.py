@@ -137,7 +137,7 @@ def run(name: str, n: int, n_val: int) -> dict:
             images[method] = CLASSICAL[method](op, yi, w)[0].abs()
             row[method] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rec = reconstruct(op, yi, prior, config, 1, i)
+        rec = reconstruct(op, yi, prior, config, None, i)
         images["score"] = rec.mean[0]
         row["score"] = time.perf_counter() - t0
         row["nfe"] = rec.nfe
@@ -160,7 +160,13 @@ def run(name: str, n: int, n_val: int) -> dict:
         "weights": weights,
         "model": MODEL,
         "model_steps": prior.card.get("total_steps"),
-        "config": {"sampler": config.sampler, "nfe": NFE, "rho": config.rho, "eta": config.eta},
+        "config": {
+            "sampler": config.sampler,
+            "nfe": NFE,
+            "rho": config.rho,
+            "eta": config.eta,
+            "samples": config.samples,
+        },
         "maps_seconds_per_slice": maps_s,
         "rows": rows,
         "date": time.strftime("%Y-%m-%d"),
