@@ -218,7 +218,8 @@ def render(results: dict, machine: str) -> str:
             f"{r['centre_fraction']:.3f}, {r['shape'][0]}×{r['shape'][1]} ({r['date']})",
             "",
             f"Weights (val): {r['weights']}; model `{r['model']}` ({r['model_steps']} steps), "
-            f"{r['config']}; ESPIRiT + whitening {r['maps_seconds_per_slice']:.1f} s per slice.",
+            f"{r['config']}, posterior samples K = {r['config'].get('samples', 1)}; "
+            f"ESPIRiT + whitening {r['maps_seconds_per_slice']:.1f} s per slice.",
             "",
             "| slice | " + " | ".join(METHODS) + " | score − best classical (dB) |",
             "|---|" + "---|" * (len(METHODS) + 1),
