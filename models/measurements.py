@@ -286,11 +286,12 @@ def _ismrmrd_kspace(acqs: np.ndarray, xml, limit: int) -> np.ndarray:
     """(slices, coils, ny, nx) complex64 from ISMRMRD acquisitions (one readout each)."""
     if len(acqs) == 0:
         raise MeasurementError("ISMRMRD file holds no acquisitions")
-    flags = acqs["head"]["flags"].astype(np.uint64)
-    other = np.zeros(len(acqs), bool)
-    for bit in NOT_IMAGING:
-        other |= ((flags >> np.uint64(bit - 1)) & np.uint64(1)).astype(bool)
-    acqs = acqs[~other]
+    if "flags" in (acqs["head"].dtype.names or ()):  # a header without flags: all image lines
+        flags = acqs["head"]["flags"].astype(np.uint64)
+        other = np.zeros(len(acqs), bool)
+        for bit in NOT_IMAGING:
+            other |= ((flags >> np.uint64(bit - 1)) & np.uint64(1)).astype(bool)
+        acqs = acqs[~other]
     if len(acqs) == 0:
         raise MeasurementError(
             "ISMRMRD file holds only noise, navigator, phase-correction or dummy acquisitions"
