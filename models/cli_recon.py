@@ -25,7 +25,7 @@ from models.inverse import (
 )
 from models.io import load_problems, save_png
 from models.metrics import psnr, ssim
-from models.physics import parse_spec
+from models.physics import needs_data, parse_spec
 from models.physics.ct import remove_metal_trace
 
 
@@ -57,7 +57,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         bar.n = i
         bar.refresh()
 
-    if len(set(map(id, ops))) == 1:
+    if not needs_data(spec):
         rec = reconstruct(op, y, prior, config, args.samples, args.seed, spec.noise_std, progress)
     else:  # coil maps per slice: one solve each
         parts = [

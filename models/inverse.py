@@ -450,11 +450,9 @@ def reconstruct(
             score_fn, prior.image_size, lambda t: _coefficients(sde, t)[1].float(), seed
         )
     if method == "langevin":
-        score_fn = _likelihood_score(prior.score_fn, sde, op, y_rep, sigma_rep, config)
+        score_fn = _likelihood_score(score_fn, sde, op, y_rep, sigma_rep, config)
     if method == "score-sde":
-        score_fn = _conditional_score(
-            prior.score_fn, sde, op, noisy_measurement, sigma_rep, op_norm
-        )
+        score_fn = _conditional_score(score_fn, sde, op, noisy_measurement, sigma_rep, op_norm)
     if config.sampler == "fast":
         hook: dict = {"project": project, "eta": config.eta}
     else:

@@ -408,12 +408,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "Idempotency-Key must be printable text (no control characters)",
                 "Idempotency-Key",
             )
-        _check_model(model, parsed.image_size, settings, parsed.modality)  # before the operator
+        card = _check_model(model, parsed.image_size, settings, parsed.modality)  # before the op
         raw = _read_limited(measurement, settings.max_upload_mb)
         y = _parse_measurement(raw, parsed)
         pixels = parsed.shape[0] * parsed.shape[1]
         if samples is None:
-            card = load_card(_model_path(model, settings))
             samples = ReconConfig.from_card(card, parsed.modality, sampler).samples
         factors = [
             Factor("nfe", nfe, 2),
@@ -1019,9 +1018,9 @@ def _model_summary(name: str, settings: Settings) -> dict:
 
 def _check_model(
     name: str, image_size: int | tuple[int, int], settings: Settings, modality: str
-) -> None:
-    """The model exists, is usable and fits the modality; a CT image must have the prior's
-    size (MR images of another size are reconstructed patch-wise)."""
+) -> dict:
+    """The model's card, once the model exists, is usable and fits the modality; a CT image
+    must have the prior's size (MR images of another size are reconstructed patch-wise)."""
     if name not in _model_names(settings):
         raise Problem(
             422, "Unknown model", f"model '{name}' not found; see GET /v1/models", "model"
@@ -1047,3 +1046,4 @@ def _check_model(
             f"set the spec's image_size to {card.get('image_size')}",
             "spec.image_size",
         )
+    return card

@@ -153,7 +153,7 @@ def tiled_score(
             canvas = torch.randn((*x.shape[:2], tile, tile), generator=gen).to(x) * std
             canvas[..., top : top + h, left : left + w] = x
             return score_fn(canvas, t)[..., top : top + h, left : left + w]
-        return partition_apply(x, t, tile, pad_std(t), lambda v, _a, _b, tt: score_fn(v, tt), gen)
+        return partition_apply(x, t, tile, std, lambda v, _a, _b, tt: score_fn(v, tt), gen)
 
     return score
 

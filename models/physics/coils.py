@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from models.physics.mri import calibration_lines
+from models.physics.mri import calibration_lines, mix_coils
 
 # ESPIRiT's kernel (3 wide at least) must fit its calibration lines with room to move.
 MIN_ACS_LINES = 8
@@ -202,7 +202,7 @@ def whitening_matrix(covariance: torch.Tensor) -> torch.Tensor:
 
 def whiten(kspace: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Apply the whitening matrix ``w`` (C, C) along the coil axis of ``(..., C, H, W)``."""
-    return torch.einsum("dc,...chw->...dhw", w, kspace.to(torch.complex64))
+    return mix_coils(w, kspace.to(torch.complex64))
 
 
 def prewhiten(op, y: torch.Tensor, noise: torch.Tensor | None = None):

@@ -33,6 +33,11 @@ def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def mix_coils(w: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
+    """``w`` (C, C) applied along the coil axis of ``(..., C, H, W)`` (``None``: unchanged)."""
+    return k if w is None else torch.einsum("dc,...chw->...dhw", w, k)
+
+
 def _lines_to_mask(size: int | tuple[int, int], lines: np.ndarray) -> torch.Tensor:
     mask = torch.zeros(*_shape(size), dtype=torch.bool)
     mask[:, torch.from_numpy(lines.astype(np.int64))] = True
@@ -216,12 +221,9 @@ class MultiCoilMRIOperator(LinearOperator):
     def coils(self) -> int:
         return int(self.sensitivities.shape[0])
 
-    def _mix(self, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        return y if w is None else torch.einsum("dc,bchw->bdhw", w, y)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         coil_images = x.to(torch.complex64) * self.sensitivities[None]
-        return self._mix(fft2c(coil_images), self.whitening) * self.mask
+        return mix_coils(self.whitening, fft2c(coil_images)) * self.mask
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         return self.adjoint_complex(y).real
@@ -229,7 +231,7 @@ class MultiCoilMRIOperator(LinearOperator):
     def adjoint_complex(self, y: torch.Tensor) -> torch.Tensor:
         """Aᴴ y as a complex image."""
         w = None if self.whitening is None else self.whitening.conj().T
-        coil_images = ifft2c(self._mix(y * self.mask, w)) * torch.conj(self.sensitivities[None])
+        coil_images = ifft2c(mix_coils(w, y * self.mask)) * torch.conj(self.sensitivities[None])
         return coil_images.sum(dim=1, keepdim=True)
 
     def low_resolution(self, y: torch.Tensor) -> torch.Tensor:
@@ -240,7 +242,7 @@ class MultiCoilMRIOperator(LinearOperator):
         """Root sum of squares of the zero-filled coil images (the field's baseline); of the
         unwhitened coils when the data were whitened."""
         if self.whitening is not None:
-            y = self._mix(y, torch.linalg.inv(self.whitening))
+            y = mix_coils(torch.linalg.inv(self.whitening), y)
         return ifft2c(y * self.mask).abs().pow(2).sum(dim=1, keepdim=True).sqrt()
 
 

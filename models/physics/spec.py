@@ -310,9 +310,6 @@ def _espirit(spec: MeasurementSpec, mask: torch.Tensor, kspace) -> torch.Tensor:
         raise SpecError(f"sensitivities: {exc}") from None
 
 
-_FACTORIES = {"ct": _ct, "mri": _mri}
-
-
 def from_spec(spec: MeasurementSpec | dict | str, kspace=None) -> LinearOperator:
     """Build the forward operator a spec describes; ``kspace`` (one slice's ``(C, H, W)``)
     is needed, and used, only for coil maps estimated from the data (``espirit``).
@@ -379,11 +376,11 @@ def slice_problems(
     if not needs_data(spec):
         return [from_spec(spec)] * len(y), y
     ops, data = [], []
-    rows = spec.shape[0]
+    rows, mask = spec.shape[0], mask_of(spec)
     for s in range(len(y)):
         ys, noise = y[s : s + 1], None
         if ys.shape[-2] == 2 * rows:  # oversampled readout: noise from its empty half
-            noise = noise_from_oversampled(ys, mask_of(spec))
+            noise = noise_from_oversampled(ys, mask)
             ys = torch.from_numpy(remove_readout_oversampling(ys.numpy(), rows)).to(ys.dtype)
         op, ys = prewhiten(from_spec(spec, ys[0]), ys, noise)
         ops.append(op)
