@@ -285,7 +285,13 @@ def _mri(spec: MeasurementSpec, kspace: torch.Tensor | None = None) -> LinearOpe
 
 
 def _espirit(spec: MeasurementSpec, mask: torch.Tensor, kspace) -> torch.Tensor:
-    """ESPIRiT maps of one slice's zero-filled k-space ``(C, rows, cols)``, checked first."""
+    """ESPIRiT maps of one slice's zero-filled k-space ``(C, rows, cols)``, checked first.
+
+    A readout 2× oversampled (``(C, 2 rows, cols)``) is calibrated over its whole field of
+    view and the maps cropped to the central rows after: an object that fills the
+    reconstruction's field of view along the readout is then not wrapped onto itself, which
+    would corrupt the maps along its top and bottom edges (BART and fastMRI do the same).
+    """
     from models.physics.coils import espirit_maps
 
     if kspace is None:
@@ -294,20 +300,26 @@ def _espirit(spec: MeasurementSpec, mask: torch.Tensor, kspace) -> torch.Tensor:
             "operator with the k-space (slice_problems)"
         )
     k = torch.as_tensor(kspace)
-    if k.ndim != 3 or tuple(k.shape[1:]) != spec.shape:
+    rows, cols = spec.shape
+    if k.ndim != 3 or k.shape[-1] != cols or k.shape[-2] not in (rows, 2 * rows):
         raise SpecError(
-            f"measurement: one slice of multi-coil k-space must be (coils, {spec.shape[0]}, "
-            f"{spec.shape[1]}) for image_size {list(spec.shape)}, got {tuple(k.shape)}"
+            f"measurement: one slice of multi-coil k-space must be (coils, {rows}, {cols}) "
+            f"for image_size {list(spec.shape)} (or {2 * rows} rows with the readout 2× "
+            f"oversampled), got {tuple(k.shape)}"
         )
     if spec.coils is not None and k.shape[0] != spec.coils:
         raise SpecError(
             f"coils: the spec says {spec.coils} but the measurement has {k.shape[0]}; "
             "drop coils (the measurement's count is used) or send matching data"
         )
+    over = k.shape[-2] // rows
+    full = mask[:1].expand(k.shape[-2], cols)
     try:
-        return espirit_maps(k * mask, mask)
+        maps = espirit_maps(k * full, full, calib_rows=32 * over)
     except ValueError as exc:
         raise SpecError(f"sensitivities: {exc}") from None
+    top = (k.shape[-2] - rows) // 2
+    return maps[:, top : top + rows]
 
 
 def from_spec(spec: MeasurementSpec | dict | str, kspace=None) -> LinearOperator:
@@ -379,10 +391,11 @@ def slice_problems(
     rows, mask = spec.shape[0], mask_of(spec)
     for s in range(len(y)):
         ys, noise = y[s : s + 1], None
+        op = from_spec(spec, ys[0])  # maps over the whole (oversampled) field of view
         if ys.shape[-2] == 2 * rows:  # oversampled readout: noise from its empty half
             noise = noise_from_oversampled(ys, mask)
             ys = torch.from_numpy(remove_readout_oversampling(ys.numpy(), rows)).to(ys.dtype)
-        op, ys = prewhiten(from_spec(spec, ys[0]), ys, noise)
+        op, ys = prewhiten(op, ys, noise)
         ops.append(op)
         data.append(ys)
     return ops, torch.cat(data)
