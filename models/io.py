@@ -90,14 +90,16 @@ def fit_square(arr: np.ndarray, size: int) -> np.ndarray:
 def load_problems(path: str | Path, spec) -> tuple[list, torch.Tensor]:
     """A measurement file read against a parsed spec, as per-slice operators and the data
     they fit (:func:`models.physics.slice_problems`); errors name ``--input``."""
-    from models.measurements import MeasurementError, read_measurement
-    from models.physics import slice_problems
+    from models.measurements import MeasurementError, read_measurement, read_noise_scan
+    from models.physics import needs_data, slice_problems
 
+    raw = Path(path).read_bytes()
     try:
-        y = read_measurement(Path(path).read_bytes(), spec)
+        y = read_measurement(raw, spec)
+        noise = read_noise_scan(raw, y.shape[-3]) if needs_data(spec) else None
     except MeasurementError as exc:
         raise type(exc)(f"--input: {exc}") from None
-    return slice_problems(spec, y)
+    return slice_problems(spec, y, None if noise is None else torch.from_numpy(noise))
 
 
 def load_measurement(path: str | Path, operator) -> torch.Tensor:

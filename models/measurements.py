@@ -11,10 +11,15 @@ One reader for the CLI and the gateway. Formats, recognised by content, not by n
 * ISMRMRD raw data (HDF5 ``dataset/data``, one acquisition per readout line): the readout runs
   along image rows and phase-encode line ``idx.kspace_encode_step_1`` of slice ``idx.slice`` is
   a column, as the line masks of :mod:`models.physics.mri` select columns; the matrix size
-  comes from ``dataset/xml``; an oversampled readout (twice the encoded x size, FOV doubled)
-  is cropped in image space with the √½ that keeps the object's intensity. Lines never
-  acquired stay zero. fastMRI's multi-coil k-space, readout 2× oversampled (640 rows for a
-  spec of 320), is cropped the same way when the spec's rows are half the data's.
+  comes from ``dataset/xml``. Lines never acquired stay zero. Its noise measurements are
+  read apart (:func:`read_noise_scan`), for the coil noise covariance.
+
+A readout 2× oversampled (fastMRI's 640 rows for a field of view of 320; ISMRMRD's readouts of
+twice the reconstruction's x) is cropped in image space to the spec's rows, with the √½ that
+keeps the object's intensity; when the file's header states the reconstruction size
+(``reconSpace``), the spec must ask for it. With coil maps estimated from the data the crop
+waits for :func:`models.physics.slice_problems`, which first takes the coil noise from the
+empty half and the maps from the whole field of view.
 
 Errors are :class:`MeasurementError` (a :class:`~models.physics.spec.SpecError`) whose message
 names what is wrong and how to fix it; :class:`MeasurementTooLarge` for archives that inflate
@@ -259,39 +264,89 @@ def _brief(items) -> str:
     return f"[{text}{', …' if len(items) > 12 else ''}] ({len(items)} lines)"
 
 
-def _encoded_matrix(xml) -> tuple[int, int] | None:
+def _header_matrices(xml) -> dict[str, tuple[int, int]]:
+    """The ``encodedSpace`` and ``reconSpace`` matrix sizes (x: readout, y: phase encoding)
+    of an ISMRMRD XML header, those it has."""
     if xml is None:
-        return None
+        return {}
     text = xml.decode() if isinstance(xml, bytes) else str(xml)
     if "<!DOCTYPE" in text.upper() or "<!ENTITY" in text.upper():
         raise MeasurementError(
             "the ISMRMRD header must not declare a DTD or entities; send the plain XML header"
         )
-    root = ET.fromstring(text)  # nosec B314 # no DTD, so no entity expansion (refused above)
+    try:
+        root = ET.fromstring(text)  # nosec B314 # no DTD, so no entity expansion (refused above)
+    except ET.ParseError:
+        raise MeasurementError(
+            "the ISMRMRD header is not well-formed XML; send the header the scanner wrote"
+        ) from None
+    found: dict[str, tuple[int, int]] = {}
     for el in root.iter():
-        if el.tag.split("}")[-1] == "encodedSpace":
+        name = el.tag.split("}")[-1]
+        if name in ("encodedSpace", "reconSpace") and name not in found:
             size = {c.tag.split("}")[-1]: c for c in el}.get("matrixSize")
-            if size is not None:
-                dims = {c.tag.split("}")[-1]: int(c.text) for c in size}
-                return dims["x"], dims["y"]
-    return None
+            if size is None:
+                continue
+            try:
+                dims = {c.tag.split("}")[-1]: int(c.text or "") for c in size}
+                found[name] = (dims["x"], dims["y"])
+            except (KeyError, ValueError):
+                raise MeasurementError(
+                    f"the ISMRMRD header's {name} matrixSize needs integer x and y"
+                ) from None
+    return found
+
+
+def read_header(raw: bytes) -> dict[str, tuple[int, int]]:
+    """The matrix sizes an HDF5 file's ISMRMRD header states: ``{"encodedSpace": (x, y),
+    "reconSpace": (x, y)}``, from fastMRI's ``ismrmrd_header`` or ISMRMRD's ``dataset/xml``;
+    empty for other files or without a header."""
+    if not raw.startswith(HDF5_MAGIC):
+        return {}
+    import h5py
+
+    try:
+        with h5py.File(io.BytesIO(raw), "r") as f:
+            for path in ("ismrmrd_header", "dataset/xml"):
+                ds = _hdf5_dataset(f, path, 1 << 24)
+                if ds is not None:
+                    value = ds[()]
+                    return _header_matrices(value if ds.shape == () else value[0])
+    except MeasurementError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MeasurementError(
+            f"HDF5 ISMRMRD header could not be read ({type(exc).__name__}); store the XML "
+            "header as one string"
+        ) from None
+    return {}
 
 
 # ISMRMRD acquisition flags (1-based bits) of readouts that are not image lines: noise
 # measurements, navigators, phase correction and dummy scans.
-NOT_IMAGING = (19, 23, 24, 27)
+NOISE_MEASUREMENT = 19
+NOT_IMAGING = (NOISE_MEASUREMENT, 23, 24, 27)
+
+
+def _flagged(acqs: np.ndarray, bits: tuple[int, ...]) -> np.ndarray:
+    """Which acquisitions carry any of the flag ``bits`` (none when the header has no flags)."""
+    if "flags" not in (acqs["head"].dtype.names or ()):  # a header without flags: image lines
+        return np.zeros(len(acqs), bool)
+    flags = acqs["head"]["flags"].astype(np.uint64)
+    out = np.zeros(len(acqs), bool)
+    for bit in bits:
+        out |= ((flags >> np.uint64(bit - 1)) & np.uint64(1)).astype(bool)
+    return out
 
 
 def _ismrmrd_kspace(acqs: np.ndarray, xml, limit: int) -> np.ndarray:
-    """(slices, coils, ny, nx) complex64 from ISMRMRD acquisitions (one readout each)."""
+    """(slices, coils, readout, ny) complex64 from ISMRMRD acquisitions (one readout each),
+    the readout kept as acquired: an oversampled one (twice the reconstruction's x) is
+    removed later, once its empty half has given the coil noise and its whole field of view
+    the coil maps."""
     if len(acqs) == 0:
         raise MeasurementError("ISMRMRD file holds no acquisitions")
-    if "flags" in (acqs["head"].dtype.names or ()):  # a header without flags: all image lines
-        flags = acqs["head"]["flags"].astype(np.uint64)
-        other = np.zeros(len(acqs), bool)
-        for bit in NOT_IMAGING:
-            other |= ((flags >> np.uint64(bit - 1)) & np.uint64(1)).astype(bool)
-        acqs = acqs[~other]
+    acqs = acqs[~_flagged(acqs, NOT_IMAGING)]
     if len(acqs) == 0:
         raise MeasurementError(
             "ISMRMRD file holds only noise, navigator, phase-correction or dummy acquisitions"
@@ -301,7 +356,7 @@ def _ismrmrd_kspace(acqs: np.ndarray, xml, limit: int) -> np.ndarray:
     coils = int(head["active_channels"][0])
     ky = head["idx"]["kspace_encode_step_1"].astype(int)
     sl = head["idx"]["slice"].astype(int)
-    matrix = _encoded_matrix(xml)
+    matrix = _header_matrices(xml).get("encodedSpace")
     nx, ny = matrix if matrix else (samples, int(ky.max()) + 1)
     if samples not in (nx, 2 * nx):
         raise MeasurementError(
@@ -316,9 +371,7 @@ def _ismrmrd_kspace(acqs: np.ndarray, xml, limit: int) -> np.ndarray:
     for a, data in enumerate(acqs["data"]):
         pairs = np.asarray(data, np.float32).reshape(coils, samples, 2)
         k[sl[a], :, :, ky[a]] = pairs[..., 0] + 1j * pairs[..., 1]
-    if samples == 2 * nx:
-        k = remove_readout_oversampling(k, nx)
-    return k.astype(np.complex64)
+    return k
 
 
 def remove_readout_oversampling(k: np.ndarray, rows: int) -> np.ndarray:
@@ -331,6 +384,58 @@ def remove_readout_oversampling(k: np.ndarray, rows: int) -> np.ndarray:
     return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, -2), axis=-2, norm="ortho"), -2)
 
 
+def read_noise_scan(raw: bytes, coils: int | None = None) -> np.ndarray | None:
+    """The coil noise samples ``(coils, M)`` complex64 of an ISMRMRD file's noise
+    measurements (acquisitions flagged ``ACQ_IS_NOISE_MEASUREMENT``), which the scanner
+    records with the receivers on and no excitation; ``None`` when it has none. With
+    ``coils`` (the measurement's), the scan must have as many, and enough samples to
+    estimate their covariance."""
+    if not raw.startswith(HDF5_MAGIC):
+        return None
+    import h5py
+
+    try:
+        with h5py.File(io.BytesIO(raw), "r") as f:
+            ds = _hdf5_dataset(f, "dataset/data", 64 * max(len(raw), 1 << 20))
+            if ds is None:
+                return None
+            acqs = ds[()]
+            noise = acqs[_flagged(acqs, (NOISE_MEASUREMENT,))]
+            if len(noise) == 0:
+                return None
+            channels = {int(c) for c in noise["head"]["active_channels"]}
+            if len(channels) != 1:
+                raise MeasurementError(
+                    f"noise: ISMRMRD noise measurements have differing channel counts "
+                    f"{sorted(channels)}; record the noise scan with every receiver channel"
+                )
+            c = channels.pop()
+            parts = [np.asarray(d, np.float32).reshape(c, -1, 2) for d in noise["data"]]
+    except MeasurementError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise MeasurementError(
+            f"ISMRMRD noise measurements could not be read ({type(exc).__name__}); write them "
+            "as the ISMRMRD tools do (one acquisition per noise readout)"
+        ) from None
+    pairs = np.concatenate(parts, axis=1)
+    scan = (pairs[..., 0] + 1j * pairs[..., 1]).astype(np.complex64)
+    if not np.isfinite(scan).all():
+        raise MeasurementError("ISMRMRD noise measurements contain NaN or Inf; send finite values")
+    if coils is not None and scan.shape[0] != coils:
+        raise MeasurementError(
+            f"noise: the ISMRMRD noise measurements have {scan.shape[0]} channels but the image "
+            f"acquisitions {coils}; record the noise scan with the same receiver channels"
+        )
+    if scan.shape[1] < 2 * scan.shape[0]:
+        raise MeasurementError(
+            f"noise: {scan.shape[1]} noise samples per channel cannot estimate a "
+            f"{scan.shape[0]}-channel covariance; record a longer noise scan (or none: the "
+            "noise is then taken from the data)"
+        )
+    return scan
+
+
 def read_measurement(raw: bytes, spec) -> torch.Tensor:
     """A measurement file's bytes read and checked against a parsed spec: format, shape,
     dtype, finiteness, and a fastMRI file's own mask. For coil maps estimated from the data
@@ -339,11 +444,29 @@ def read_measurement(raw: bytes, spec) -> torch.Tensor:
     from models.physics.spec import from_spec, layout_operator, needs_data
 
     arr = read_array(raw)
+    if spec.modality == "mri":
+        _check_recon_space(read_header(raw), arr.shape, spec.shape)
     op = layout_operator(spec, arr) if needs_data(spec) else from_spec(spec)
     lines = read_mask(raw)
     if lines is not None and spec.modality == "mri":
         check_mask(lines, op)
     return as_measurement(arr, op)
+
+
+def _check_recon_space(header: dict, shape: tuple, image: tuple[int, int]) -> None:
+    """The readout is reduced to the reconstruction size the file's header states
+    (``reconSpace`` x): the spec must ask for that size, or the data would be cropped or
+    padded to another field of view than the scanner's."""
+    recon = header.get("reconSpace")
+    if recon is None or len(shape) < 2:
+        return
+    rows, readout = image[0], shape[-2]
+    if readout in (recon[0], 2 * recon[0]) and rows != recon[0]:
+        raise MeasurementError(
+            f"image_size: the file's ISMRMRD header reconstructs {recon[0]} readout points "
+            f"(reconSpace x) of the {readout} acquired, but the spec asks for {rows} rows; set "
+            f"image_size to [{recon[0]}, {image[1]}]"
+        )
 
 
 def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
@@ -373,9 +496,10 @@ def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
         raise MeasurementError("a CT sinogram is real: send the real array, not a complex one")
     with np.errstate(over="ignore", invalid="ignore"):
         arr = np.ascontiguousarray(arr.astype(np.complex64 if complex_data else np.float32))
-    if complex_data and arr.ndim == 4 and arr.shape[-2:] == (2 * expected[-2], expected[-1]):
+    grid = full or expected  # k-space as stored: every line, or the measured ones
+    if complex_data and arr.ndim == 4 and arr.shape[-2:] == (2 * grid[-2], grid[-1]):
         # fastMRI stores the readout 2× oversampled (640 for a 320 field of view).
-        arr = remove_readout_oversampling(arr, expected[-2]).astype(np.complex64)
+        arr = remove_readout_oversampling(arr, grid[-2]).astype(np.complex64)
     if not np.isfinite(arr).all():
         raise MeasurementError(
             "measurement contains NaN or Inf, or values beyond the float32 range; "

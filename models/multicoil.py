@@ -18,7 +18,9 @@ scanner sends, simulated from real MR slices (or phantoms) under the evaluation 
 
 ``write_fastmri`` stores the result as fastMRI does: ``kspace`` (slices, coils, rows, cols)
 complex64, ``mask`` (cols,), and an ISMRMRD XML header (``ismrmrd_header``) with the encoded
-(oversampled) and reconstruction matrices.
+(oversampled) and reconstruction matrices. ``write_ismrmrd`` stores it as a scanner's raw
+data converter does: one acquisition per measured line, and the noise scan as noise
+measurements before them.
 """
 
 from __future__ import annotations
@@ -26,11 +28,59 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.physics.coils import loop_coil_sensitivities, rss
 from models.physics.mri import equispaced_mask, fft2c, ifft2c, random_mask
 from models.protocol import smooth_phase
+
+# ISMRMRD AcquisitionHeader and EncodingCounters (ismrmrd.h), as HDF5 compound types.
+COUNTERS = np.dtype(
+    [
+        (name, "<u2")
+        for name in (
+            "kspace_encode_step_1",
+            "kspace_encode_step_2",
+            "average",
+            "slice",
+            "contrast",
+            "phase",
+            "repetition",
+            "set",
+            "segment",
+        )
+    ]
+    + [("user", "<u2", (8,))]
+)
+ACQUISITION = np.dtype(
+    [
+        ("version", "<u2"),
+        ("flags", "<u8"),
+        ("measurement_uid", "<u4"),
+        ("scan_counter", "<u4"),
+        ("acquisition_time_stamp", "<u4"),
+        ("physiology_time_stamp", "<u4", (3,)),
+        ("number_of_samples", "<u2"),
+        ("available_channels", "<u2"),
+        ("active_channels", "<u2"),
+        ("channel_mask", "<u8", (16,)),
+        ("discard_pre", "<u2"),
+        ("discard_post", "<u2"),
+        ("center_sample", "<u2"),
+        ("encoding_space_ref", "<u2"),
+        ("trajectory_dimensions", "<u2"),
+        ("sample_time_us", "<f4"),
+        ("position", "<f4", (3,)),
+        ("read_dir", "<f4", (3,)),
+        ("phase_dir", "<f4", (3,)),
+        ("slice_dir", "<f4", (3,)),
+        ("patient_table_position", "<f4", (3,)),
+        ("idx", COUNTERS),
+        ("user_int", "<i4", (8,)),
+        ("user_float", "<f4", (8,)),
+    ]
+)
 
 
 @dataclass
@@ -154,7 +204,6 @@ def fastmri_header(encoded: tuple[int, int], recon: tuple[int, int]) -> str:
 def write_fastmri(path: str | Path, case: MultiCoilCase) -> Path:
     """``case`` as a fastMRI multi-coil HDF5 file (``kspace``, ``mask``, ``ismrmrd_header``)."""
     import h5py
-    import numpy as np
 
     path = Path(path)
     os_rows, cols = case.kspace.shape[-2:]
@@ -164,4 +213,38 @@ def write_fastmri(path: str | Path, case: MultiCoilCase) -> Path:
         header = fastmri_header((os_rows, cols), (os_rows // case.oversampling, cols))
         f.create_dataset("ismrmrd_header", data=np.bytes_(header))
         f.attrs["acquisition"] = "simulated multi-coil (scorerecon models/multicoil.py)"
+    return path
+
+
+def write_ismrmrd(path: str | Path, case: MultiCoilCase) -> Path:
+    """``case`` as ISMRMRD raw data (``dataset/data``, ``dataset/xml``): the noise scan as
+    acquisitions flagged ``ACQ_IS_NOISE_MEASUREMENT`` (bit 19), then one acquisition per
+    measured (slice, phase-encoding line), its readout as acquired (oversampled); the header's
+    encoded x is the readout's length and its reconstruction x the field of view's."""
+    import h5py
+
+    path = Path(path)
+    n, coils, os_rows, cols = case.kspace.shape
+    lines = case.mask.nonzero().flatten().tolist()
+    noise = case.noise_scan.numpy().reshape(coils, -1, os_rows).transpose(1, 0, 2)
+    vlen = h5py.vlen_dtype(np.dtype("<f4"))
+    acqs = np.zeros(
+        len(noise) + n * len(lines), [("head", ACQUISITION), ("traj", vlen), ("data", vlen)]
+    )
+    readouts = [(1 << 18, 0, 0, r) for r in noise] + [
+        (0, s, ky, case.kspace[s, :, :, ky].numpy()) for s in range(n) for ky in lines
+    ]
+    for a, (flags, s, ky, data) in zip(acqs, readouts, strict=True):
+        a["head"]["flags"] = flags
+        a["head"]["number_of_samples"] = os_rows
+        a["head"]["active_channels"] = a["head"]["available_channels"] = coils
+        a["head"]["idx"]["kspace_encode_step_1"] = ky
+        a["head"]["idx"]["slice"] = s
+        a["traj"] = np.zeros(0, np.float32)
+        a["data"] = np.stack([data.real, data.imag], -1).astype(np.float32).ravel()
+    header = fastmri_header((os_rows, cols), (os_rows // case.oversampling, cols))
+    with h5py.File(path, "w") as f:
+        g = f.create_group("dataset")
+        g.create_dataset("data", data=acqs)
+        g.create_dataset("xml", data=[header.encode()], dtype=h5py.string_dtype())
     return path

@@ -31,8 +31,13 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.inverse import DEFAULT_NFE, DEFAULT_SAMPLER, RECON_SAMPLERS, ReconConfig
-from models.measurements import MeasurementError, MeasurementTooLarge, read_measurement
-from models.physics import SpecError, parse_spec
+from models.measurements import (
+    MeasurementError,
+    MeasurementTooLarge,
+    read_measurement,
+    read_noise_scan,
+)
+from models.physics import SpecError, needs_data, parse_spec
 from models.registry import ModelError, bundled_models, card_modality, load_card, resolve
 from service.archives import ArchiveError, extract
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
@@ -411,6 +416,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         card = _check_model(model, parsed.image_size, settings, parsed.modality)  # before the op
         raw = _read_limited(measurement, settings.max_upload_mb)
         y = _parse_measurement(raw, parsed)
+        noise = _parse_noise_scan(raw, parsed, y)
         pixels = parsed.shape[0] * parsed.shape[1]
         if samples is None:
             samples = ReconConfig.from_card(card, parsed.modality, sampler).samples
@@ -462,6 +468,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         np.save(buf, y.numpy(), allow_pickle=False)
         try:
             results.put(job_id, "measurement.npy", buf.getvalue())
+            if noise is not None:  # the ISMRMRD noise scan: the worker whitens with it
+                buf = io.BytesIO()
+                np.save(buf, noise, allow_pickle=False)
+                results.put(job_id, "noise.npy", buf.getvalue())
         except OSError as exc:
             full = exc.errno == errno.ENOSPC
             log.error("result store refused a measurement: %s", exc.strerror or exc)
@@ -911,6 +921,16 @@ def _parse_measurement(raw: bytes, spec) -> torch.Tensor:
         return read_measurement(raw, spec)  # coil maps from the data: the worker's job
     except MeasurementTooLarge as exc:
         raise Problem(413, "Archive too large", str(exc), "measurement") from None
+    except MeasurementError as exc:
+        raise Problem(422, "Invalid measurement", str(exc), "measurement") from None
+
+
+def _parse_noise_scan(raw: bytes, spec, y: torch.Tensor) -> np.ndarray | None:
+    """An ISMRMRD file's noise scan, read and checked, when the worker whitens the coils."""
+    if not needs_data(spec):
+        return None
+    try:
+        return read_noise_scan(raw, int(y.shape[-3]))
     except MeasurementError as exc:
         raise Problem(422, "Invalid measurement", str(exc), "measurement") from None
 

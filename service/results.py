@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 NAMES = {
     "measurement.npy",
+    "noise.npy",
     "recon.npy",
     "std.npy",
     "baseline.npy",

@@ -283,9 +283,16 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
         np.load(io.BytesIO(results.get(job.id, "measurement.npy")), allow_pickle=False)
     )
     # One operator for the stack, or one per slice (maps and whitening from its own data).
+    noise, coil_noise = None, None
     if needs_data(spec):
         jobs.set_fields(job.id, phase="coil maps")
-    ops, y = slice_problems(spec, y)
+        coil_noise = "oversampled readout" if y.shape[-2] == 2 * spec.shape[0] else "readout ends"
+        if results.exists(job.id, "noise.npy"):
+            noise = torch.from_numpy(
+                np.load(io.BytesIO(results.get(job.id, "noise.npy")), allow_pickle=False)
+            )
+            coil_noise = f"noise scan ({noise.shape[-1]} samples per coil)"
+    ops, y = slice_problems(spec, y, noise)
     op = ops[0]
     expected = tuple(op.measurement_shape())
     if y.ndim != len(expected) + 1 or tuple(y.shape[1:]) != expected:
@@ -354,6 +361,8 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
         "preview": f"reconstruction | posterior std (max {scale:.4g}) | {baseline_name(op)}",
         "baseline": baseline_name(op),
     }
+    if coil_noise is not None:  # where the coil noise covariance for pre-whitening came from
+        report["coil_noise_source"] = coil_noise
     steps = config.n_steps * config.nfe_per_step() * len(chunks)
     fields = {"progress_step": steps, "progress_total": steps}
     keys = ["recon.npy", "std.npy", "baseline.npy", "preview.png"]

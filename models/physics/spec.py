@@ -370,14 +370,15 @@ def layout_operator(spec: MeasurementSpec, measurement) -> LinearOperator:
 
 
 def slice_problems(
-    spec: MeasurementSpec | dict | str, y: torch.Tensor
+    spec: MeasurementSpec | dict | str, y: torch.Tensor, noise: torch.Tensor | None = None
 ) -> tuple[list[LinearOperator], torch.Tensor]:
     """One operator per slice of ``y`` ``(S, ...)``, and the data they fit.
 
     The same operator serves every slice unless the coil maps come from each slice's own
     data (``espirit``): then each slice's maps are estimated, and its data and operator are
-    pre-whitened by its coil noise covariance (:func:`models.physics.coils.prewhiten`),
-    estimated from the empty half of a 2× oversampled readout, which is then removed, or
+    pre-whitened by the coil noise covariance (:func:`models.physics.coils.prewhiten`),
+    estimated from ``noise`` (a noise scan's samples ``(coils, M)``, for every slice) when
+    given, else from the empty half of a 2× oversampled readout, which is then removed, or
     else from the readout ends.
     """
     from models.measurements import remove_readout_oversampling
@@ -389,13 +390,19 @@ def slice_problems(
         return [from_spec(spec)] * len(y), y
     ops, data = [], []
     rows, mask = spec.shape[0], mask_of(spec)
+    if noise is not None and (noise.ndim != 2 or noise.shape[0] != y.shape[-3]):
+        raise SpecError(
+            f"noise: the noise scan has {tuple(noise.shape)} samples but the measurement "
+            f"{y.shape[-3]} coils; record it with the same receiver channels"
+        )
     for s in range(len(y)):
-        ys, noise = y[s : s + 1], None
+        ys, samples = y[s : s + 1], noise
         op = from_spec(spec, ys[0])  # maps over the whole (oversampled) field of view
         if ys.shape[-2] == 2 * rows:  # oversampled readout: noise from its empty half
-            noise = noise_from_oversampled(ys, mask)
+            if samples is None:
+                samples = noise_from_oversampled(ys, mask)
             ys = torch.from_numpy(remove_readout_oversampling(ys.numpy(), rows)).to(ys.dtype)
-        op, ys = prewhiten(op, ys, noise)
+        op, ys = prewhiten(op, ys, samples)
         ops.append(op)
         data.append(ys)
     return ops, torch.cat(data)

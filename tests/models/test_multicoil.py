@@ -4,6 +4,7 @@ import io
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from models.measurements import (
@@ -14,7 +15,7 @@ from models.measurements import (
     remove_readout_oversampling,
 )
 from models.metrics import psnr
-from models.multicoil import simulate_multicoil, write_fastmri
+from models.multicoil import simulate_multicoil, write_fastmri, write_ismrmrd
 from models.phantoms import mri_phantoms
 from models.physics import layout_operator, parse_spec, slice_problems
 from models.physics.coils import noise_covariance, rss
@@ -126,3 +127,36 @@ def test_baseline_command_reads_a_fastmri_file_with_espirit(tmp_path):
     # Measured 27.1, 32.4 and 32.6 dB: the parallel-imaging methods unfold the aliasing.
     assert psnrs["zero-filled"] > 24, psnrs
     assert min(psnrs["sense"], psnrs["cs-wavelet"]) > psnrs["zero-filled"] + 3, psnrs
+
+
+def test_ismrmrd_noise_scan_is_read_and_used_for_whitening(tmp_path):
+    """The noise measurements of ISMRMRD raw data come back sample for sample, and the
+    per-slice problems whiten with their covariance rather than an estimate from the data."""
+    from models.io import load_problems
+    from models.measurements import MeasurementError, read_noise_scan
+    from models.physics.coils import whitening_matrix
+
+    case = _case(acceleration=2, center_fraction=0.3, noise_std=0.02, correlation=0.5)
+    path = write_ismrmrd(tmp_path / "raw.h5", case)
+    raw = path.read_bytes()
+    k = read_array(raw)
+    assert k.shape == (2, 6, 64, 28)  # the readout as acquired
+    assert np.allclose(k, case.kspace.numpy(), atol=1e-6)
+    scan = read_noise_scan(raw, coils=6)
+    assert scan.shape == (6, 256) and np.allclose(scan, case.noise_scan.numpy(), atol=1e-7)
+    with pytest.raises(MeasurementError, match="noise: the ISMRMRD noise measurements have 6"):
+        read_noise_scan(raw, coils=4)
+    spec = parse_spec(
+        {
+            "modality": "mri",
+            "image_size": [32, 28],
+            "sensitivities": "espirit",
+            "mask": {"kind": "explicit", "lines": case.mask.nonzero().flatten().tolist()},
+        }
+    )
+    ops, y = load_problems(path, spec)
+    expected = whitening_matrix(noise_covariance(case.noise_scan))
+    assert y.shape == (2, 6, 32, 28)
+    assert torch.allclose(ops[1].whitening.to(expected.dtype), expected, atol=1e-5)
+    with pytest.raises(MeasurementError, match="reconSpace"):
+        load_problems(path, parse_spec({**spec.model_dump(), "image_size": [64, 28]}))

@@ -570,3 +570,32 @@ def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_p
     refused(path.read_bytes(), spec, "NaN")
     no_acs = {**spec, "mask": {"kind": "explicit", "lines": list(range(0, 368, 4))}}
     refused(raw, no_acs, "centre lines (at least 8 needed)")
+
+
+def test_ismrmrd_raw_data_with_a_noise_scan_is_whitened_by_it(gateway, tmp_path):
+    """ISMRMRD raw data as a scanner's converter writes it (noise measurements, then the image
+    lines with the readout oversampled): the worker whitens the coils with the noise scan and
+    says so; a spec at another size than the header's reconSpace is refused."""
+    from models.multicoil import simulate_multicoil, write_ismrmrd
+    from models.phantoms import mri_phantoms
+
+    client, keys, _ = gateway
+    image = mri_phantoms(1, 64, seed=2)
+    case = simulate_multicoil(image, coils=4, acceleration=2, center_fraction=0.3, segments=8)
+    raw = write_ismrmrd(tmp_path / "raw.h5", case).read_bytes()
+    lines = case.mask.nonzero().flatten().tolist()
+    spec = {
+        "modality": "mri",
+        "image_size": 32,
+        "sensitivities": "espirit",
+        "mask": {"kind": "explicit", "lines": lines},
+    }
+    r = submit(client, keys["alice"], data=raw, spec=json.dumps(spec), nfe="4")
+    assert r.status_code == 202, r.text
+    done = wait(client, keys["alice"], r.json()["id"], timeout=300)
+    assert done["state"] == "succeeded", done.get("error")
+    report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
+    assert report["coil_noise_source"] == "noise scan (256 samples per coil)", report
+    r = submit(client, keys["alice"], data=raw, spec=json.dumps({**spec, "image_size": [64, 32]}))
+    assert r.status_code == 422, r.text
+    assert "image_size: the file's ISMRMRD header reconstructs 32" in r.json()["detail"]
