@@ -406,13 +406,22 @@ def augment(
     max_rotation_deg: float = 10.0,
     scale: tuple[float, float] = (0.9, 1.1),
     intensity: float = 0.05,
+    max_zoom: float | None = None,
 ) -> torch.Tensor:
     """Random left-right flips, small rotations and scalings (zero, i.e. air, outside), and a
-    multiplicative intensity jitter of ±``intensity``; one draw per image."""
+    multiplicative intensity jitter of ±``intensity``; one draw per image.
+
+    With ``max_zoom``, half the images are instead magnified by a factor log-uniform between
+    ``scale[1]`` and ``max_zoom``: close-ups whose anatomy fills and leaves the field of view,
+    and, being interpolated, are no sharper than a low-resolution scan.
+    """
     b = x.shape[0]
-    u = torch.rand(b, 4, generator=generator)
+    u = torch.rand(b, 5, generator=generator)
     angle = (2 * u[:, 0] - 1) * math.radians(max_rotation_deg)
     s = scale[0] + (scale[1] - scale[0]) * u[:, 1]
+    if max_zoom is not None and max_zoom > scale[1]:
+        close = (scale[1] * (max_zoom / scale[1]) ** u[:, 1]).to(s.dtype)
+        s = torch.where(u[:, 4] < 0.5, close, s)
     sign = torch.where((u[:, 2] < 0.5) & flip, -1.0, 1.0)
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
     theta = torch.stack(

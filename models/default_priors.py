@@ -205,6 +205,7 @@ def train_default(
     arch: str = "whole",
     model_dir: Path | None = None,
     patch_size: int = PATCH_SIZE,
+    max_zoom: float | None = None,
 ) -> int:
     """Train ``name`` until ``steps`` (total, this run's) or ``hours`` of wall time; with
     ``real_data``, on the recipe's data plus the train split of the fetched real data.
@@ -213,7 +214,8 @@ def train_default(
     whole-image network; a new one warm-starts from the bundled whole-image weights.
     ``model_dir`` (default: the bundled ``models/priors/<name>``) is where the model goes; a
     candidate trained elsewhere keeps its checkpoint in ``runs/<its folder name>`` and its
-    figures beside it, so the shipped prior is untouched until it is chosen.
+    figures beside it, so the shipped prior is untouched until it is chosen. ``max_zoom``
+    adds close-ups to the augmentation (:func:`models.data.augment`).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -278,7 +280,8 @@ def train_default(
         lr=lr,
         checkpoint_every=checkpoint_every,
         warmup=100 if previous_steps == 0 else 20,
-        augment=recipe.augment or real_data,  # a few real volumes: vary them
+        augment=recipe.augment or real_data or max_zoom is not None,  # a few volumes: vary them
+        max_zoom=max_zoom,
         bf16=bf16,
     )
     card = {
@@ -349,6 +352,12 @@ def add_commands(sub) -> None:
         "trained elsewhere leaves the shipped prior untouched",
     )
     p.add_argument("--patch-size", type=int, default=PATCH_SIZE)
+    p.add_argument(
+        "--max-zoom",
+        type=float,
+        default=None,
+        help="augment half of each batch with close-ups magnified up to this factor",
+    )
     p.set_defaults(func=_cmd)
 
 
@@ -365,4 +374,5 @@ def _cmd(args: argparse.Namespace) -> int:
         arch=args.arch,
         model_dir=args.out,
         patch_size=args.patch_size,
+        max_zoom=args.max_zoom,
     )

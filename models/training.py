@@ -49,6 +49,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     objective: str = "dsm"  # dsm | likelihood | ssm | ssm-vr | ncsn (losses.objective_loss)
     augment: bool = False  # flips, small rotations/scalings, intensity jitter (data.augment)
+    max_zoom: float | None = None  # with augment: half the batch magnified up to this (close-ups)
     bf16: bool = False  # bf16 autocast for forward/backward; weights and Adam stay fp32
     importance_sampling: bool = False
     checkpoint_every: int = 200
@@ -190,7 +191,7 @@ def train(
         idx = torch.randint(len(data), (config.batch_size,), generator=gen)
         batch = data[idx]
         if config.augment:
-            batch = augment(batch, gen)
+            batch = augment(batch, gen, max_zoom=config.max_zoom)
         score_fn = model
         if patches:
             batch, pos = random_patches(batch, net.patch, config.patches_per_image, gen)

@@ -172,6 +172,20 @@ def test_augment_keeps_range_and_shape():
     assert float(y.sum()) == pytest.approx(float(x.sum()), rel=0.3)
 
 
+def test_augment_with_max_zoom_adds_close_ups_to_half_the_batch():
+    """Close-ups: about half the images magnified (the square grows by up to 2.5² in area,
+    and may fill the field of view); the others keep the usual ±10 % scaling."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(200, 1, 32, 32)
+    x[:, :, 10:22, 10:22] = 0.5
+    area = (augment(x, g, max_zoom=2.5, intensity=0.0) > 0.25).float().mean((1, 2, 3)) * 1024
+    grown = area > 144 * 1.1**2 * 1.15
+    assert 0.35 < float(grown.float().mean()) < 0.65
+    assert float(area.max()) > 144 * 4  # magnified past 2× in side
+    plain = (augment(x, g, intensity=0.0) > 0.25).float().mean((1, 2, 3)) * 1024
+    assert float(plain.max()) < 144 * 1.1**2 * 1.15
+
+
 def test_links_out_of_a_training_folder_are_never_read(tmp_path):
     """Issue 17: a link in a training folder (to a file, or to a folder holding one) could
     make a training run read any server file; only regular files inside are read."""
