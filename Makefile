@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REALDATA ?= .cache/realdata
 
-.PHONY: setup demo test lint bench clean orthanc chromium screenshots audit realdata
+.PHONY: setup demo test lint bench clean orthanc bart chromium screenshots audit realdata
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ realdata: setup  # real CT/MR slices from Debian packages, once (docs/data.md); 
 	@if [ -f $(REALDATA)/sources.json ]; then echo "real data: $(REALDATA) (already fetched)"; \
 	else PYTHON=$(PY) bash scripts/fetch-training-data.sh --dest $(REALDATA) || echo "warning: no real data could be fetched; real-data tests will skip"; fi
 
+bart:  # BART's ecalib, the external cross-check of our ESPIRiT maps; without it that test skips
+	bash scripts/install-bart.sh || echo "warning: BART could not be installed; the ecalib cross-check will skip"
+
 chromium:  # headless browser for the console's end-to-end tests; without it they skip
 	bash scripts/install-chromium.sh || echo "warning: Chromium could not be installed; console tests will skip"
 
@@ -30,7 +33,7 @@ screenshots: setup chromium  # docs/ui/*.png from the console test, on a phantom
 demo: setup
 	$(PY) -m service.demo --out out
 
-test: setup orthanc chromium realdata
+test: setup orthanc bart chromium realdata
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
@@ -42,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/priors.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality_real.py
+	$(PY) benchmarks/mri_multicoil.py
 	$(PY) benchmarks/priors_compare.py
 	$(PY) benchmarks/reliability.py
 	$(PY) benchmarks/gateway.py
