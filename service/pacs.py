@@ -137,11 +137,33 @@ def _stow(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:
     for start in range(0, len(datasets), BATCH):
         batch = list(datasets[start : start + BATCH])
         try:
-            client.store_instances(batch)
+            response = client.store_instances(batch)
         except (requests.HTTPError, requests.ConnectionError) as exc:
             raise _http_error(dest, "STOW-RS", exc) from None
+        failed = list(getattr(response, "FailedSOPSequence", None) or [])
+        if failed:  # HTTP 202: some stored, these not; the export is retried, then fails
+            named = ", ".join(
+                f"{item.get('ReferencedSOPInstanceUID', '?')} "
+                f"(reason 0x{int(item.get('FailureReason', 0)):04X})"
+                for item in failed[:5]
+            )
+            more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+            raise TransientError(
+                f"STOW-RS to {dest.name}: {len(failed)} of {len(batch)} instances refused: "
+                f"{named}{more}"
+            )
         sent += len(batch)
     return {"destination": dest.name, "protocol": "STOW-RS", "sent": sent}
+
+
+# Proposed for every SOP class: the DICOM default (implicit VR), which every PACS accepts,
+# and the explicit VR syntaxes; pynetdicom re-encodes an instance for the one accepted.
+TRANSFER_SYNTAXES = [
+    pydicom.uid.ExplicitVRLittleEndian,
+    pydicom.uid.ImplicitVRLittleEndian,
+    pydicom.uid.DeflatedExplicitVRLittleEndian,
+    pydicom.uid.ExplicitVRBigEndian,
+]
 
 
 def _c_store(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:
@@ -149,7 +171,7 @@ def _c_store(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:
 
     ae = AE(ae_title=dest.calling_ae)
     for sop in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop, pydicom.uid.ExplicitVRLittleEndian)
+        ae.add_requested_context(sop, TRANSFER_SYNTAXES)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if assoc.is_rejected:
         raise PermanentError(f"C-STORE: {dest.name} rejected the association (check AE titles)")

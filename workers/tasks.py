@@ -233,10 +233,48 @@ def sweep(
         enqueue(job_id)
     for job_id in stale:
         enqueue(job_id)
-    report = {"requeued": len(queued), "orphaned": len(stale)}
+    exports = recreate_exports(jobs)
+    if owner_slots is None:  # with Celery, admit() below sends them
+        for export_id in exports:
+            enqueue(export_id)
+    report = {"requeued": len(queued), "orphaned": len(stale), "exports": len(exports)}
     if owner_slots is not None:
         report["admitted"] = admit(jobs, enqueue, owner_slots)
     return report
+
+
+# How far back the sweep looks for succeeded reconstructions whose export is missing.
+EXPORT_RECOVERY_WINDOW = dt.timedelta(days=7)
+
+
+def recreate_exports(jobs: JobStore, window: dt.timedelta = EXPORT_RECOVERY_WINDOW) -> list[str]:
+    """The automatic exports that succeeded reconstructions with ``export_to`` lack (a worker
+    that died between the success and the export's creation), created now; their ids. The
+    export's id is derived from the job's, so this never makes a second one."""
+    since = now() - window
+    with jobs.sessions() as s:
+        rows = s.execute(
+            select(Job.id, Job.params).where(
+                Job.kind == "reconstruction", Job.state == "succeeded", Job.finished_at >= since
+            )
+        ).all()
+        wanted = {
+            auto_export_id(job_id, params["export_to"]): (job_id, params["export_to"])
+            for job_id, params in rows
+            if (params or {}).get("export_to")
+        }
+        present = set(s.scalars(select(Job.id).where(Job.id.in_(list(wanted)))).all())
+    created = []
+    for export_id, (job_id, destination) in wanted.items():
+        if export_id in present:
+            continue
+        jobs.add_export(jobs.get(job_id), destination, export_id)
+        jobs.audit(
+            "export", f"to {destination} (automatic, recreated by the sweep)", None, None, job_id
+        )
+        log.warning("job %s: its automatic export to %s was missing; created", job_id, destination)
+        created.append(export_id)
+    return created
 
 
 def admit(

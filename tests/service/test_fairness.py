@@ -130,8 +130,9 @@ def test_job_cost_and_the_refusal_naming_the_field_and_its_maximum():
 
 def _job(store: JobStore, owner: str, kind: str = "reconstruction", **fields) -> str:
     job_id = new_id()
+    fields = {"spec": {}, "params": {}, "result_keys": [], **fields}
     with store.session() as s:
-        s.add(Job(id=job_id, kind=kind, owner=owner, spec={}, params={}, result_keys=[], **fields))
+        s.add(Job(id=job_id, kind=kind, owner=owner, **fields))
     time.sleep(0.002)  # distinct created_at: the order of arrival
     return job_id
 
@@ -156,7 +157,8 @@ def test_admission_sends_round_robin_by_owner_within_each_owners_slots(db_url):
     # A message sent long ago (lost with the broker) is sent again by the sweep, once.
     store.set_fields(b[1], sent_at=now().replace(year=2000))
     report = sweep(store, sent.append, 60, 60, owner_slots=1)
-    assert report == {"requeued": 1, "orphaned": 0, "admitted": 0} and sent[-1] == b[1]
+    assert report == {"requeued": 1, "orphaned": 0, "exports": 0, "admitted": 0}
+    assert sent[-1] == b[1]
     assert sweep(store, sent.append, 60, 60, owner_slots=1)["requeued"] == 0
     store.engine.dispose()
 
@@ -191,3 +193,26 @@ def test_admin_sampling_defaults_fit_the_cap():
     d = SamplingRequest(model="ct-default")
     cost = job_cost(sampling_nfe(d.sampler, d.steps), d.n, 1, 128 * 128)
     assert (d.sampler, d.steps, d.n) == ("pc", 500, 16) and cost <= Settings().max_job_cost
+
+
+def test_the_sweep_recreates_an_export_lost_between_success_and_its_creation(db_url):
+    """A worker that dies after marking a reconstruction succeeded but before queuing its
+    automatic export leaves no export; the sweep creates it (once) and sends it."""
+    from service.db import auto_export_id
+
+    upgrade(db_url)
+    store = JobStore(db_url)
+    lost = _job(store, "alice", params={"export_to": "pacs"})
+    plain = _job(store, "alice")
+    for job_id in (lost, plain):
+        store.transition(job_id, ["queued"], "running")
+        store.transition(job_id, ["running"], "succeeded", finished_at=now())
+    sent: list[str] = []
+    report = sweep(store, sent.append, 60, 60)
+    export_id = auto_export_id(lost, "pacs")
+    assert report["exports"] == 1 and sent == [export_id]
+    export = store.get(export_id)
+    assert export.kind == "export" and export.state == "queued" and export.owner == "alice"
+    assert export.params == {"destination": "pacs", "source_job": lost}
+    assert sweep(store, sent.append, 60, 60)["exports"] == 0  # never a second one
+    store.engine.dispose()
