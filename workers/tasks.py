@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -189,8 +190,18 @@ def run_job(
         state = "failed"
     log.info("job %s %s", job_id, state)
     if state == "succeeded" and job.params.get("export_to"):
+        failpoint("before-export")
         _chain_export(job_id, job.params["export_to"], jobs, enqueue)
     return state
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for the reliability suite: with ``SCORERECON_FAILPOINT=name`` in its
+    environment the process dies here at once, as a crash or an out-of-memory kill would
+    (no cleanup, no final database write)."""
+    if os.environ.get("SCORERECON_FAILPOINT") == name:
+        log.error("failpoint %s: exiting as a crash would", name)
+        os._exit(137)
 
 
 def _chain_export(job_id: str, destination: str, jobs: JobStore, enqueue) -> None:

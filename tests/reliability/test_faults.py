@@ -6,6 +6,7 @@ half-written, and the service answers its health checks again."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -351,3 +352,45 @@ def test_poison_job_that_kills_its_worker(tmp_path, database, record):
     )
     assert jobs[poison]["state"] == "failed" and "died 4 times" in jobs[poison]["error"]
     assert jobs[healthy_job]["state"] == "succeeded" and healthy
+
+
+def test_worker_killed_between_a_success_and_its_export(tmp_path, database, record):
+    """The worker dies after marking a reconstruction with ``export_to`` succeeded and before
+    it queues the export (a failpoint there): the recovery sweep creates the export, which
+    runs to a final state, and the reconstruction's result is untouched."""
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"  # nobody listens: the export fails
+    pacs = json.dumps({"down": {"kind": "stowrs", "url": down}})
+    with make_site(tmp_path, database, redis_db=9, SCORERECON_PACS=pacs) as site:
+        key = site.key("recon:submit,recon:read", "alice")
+        site.start_gateway()
+        site.env["SCORERECON_FAILPOINT"] = "before-export"
+        gpu = site.start_worker(queues="gpu")
+        del site.env["SCORERECON_FAILPOINT"]
+        with site.client(key) as c:
+            job = submit(c, export_to="down")
+            end = time.monotonic() + 120
+            while "failpoint before-export" not in site.all_logs():
+                assert time.monotonic() < end, "the worker never reached the failpoint"
+                time.sleep(0.2)
+            stop(gpu, signal.SIGKILL)  # its pool process died there; the rest goes too
+            assert get(c, job)["state"] == "succeeded"
+            export = c.get(f"/v1/jobs/{job}").json()["links"]["export"]
+            assert c.get(export).status_code == 404  # lost with the worker
+            site.start_worker(queues="cpu", beat=True)  # the sweep
+            end = time.monotonic() + 120
+            while (r := c.get(export)).status_code == 404 or r.json()["state"] not in (
+                "succeeded",
+                "failed",
+            ):
+                assert time.monotonic() < end, "the sweep did not recreate the export"
+                time.sleep(0.5)
+            result = c.get(f"/v1/jobs/{job}/result?format=npy")
+    record(
+        "faults",
+        "worker killed between a success and its export",
+        1,
+        lost=0,
+        outcome=f"export recreated by the sweep: {r.json()['state']} ({r.json().get('error')})",
+    )
+    assert r.json()["state"] == "failed" and "unreachable" in r.json()["error"]
+    assert result.status_code == 200
