@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REALDATA ?= .cache/realdata
 
-.PHONY: setup demo test lint bench clean orthanc bart chromium screenshots audit realdata
+.PHONY: setup demo test lint bench clean orthanc bart dicom3tools chromium screenshots audit realdata
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ realdata: setup  # real CT/MR slices from Debian packages, once (docs/data.md); 
 bart:  # BART's ecalib, the external cross-check of our ESPIRiT maps; without it that test skips
 	bash scripts/install-bart.sh || echo "warning: BART could not be installed; the ecalib cross-check will skip"
 
+dicom3tools:  # dciodvfy, the DICOM validator the export tests run; without it they skip
+	bash scripts/install-dicom3tools.sh || echo "warning: dicom3tools could not be installed; DICOM validation tests will skip"
+
 chromium:  # headless browser for the console's end-to-end tests; without it they skip
 	bash scripts/install-chromium.sh || echo "warning: Chromium could not be installed; console tests will skip"
 
@@ -33,7 +36,7 @@ screenshots: setup chromium  # docs/ui/*.png from the console test, on a phantom
 demo: setup
 	$(PY) -m service.demo --out out
 
-test: setup orthanc bart chromium realdata
+test: setup orthanc bart dicom3tools chromium realdata
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -42,7 +42,14 @@ from models.registry import ModelError, bundled_models, card_modality, load_card
 from service.archives import ArchiveError, extract
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
 from service.db import FINAL, STATES, AuditEntry, Job, JobStore, auto_export_id, new_id
-from service.dicom_export import SOURCE_KEYWORDS, job_series, source_attributes, zip_series
+from service.dicom_export import LIMIT as SOURCE_LIMIT
+from service.dicom_export import (
+    SOURCE_KEYWORDS,
+    job_series,
+    source_attributes,
+    source_geometry,
+    zip_series,
+)
 from service.executor import make_executor
 from service.fairness import Factor, job_cost, over_cost, sampling_nfe
 from service.migrate import upgrade
@@ -432,6 +439,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if source_dicom is not None:
             raw_dicom = _read_limited(source_dicom, settings.max_upload_mb, "source_dicom")
             attributes = _check_source(_dicom_source(raw_dicom), "source_dicom")
+            _check_source_fits(attributes, parsed.modality, len(y))
         if source is not None:
             attributes.update(_parse_source(source))
         if attributes:
@@ -964,6 +972,36 @@ def _dicom_source(raw: bytes) -> dict:
         raise Problem(422, "Invalid source DICOM", str(exc), "source_dicom") from None
 
 
+def _check_source_fits(attributes: dict[str, str], modality: str, slices: int) -> None:
+    """A source instance gives the series its study, and its slice's geometry: it must be an
+    image of the measurement's modality, with geometry, for a measurement of one slice."""
+    expected = "CT" if modality == "ct" else "MR"
+    found = attributes.get("Modality", "")
+    if found != expected:
+        detail = (
+            f"the source instance is {found or 'of no modality'} but the measurement is "
+            f"{expected}; send an instance of the {expected} series it was acquired with"
+        )
+        raise Problem(422, "Invalid source DICOM", detail, "source_dicom")
+    try:
+        geometry = source_geometry(attributes)
+    except ValueError as exc:
+        raise Problem(422, "Invalid source DICOM", str(exc), "source_dicom") from None
+    if geometry is None:
+        detail = (
+            "the source instance has no image geometry (ImagePositionPatient, "
+            "ImageOrientationPatient, PixelSpacing): send an image of the source series"
+        )
+        raise Problem(422, "Invalid source DICOM", detail, "source_dicom")
+    if slices != 1:
+        detail = (
+            f"one source instance is the geometry of one slice, but the measurement has "
+            f"{slices}; send one slice per request with its instance, or the patient and study "
+            "attributes alone as source (JSON)"
+        )
+        raise Problem(422, "Invalid source DICOM", detail, "source_dicom")
+
+
 def _parse_source(text: str) -> dict:
     try:
         data = json.loads(text)
@@ -980,11 +1018,11 @@ def _parse_source(text: str) -> dict:
             "source",
         )
     for k, v in data.items():
-        if not isinstance(v, str) or len(v) > 64:
+        if not isinstance(v, str) or len(v) > SOURCE_LIMIT[k]:
             raise Problem(
                 422,
                 "Invalid source",
-                f"{k} must be a string of at most 64 characters",
+                f"{k} must be a string of at most {SOURCE_LIMIT[k]} characters",
                 f"source.{k}",
             )
     return _check_source(data, "source")

@@ -1,19 +1,35 @@
-"""Reconstructions as a proper DICOM series that files into the patient's original study.
+"""Reconstructions as a conformant derived DICOM series that files into the original study.
 
 One instance per slice, CT Image Storage or MR Image Storage (not Secondary Capture),
-Explicit VR Little Endian. Patient and study attributes are copied from the job's source
-(given with the request), so the series lands in the same study; it gets its own
-SeriesInstanceUID, a SeriesNumber and a SeriesDescription naming the model. ImageType is
-ORIGINAL\\SECONDARY\\AXIAL (reconstructed from raw data). CT pixels are stored as signed
-16-bit HU (RescaleSlope 1, RescaleIntercept 0, RescaleType HU) with a soft-tissue window;
-MR magnitudes as unsigned 12-bit values. Every UID is derived from the job id, the series
-kind and the slice index, so a retried job writes byte-identical identifiers.
+Explicit VR Little Endian, checked by ``dciodvfy`` (dicom3tools) in the tests:
+
+* **Derived, and labelled as research output.** ImageType ``DERIVED\\SECONDARY\\AXIAL``;
+  DerivationDescription and DerivationCodeSequence name the generative prior (its name and
+  weights hash) and, for the second series, the posterior standard deviation; the
+  SeriesDescription starts with ``RESEARCH``, ImageComments says it is not for diagnosis,
+  and ContributingEquipmentSequence names scorerecon (its package version) as processing
+  equipment.
+* **References.** When the request came with a source instance, SourceImageSequence and the
+  Common Instance Reference module (ReferencedSeriesSequence → ReferencedInstanceSequence)
+  reference it, and patient and study attributes are copied from it, so the series lands in
+  that study under its own SeriesInstanceUID.
+* **Geometry.** A source instance's ImagePositionPatient, ImageOrientationPatient,
+  PixelSpacing and FrameOfReferenceUID are used only for a single-slice reconstruction of
+  it (PixelSpacing scaled so the field of view is kept at another matrix size); otherwise the
+  series gets its own FrameOfReferenceUID, never a borrowed one with positions made up here.
+* **Values.** CT in signed 16-bit HU (slope 1); MR magnitudes as unsigned 12-bit values; the
+  uncertainty series is scaled (RescaleSlope) so its largest value fits, never clipped.
+* **Identity.** SeriesNumber 1 for the reconstruction and 2 for the uncertainty, or the
+  source series' number × 100 + 1 / + 2; every UID is derived from the job id, the series
+  kind and the slice index, so a retried job writes identical identifiers; dates and times
+  carry the UTC offset.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import uuid
 import zipfile
 from collections.abc import Sequence
@@ -23,12 +39,18 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 IMPLEMENTATION_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "scorerecon/implementation").int)
+RESEARCH_NOTICE = (
+    "RESEARCH OUTPUT of a score-based generative prior; not for diagnostic use. Image content "
+    "in regions the measurement does not determine comes from the prior."
+)
 
-# Source attributes copied into the series (Patient and General Study modules).
+# Source attributes kept from a source instance: Patient and General Study modules, the
+# instance and series referenced, and the geometry of its slice.
 SOURCE_KEYWORDS = (
     "PatientName",
     "PatientID",
@@ -43,7 +65,29 @@ SOURCE_KEYWORDS = (
     "StudyDescription",
     "FrameOfReferenceUID",
     "SeriesInstanceUID",  # of the input: referenced, never reused
+    "SeriesNumber",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "Modality",
+    "PatientPosition",
+    "Laterality",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "SliceThickness",
 )
+GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+# The longest text kept per attribute: 64 characters, or 6 decimal strings of 16 for geometry.
+LIMIT = {kw: 6 * 17 if kw in GEOMETRY else 64 for kw in SOURCE_KEYWORDS}
+
+
+def _text(value) -> str:
+    """A source value as text: multi-valued ones joined by backslashes, as DICOM writes them."""
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def source_attributes(raw: bytes) -> dict[str, str]:
@@ -53,7 +97,7 @@ def source_attributes(raw: bytes) -> dict[str, str]:
         ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
         # Elements are decoded lazily: a corrupt one (an unknown VR) fails here, not above.
         values = {kw: ds.get(kw) for kw in SOURCE_KEYWORDS}
-        out = {kw: str(v)[:64] for kw, v in values.items() if v not in (None, "")}
+        out = {kw: _text(v)[: LIMIT[kw]] for kw, v in values.items() if v not in (None, "")}
     except Exception as exc:  # noqa: BLE001 - any unreadable upload is the client's to fix
         raise ValueError(
             f"not a readable DICOM file ({type(exc).__name__}); send one instance (.dcm) "
@@ -62,6 +106,34 @@ def source_attributes(raw: bytes) -> dict[str, str]:
     if "StudyInstanceUID" not in out:
         raise ValueError("the DICOM file has no StudyInstanceUID: send an instance of the study")
     return out
+
+
+def source_geometry(source: dict) -> dict | None:
+    """The slice geometry a source holds (position, orientation, spacing, matrix), checked;
+    ``None`` when it has none. ValueError names a malformed value."""
+    present = [k for k in GEOMETRY if source.get(k)]
+    if not present:
+        return None
+    if len(present) < len(GEOMETRY):
+        missing = sorted(set(GEOMETRY) - set(present))
+        raise ValueError(f"the source's geometry is incomplete: {', '.join(missing)} missing")
+    sizes = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+    geometry = {}
+    for key, n in sizes.items():
+        try:
+            values = [float(v) for v in str(source[key]).split("\\")]
+        except ValueError:
+            values = []
+        if len(values) != n or not all(np.isfinite(values)):
+            raise ValueError(f"{key} must be {n} numbers separated by backslashes")
+        geometry[key] = values
+    if min(geometry["PixelSpacing"]) <= 0:
+        raise ValueError("PixelSpacing must be positive")
+    try:
+        geometry["Rows"], geometry["Columns"] = int(source["Rows"]), int(source["Columns"])
+    except ValueError:
+        raise ValueError("Rows and Columns must be whole numbers") from None
+    return geometry
 
 
 # Attributes a validator checks per SOP class (type 1 must hold a value; type 2 must exist).
@@ -119,6 +191,38 @@ def uid(job_id: str, *parts: object) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, name).int}"
 
 
+def software_version() -> str:
+    """The installed scorerecon package's version (SoftwareVersions)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scorerecon")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _code(value: str, meaning: str, scheme: str = "DCM") -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _ds(value: float) -> str:
+    """A decimal string of at most 16 characters (the DS limit)."""
+    return format_number_as_ds(float(value))
+
+
+def series_number(kind: str, source: dict) -> int:
+    """1 for the reconstruction, 2 for its uncertainty; with a source series numbered N,
+    N × 100 + 1 and + 2, so viewers list them beside it."""
+    offset = 2 if kind == "uncertainty" else 1
+    try:
+        base = int(str(source.get("SeriesNumber", "")).strip())
+    except ValueError:
+        base = 0
+    return base * 100 + offset if 0 < base < 20_000_000 else offset
+
+
 def series(
     images: np.ndarray,
     modality: str,
@@ -129,11 +233,13 @@ def series(
     slice_thickness: float = 1.0,
     kind: str = "reconstruction",
     when: dt.datetime | None = None,
+    model_hash: str = "",
 ) -> list[FileDataset]:
     """One dataset per slice of ``images`` (Z, H, W): HU for CT, [0, 1] magnitude for MR.
 
     ``kind`` names the series: ``reconstruction`` or ``uncertainty`` (the posterior std as a
-    second series, in HU for CT).
+    second series, in HU for CT, rescaled so it never clips). ``model_hash``: the prior's
+    weights hash, named in the derivation.
     """
     if modality not in ("CT", "MR"):
         raise ValueError("modality must be 'CT' or 'MR'")
@@ -141,11 +247,31 @@ def series(
     if images.ndim == 2:
         images = images[None]
     source = {k: v for k, v in (source or {}).items() if k in SOURCE_KEYWORDS}
-    when = when or dt.datetime.now(dt.UTC)
+    when = (when or dt.datetime.now(dt.UTC).astimezone()).replace(microsecond=0)
     study_uid = source.get("StudyInstanceUID") or uid(job_id, "study")
     series_uid = uid(job_id, kind, "series")
-    frame_uid = source.get("FrameOfReferenceUID") or uid(job_id, "frame")
-    number = 9000 + (int(series_uid.split(".")[-1]) % 900) + (1 if kind == "uncertainty" else 0)
+    rows, cols = images.shape[1:]
+    # A borrowed frame of reference only with the borrowed slice's own position: one slice,
+    # reconstructed from the source instance's own slice.
+    geometry = source_geometry(source) if len(images) == 1 else None
+    if geometry is not None:
+        frame_uid = source.get("FrameOfReferenceUID") or uid(job_id, "frame")
+        sy, sx = geometry["PixelSpacing"]
+        pixel_spacing = (sy * geometry["Rows"] / rows, sx * geometry["Columns"] / cols)
+    else:
+        frame_uid = uid(job_id, "frame")
+    number = series_number(kind, source)
+    what = "posterior standard deviation" if kind == "uncertainty" else "posterior mean"
+    weights = f", weights sha256 {model_hash[:12]}" if model_hash else ""
+    derivation = (
+        f"RESEARCH: {what} of a score-based reconstruction from raw measurements "
+        f"(Song et al., proximal data-consistency sampler) with the generative prior "
+        f"{model}{weights}, scorerecon {software_version()}"
+    )
+    scale = 1.0
+    if kind == "uncertainty":
+        top = 32767 if modality == "CT" else 4095
+        scale = max(1.0, float(np.max(images)) / top) if images.size else 1.0
     out = []
     for k, img in enumerate(images):
         ds = _base(modality, uid(job_id, kind, "instance", k))
@@ -160,6 +286,8 @@ def series(
             "AccessionNumber",
             "ReferringPhysicianName",
             "StudyDescription",
+            "PatientPosition",
+            "Laterality",
         ):
             setattr(ds, kw, source.get(kw, ""))
         ds.StudyInstanceUID = study_uid
@@ -168,19 +296,25 @@ def series(
         ds.PositionReferenceIndicator = ""
         ds.SeriesNumber = number
         ds.InstanceNumber = k + 1
-        ds.SeriesDescription = f"scorerecon {kind} ({model})"[:64]
-        ds.ImageType = ["ORIGINAL", "SECONDARY", "AXIAL"]
+        ds.SeriesDescription = f"RESEARCH {kind} ({model})"[:64]
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.ImageComments = RESEARCH_NOTICE
         ds.SeriesDate = ds.ContentDate = when.strftime("%Y%m%d")
         ds.SeriesTime = ds.ContentTime = when.strftime("%H%M%S")
+        ds.TimezoneOffsetFromUTC = when.strftime("%z")
         ds.Manufacturer = "scorerecon"
-        rows, cols = img.shape
         ds.Rows, ds.Columns = rows, cols
-        ds.PixelSpacing = [float(pixel_spacing[0]), float(pixel_spacing[1])]
-        ds.SliceThickness = float(slice_thickness)
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        x0, y0 = -(cols - 1) / 2 * pixel_spacing[1], -(rows - 1) / 2 * pixel_spacing[0]
-        ds.ImagePositionPatient = [x0, y0, k * float(slice_thickness)]
-        ds.SliceLocation = k * float(slice_thickness)
+        ds.PixelSpacing = [_ds(pixel_spacing[0]), _ds(pixel_spacing[1])]
+        ds.SliceThickness = _ds(source.get("SliceThickness") or slice_thickness)
+        if geometry is not None:
+            ds.ImageOrientationPatient = [_ds(v) for v in geometry["ImageOrientationPatient"]]
+            position = geometry["ImagePositionPatient"]
+        else:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            x0, y0 = -(cols - 1) / 2 * pixel_spacing[1], -(rows - 1) / 2 * pixel_spacing[0]
+            position = [x0, y0, k * float(slice_thickness)]
+        ds.ImagePositionPatient = [_ds(v) for v in position]
+        ds.SliceLocation = _ds(position[2])
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = (
@@ -190,33 +324,57 @@ def series(
         )
         if modality == "CT":
             ds.PixelRepresentation = 1
-            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-            ds.WindowCenter, ds.WindowWidth = (40, 400) if kind == "reconstruction" else (50, 100)
+            ds.RescaleIntercept, ds.RescaleSlope = 0, _ds(scale)
+            ds.RescaleType = "HU"
+            center, width = (40, 400) if kind == "reconstruction" else (50, 100)
+            ds.WindowCenter, ds.WindowWidth = center, width
             ds.KVP = ""
             ds.AcquisitionNumber = ""
-            pixels = np.clip(np.round(img), -32768, 32767).astype(np.int16)
+            pixels = np.clip(np.round(img / scale), -32768, 32767).astype(np.int16)
         else:
             ds.PixelRepresentation = 0
             ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "RM", "NONE", "2D"
             ds.ScanOptions, ds.EchoTime, ds.EchoTrainLength = "", "", ""
+            ds.RepetitionTime = ""
             ds.WindowCenter, ds.WindowWidth = 2048, 4096
-            pixels = np.clip(np.round(img * 4095), 0, 4095).astype(np.uint16)
+            if kind == "uncertainty":  # the std on the image's [0, 1] scale, × 4095
+                ds.RescaleIntercept, ds.RescaleSlope = 0, _ds(scale / 4095)
+                ds.RescaleType = "US"
+            pixels = np.clip(np.round(img * 4095 / scale), 0, 4095).astype(np.uint16)
         ds.PixelData = pixels.tobytes()
-        ref = DicomSequence()
-        if source.get("SeriesInstanceUID"):
-            item = pydicom.Dataset()
-            item.SeriesInstanceUID = source["SeriesInstanceUID"]
-            ref.append(item)
-        ds.ReferencedSeriesSequence = ref
+        ds.DerivationDescription = derivation
+        code = (
+            _code("113061", "Standard Deviation")
+            if kind == "uncertainty"
+            else _code("113963", "Iterative Reconstruction")
+        )
+        ds.DerivationCodeSequence = DicomSequence([code])
+        if source.get("SOPInstanceUID") and source.get("SOPClassUID"):
+            image = pydicom.Dataset()
+            image.ReferencedSOPClassUID = source["SOPClassUID"]
+            image.ReferencedSOPInstanceUID = source["SOPInstanceUID"]
+            purpose = _code("121322", "Source image for image processing operation")
+            image.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+            ds.SourceImageSequence = DicomSequence([image])
+            if source.get("SeriesInstanceUID"):
+                instance = pydicom.Dataset()
+                instance.ReferencedSOPClassUID = source["SOPClassUID"]
+                instance.ReferencedSOPInstanceUID = source["SOPInstanceUID"]
+                item = pydicom.Dataset()
+                item.SeriesInstanceUID = source["SeriesInstanceUID"]
+                item.ReferencedInstanceSequence = DicomSequence([instance])
+                ds.ReferencedSeriesSequence = DicomSequence([item])
         equipment = pydicom.Dataset()
         equipment.Manufacturer = "scorerecon"
         equipment.ManufacturerModelName = model[:64]
-        equipment.SoftwareVersions = "0.1.0"
-        equipment.ContributionDescription = (
-            "score-based reconstruction from raw data (Song et al., proximal sampler)"
-        )[:64]
+        equipment.SoftwareVersions = software_version()
+        equipment.ContributionDescription = "Score-based reconstruction"
+        equipment.ContributionDateTime = when.strftime("%Y%m%d%H%M%S%z")
+        equipment.PurposeOfReferenceCodeSequence = DicomSequence(
+            [_code("109102", "Processing Equipment")]
+        )
         ds.ContributingEquipmentSequence = DicomSequence([equipment])
-        ds.DerivationDescription = f"{kind} by score-based generative prior {model}"[:1024]
+        ds.SoftwareVersions = software_version()
         out.append(ds)
     return out
 
@@ -279,6 +437,9 @@ def job_series(job, results) -> list[FileDataset]:
         mean, std = hu.to_hu(mean), std * (hu.hu_max - hu.hu_air)
     source = job.params.get("dicom_source", {})
     kw = {"pixel_spacing": (spacing, spacing), "slice_thickness": spacing}
+    if results.exists(job.id, "report.json"):  # the weights hash the worker recorded
+        report = json.loads(results.get(job.id, "report.json"))
+        kw["model_hash"] = str(report.get("provenance", {}).get("model_sha256") or "")
     model = job.model or ""
     datasets = series(mean, modality, job.id, model, source, **kw)
     if float(np.max(std)) > 0:

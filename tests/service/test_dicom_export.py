@@ -2,6 +2,8 @@
 and the series filed into the source study."""
 
 import io
+import shutil
+import subprocess
 import zipfile
 
 import numpy as np
@@ -14,24 +16,14 @@ from service.dicom_export import (
     MR_IMAGE,
     missing_attributes,
     series,
+    source_attributes,
     to_bytes,
     zip_series,
 )
 
 
 def _source():
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    return {
-        kw: ds.get(kw)
-        for kw in (
-            "PatientName",
-            "PatientID",
-            "StudyInstanceUID",
-            "StudyDate",
-            "SeriesInstanceUID",
-            "AccessionNumber",
-        )
-    }
+    return source_attributes(open(get_testdata_file("CT_small.dcm"), "rb").read())
 
 
 def test_ct_series_round_trip_in_hu_and_files_into_the_source_study():
@@ -47,17 +39,72 @@ def test_ct_series_round_trip_in_hu_and_files_into_the_source_study():
         assert missing_attributes(ds) == []
         assert ds.StudyInstanceUID == src["StudyInstanceUID"]
         assert ds.SeriesInstanceUID != src["SeriesInstanceUID"]
-        assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src["SeriesInstanceUID"]
-        assert ds.PatientID == src["PatientID"] and list(ds.ImageType) == [
-            "ORIGINAL",
-            "SECONDARY",
-            "AXIAL",
-        ]
+        ref = ds.ReferencedSeriesSequence[0]
+        assert ref.SeriesInstanceUID == src["SeriesInstanceUID"]
+        assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src["SOPInstanceUID"]
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src["SOPInstanceUID"]
+        assert ds.PatientID == src["PatientID"]
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
         values = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         assert np.abs(values - hu[k]).max() <= 0.5
+        # Three slices from one source instance: positions made here, so a frame of its own.
         assert ds.ImagePositionPatient[2] == pytest.approx(2.5 * k)
+        assert ds.FrameOfReferenceUID != src["FrameOfReferenceUID"]
         assert "ct-default" in ds.SeriesDescription and ds.InstanceNumber == k + 1
+        assert ds.SeriesDescription.startswith("RESEARCH") and "RESEARCH" in ds.ImageComments
+        assert ds.SeriesNumber == 101  # the source series (1) × 100 + 1
+        assert ds.TimezoneOffsetFromUTC
     assert len({d.SOPInstanceUID for d in back}) == 3
+
+
+def test_one_slice_takes_the_source_slices_geometry_and_frame_of_reference():
+    """A 64² reconstruction of the 128² source slice: its position, orientation and frame of
+    reference, and a pixel spacing twice the source's, so the field of view is the same."""
+    src = _source()
+    ds = series(np.zeros((1, 64, 64)), "CT", "a" * 32, "ct-default", src, model_hash="f" * 64)[0]
+    assert ds.FrameOfReferenceUID == src["FrameOfReferenceUID"]
+    assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(
+        [-158.135803, -179.035797, -75.699997]
+    )
+    assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    assert [float(v) for v in ds.PixelSpacing] == pytest.approx([2 * 0.661468] * 2)
+    assert "ct-default, weights sha256 ffffffffffff" in ds.DerivationDescription
+
+
+def test_the_uncertainty_series_never_clips():
+    std = np.full((1, 8, 8), 50_000.0)  # HU beyond int16
+    std[0, 0, 0] = 0.0
+    ds = pydicom.dcmread(
+        io.BytesIO(to_bytes(series(std, "CT", "u" * 32, "m", kind="uncertainty")[0]))
+    )
+    values = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert np.abs(values - std[0]).max() <= float(ds.RescaleSlope)
+    assert ds.DerivationCodeSequence[0].CodeMeaning == "Standard Deviation"
+    assert ds.SeriesNumber == 2
+
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy missing: make dicom3tools (make test does)")
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+@pytest.mark.parametrize("with_source", [True, False])
+@pytest.mark.parametrize("kind", ["reconstruction", "uncertainty"])
+def test_dciodvfy_reports_no_errors(tmp_path, modality, with_source, kind):
+    """dicom3tools' validator on every instance of both series, CT and MR, with a source
+    study and without, for one slice (the source's geometry) and for three."""
+    src = _source() if with_source else None
+    if src is not None and modality == "MR":
+        src = {**src, "Modality": "MR", "SOPClassUID": MR_IMAGE}
+    rng = np.random.default_rng(0)
+    for n in (1, 3):
+        images = rng.random((n, 32, 32)) * (3000 if modality == "CT" else 1)
+        for ds in series(images, modality, "v" * 32, "prior", src, kind=kind):
+            path = tmp_path / f"{ds.InstanceNumber}.dcm"
+            path.write_bytes(to_bytes(ds))
+            run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+            errors = [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+            assert errors == [], errors
 
 
 def test_uids_are_deterministic_per_job_and_slice():

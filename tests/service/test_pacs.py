@@ -145,7 +145,7 @@ def test_export_by_stow_rs_and_c_store_into_the_source_study(gateway, settings, 
     ).json()
     failed = wait(client, keys["alice"], bad["id"])
     assert failed["state"] == "failed" and "rejected the association" in failed["error"]
-    assert failed["attempts"] == 1
+    assert failed["attempts"] == 1, failed
     unknown = client.post(
         f"/v1/jobs/{job['id']}/export", json={"destination": "nope"}, headers=auth(keys["alice"])
     )
