@@ -111,11 +111,10 @@ def source_attributes(raw: bytes) -> dict[str, str]:
 def source_geometry(source: dict) -> dict | None:
     """The slice geometry a source holds (position, orientation, spacing, matrix), checked;
     ``None`` when it has none. ValueError names a malformed value."""
-    present = [k for k in GEOMETRY if source.get(k)]
-    if not present:
+    if not any(source.get(k) for k in GEOMETRY[:3]):  # no position, orientation or spacing
         return None
-    if len(present) < len(GEOMETRY):
-        missing = sorted(set(GEOMETRY) - set(present))
+    missing = sorted(k for k in GEOMETRY if not source.get(k))
+    if missing:
         raise ValueError(f"the source's geometry is incomplete: {', '.join(missing)} missing")
     sizes = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
     geometry = {}

@@ -425,6 +425,36 @@ def test_source_from_an_uploaded_dicom_and_export_destination_checked(gateway):
     assert r.status_code == 422 and r.json()["field"] == "export_to"
 
 
+def test_a_source_instance_that_does_not_fit_the_measurement_is_refused(gateway):
+    """The source instance lends the series its study and its slice's geometry: one of
+    another modality, one without geometry, and one for a stack of slices are refused."""
+    from pydicom.data import get_testdata_file
+
+    client, keys, _ = gateway
+    fields = {"spec": CT_SPEC, "model": "tiny32", "nfe": "4", "sampler": "fast"}
+
+    def refused(ds: pydicom.Dataset, measurement: bytes, words: str) -> None:
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        files = {"measurement": ("y.npy", measurement), "source_dicom": ("s.dcm", buf.getvalue())}
+        r = client.post(
+            "/v1/reconstructions", files=files, data=fields, headers=auth(keys["alice"])
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "source_dicom" and words in r.json()["detail"], r.json()
+
+    before = client.get("/v1/jobs", headers=auth(keys["alice"])).json()
+    mr = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    mr.Modality = "MR"
+    refused(mr, ct_measurement(), "the source instance is MR but the measurement is CT")
+    flat = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del flat.ImagePositionPatient, flat.ImageOrientationPatient, flat.PixelSpacing
+    refused(flat, ct_measurement(), "no image geometry")
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    refused(ct, ct_measurement((3, 1, 8, 48)), "the measurement has 3")
+    assert client.get("/v1/jobs", headers=auth(keys["alice"])).json() == before
+
+
 def test_training_on_an_uploaded_archive(gateway):
     client, keys, _ = gateway
     buf = io.BytesIO()
