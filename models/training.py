@@ -66,6 +66,16 @@ class TrainResult:
     step: int
 
 
+def portable_path(path: Path) -> str:
+    """A path as a card records it: relative to the project when inside it, else the file's
+    name alone, so no card names a folder of the machine that trained it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return Path(path).name
+
+
 class Cancelled(RuntimeError):
     """Training was asked to stop; the last checkpoint is kept."""
 
@@ -282,8 +292,8 @@ def fit_prior(
             "wall_time_s_total": round(
                 card.get("wall_time_s_before_run", 0.0) + time.monotonic() - start, 1
             ),
-            "loss_curve_png": str(figures / f"{name}_loss.png"),
-            "sample_grid_png": str(figures / f"{name}_samples.png"),
+            "loss_curve_png": portable_path(figures / f"{name}_loss.png"),
+            "sample_grid_png": portable_path(figures / f"{name}_samples.png"),
         }
         save_model(out, ema, sde, full)
         loss_curve({config.objective: losses}, figures / f"{name}_loss.png", f"{name}: loss")

@@ -642,7 +642,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if name not in _model_names(settings):
             raise Problem(404, "Not found", f"no model '{name}'; see GET /v1/models")
         card = load_card(_model_path(name, settings))
-        return {k: v for k, v in card.items() if k != "loss_curve"}
+        return _public(card)
 
     def admission(owner: str, cost: int) -> None:
         """The queue limits a new job must pass (429 with Retry-After): its owner's queued
@@ -1057,6 +1057,22 @@ def _model_catalogue(settings: Settings) -> tuple[list[str], list[tuple[str, str
 
 def _model_names(settings: Settings) -> list[str]:
     return _model_catalogue(settings)[0]
+
+
+def _public(card: dict) -> dict:
+    """A model card as the API serves it: without the long loss curve, and with any absolute
+    path (a card trained elsewhere may hold one) cut to its file name."""
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str) and (value.startswith(("/", "~")) or value[1:3] == ":\\"):
+            return Path(value).name
+        return value
+
+    return clean({k: v for k, v in card.items() if k != "loss_curve"})
 
 
 def _model_path(name: str, settings: Settings):

@@ -5,6 +5,7 @@ import io
 import json
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -238,6 +239,9 @@ def test_health_readiness_metrics_and_models(gateway):
     assert "tiny32" in [m["id"] for m in models]
     card = client.get("/v1/models/tiny32", headers=auth(keys["alice"])).json()
     assert card["image_size"] == 32 and "weights_sha256" in card
+    for name in ("tiny32", "mri-default", "ct-default"):  # no folder of any machine
+        text = client.get(f"/v1/models/{name}", headers=auth(keys["alice"])).text
+        assert '"/' not in text and str(Path.home()) not in text, name
     assert client.get("/v1/models/../etc", headers=auth(keys["alice"])).status_code == 404
 
 
@@ -503,6 +507,7 @@ def test_training_on_an_uploaded_archive(gateway):
     assert done["state"] == "succeeded", done.get("error")
     card = client.get("/v1/models/uploaded-ct", headers=auth(keys["alice"])).json()
     assert card["training_data"]["source"] == {"dataset": dataset["id"]}
+    assert card["loss_curve_png"] == "uploaded-ct_loss.png"  # the site's folders not shown
 
 
 def test_solver_settings_that_cannot_hold_are_refused_naming_the_field(gateway, settings):
