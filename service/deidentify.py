@@ -90,14 +90,19 @@ def new_uid(uid: str, salt: str) -> str:
     return UID_ROOT + str(int.from_bytes(digest, "big"))
 
 
-def deidentify(ds: Dataset, salt: str) -> Dataset:
-    """A de-identified copy of ``ds``; the original is not modified."""
+def deidentify(ds: Dataset, salt: str, keep: tuple[str, ...] = ()) -> Dataset:
+    """A de-identified copy of ``ds``; the original is not modified. ``keep``: attributes the
+    writer composed itself and that carry no identity (our research labelling), restored
+    after the profile removed them."""
     if not salt:
         raise ValueError("de-identification needs a secret salt (SCORERECON_DEID_SALT)")
     out = copy.deepcopy(ds)
     original_id = str(out.get("PatientID", "") or out.get("PatientName", ""))
     out.remove_private_tags()
     _apply(out, salt, original_id)
+    for keyword in keep:
+        if keyword in ds:
+            setattr(out, keyword, ds.get(keyword))
     if "file_meta" in out.__dict__ and out.file_meta is not None:
         meta = out.file_meta
         if "MediaStorageSOPInstanceUID" in meta:

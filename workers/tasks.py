@@ -609,7 +609,8 @@ def _export(job, jobs: JobStore, results: ResultStore, models_dir: Path, setting
         if dest.deidentify:
             from service.deidentify import deidentify
 
-            series = [deidentify(ds, settings.deid_salt) for ds in series]
+            labels = ("SeriesDescription", "ImageComments")  # ours: the research notice
+            series = [deidentify(ds, settings.deid_salt, labels) for ds in series]
         jobs.set_fields(job.id, phase="sending", heartbeat_at=now())
         report = {**push(dest, series), "deidentified": dest.deidentify}
     except PermanentError as exc:

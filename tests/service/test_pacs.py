@@ -2,6 +2,7 @@
 DICOMweb STOW-RS and DIMSE C-STORE, the series filed into the source study, and an
 association rejection reported once as a configuration error."""
 
+import io
 import json
 import os
 import shutil
@@ -216,6 +217,16 @@ def test_automatic_deidentified_export_of_a_job_sourced_from_dicom(gateway, sett
     tags = pacs.get(f"/instances/{instance}/simplified-tags").json()
     assert tags["PatientIdentityRemoved"] == "YES"
     assert "CompressedSamples" not in json.dumps(tags) and source.PatientID not in json.dumps(tags)
+    # Still labelled as research output, and registered to the source slice it reconstructs.
+    assert tags["SeriesDescription"].startswith("RESEARCH") and "RESEARCH" in tags["ImageComments"]
+    stored = pydicom.dcmread(io.BytesIO(pacs.get(f"/instances/{instance}/file").content))
+    assert [float(v) for v in stored.ImagePositionPatient] == [
+        float(v) for v in source.ImagePositionPatient
+    ]
+    assert [float(v) for v in stored.ImageOrientationPatient] == [
+        float(v) for v in source.ImageOrientationPatient
+    ]
+    assert stored.FrameOfReferenceUID == new_uid(source.FrameOfReferenceUID, salt)
 
 
 def test_training_on_series_retrieved_from_the_pacs(gateway, settings, orthanc):
