@@ -18,7 +18,9 @@ Explicit VR Little Endian, checked by ``dciodvfy`` (dicom3tools) in the tests:
   it (PixelSpacing scaled so the field of view is kept at another matrix size); otherwise the
   series gets its own FrameOfReferenceUID, never a borrowed one with positions made up here.
 * **Values.** CT in signed 16-bit HU (slope 1); MR magnitudes as unsigned 12-bit values; the
-  uncertainty series is scaled (RescaleSlope) so its largest value fits, never clipped.
+  uncertainty series is scaled so its largest value fits, never clipped, and its Real World
+  Value Mapping gives the posterior standard deviation in its unit (HU, or the MR image's
+  [0, 1] scale), which viewers show.
 * **Identity.** SeriesNumber 1 for the reconstruction and 2 for the uncertainty, or the
   source series' number × 100 + 1 / + 2; every UID is derived from the job id, the series
   kind and the slice index, so a retried job writes identical identifiers; dates and times
@@ -211,6 +213,31 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
+def _std_mapping(modality: str, scale: float) -> pydicom.Dataset:
+    """Real World Value Mapping of the uncertainty series: stored value → posterior standard
+    deviation in its unit (HU for CT, the image's [0, 1] magnitude scale for MR), which
+    viewers show beside the value."""
+    item = pydicom.Dataset()
+    item.LUTExplanation = "Posterior standard deviation"
+    item.LUTLabel = "POSTERIOR_STD"
+    item.RealWorldValueFirstValueMapped = -32768 if modality == "CT" else 0
+    item.RealWorldValueLastValueMapped = 32767 if modality == "CT" else 4095
+    item.RealWorldValueIntercept = 0.0
+    item.RealWorldValueSlope = scale if modality == "CT" else scale / 4095
+    unit = (
+        _code("[hnsf'U]", "Hounsfield unit", "UCUM")
+        if modality == "CT"
+        else _code("1", "no units", "UCUM")
+    )
+    item.MeasurementUnitsCodeSequence = DicomSequence([unit])
+    quantity = pydicom.Dataset()
+    quantity.ValueType = "CODE"
+    quantity.ConceptNameCodeSequence = DicomSequence([_code("246205007", "Quantity", "SCT")])
+    quantity.ConceptCodeSequence = DicomSequence([_code("113061", "Standard Deviation")])
+    item.QuantityDefinitionSequence = DicomSequence([quantity])
+    return item
+
+
 def series_number(kind: str, source: dict) -> int:
     """1 for the reconstruction, 2 for its uncertainty; with a source series numbered N,
     N × 100 + 1 and + 2, so viewers list them beside it."""
@@ -336,11 +363,10 @@ def series(
             ds.ScanOptions, ds.EchoTime, ds.EchoTrainLength = "", "", ""
             ds.RepetitionTime = ""
             ds.WindowCenter, ds.WindowWidth = 2048, 4096
-            if kind == "uncertainty":  # the std on the image's [0, 1] scale, × 4095
-                ds.RescaleIntercept, ds.RescaleSlope = 0, _ds(scale / 4095)
-                ds.RescaleType = "US"
             pixels = np.clip(np.round(img * 4095 / scale), 0, 4095).astype(np.uint16)
         ds.PixelData = pixels.tobytes()
+        if kind == "uncertainty":
+            ds.RealWorldValueMappingSequence = DicomSequence([_std_mapping(modality, scale)])
         ds.DerivationDescription = derivation
         code = (
             _code("113061", "Standard Deviation")

@@ -81,6 +81,14 @@ def test_the_uncertainty_series_never_clips():
     assert np.abs(values - std[0]).max() <= float(ds.RescaleSlope)
     assert ds.DerivationCodeSequence[0].CodeMeaning == "Standard Deviation"
     assert ds.SeriesNumber == 2
+    mapping = ds.RealWorldValueMappingSequence[0]  # what a viewer shows: the std in HU
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "[hnsf'U]"
+    real = ds.pixel_array * float(mapping.RealWorldValueSlope)
+    assert np.abs(real - std[0]).max() <= float(mapping.RealWorldValueSlope)
+    mr = series(np.full((1, 4, 4), 0.2), "MR", "u" * 32, "m", kind="uncertainty")[0]
+    mr = pydicom.dcmread(io.BytesIO(to_bytes(mr)))
+    slope = float(mr.RealWorldValueMappingSequence[0].RealWorldValueSlope)
+    assert np.allclose(mr.pixel_array * slope, 0.2, atol=slope)
 
 
 DCIODVFY = shutil.which("dciodvfy")
