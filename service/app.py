@@ -1025,6 +1025,10 @@ def _parse_source(text: str) -> dict:
                 f"{k} must be a string of at most {SOURCE_LIMIT[k]} characters",
                 f"source.{k}",
             )
+    try:
+        source_geometry(data)
+    except ValueError as exc:
+        raise Problem(422, "Invalid source", str(exc), "source") from None
     return _check_source(data, "source")
 
 

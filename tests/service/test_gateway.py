@@ -456,6 +456,15 @@ def test_a_source_instance_that_does_not_fit_the_measurement_is_refused(gateway)
     refused(flat, ct_measurement(), "no image geometry")
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     refused(ct, ct_measurement((3, 1, 8, 48)), "the measurement has 3")
+    bent = {"PatientID": "P-1", "StudyInstanceUID": "1.2.3", "ImagePositionPatient": "1\\2"}
+    files = {"measurement": ("y.npy", ct_measurement())}
+    r = client.post(
+        "/v1/reconstructions",
+        files=files,
+        data={**fields, "source": json.dumps(bent)},
+        headers=auth(keys["alice"]),
+    )
+    assert r.status_code == 422 and r.json()["field"] == "source", r.text
     assert client.get("/v1/jobs", headers=auth(keys["alice"])).json() == before
 
 
