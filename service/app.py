@@ -44,8 +44,10 @@ from service.auth import Principal, authenticate, create_key, list_keys, revoke_
 from service.db import FINAL, STATES, AuditEntry, Job, JobStore, auto_export_id, new_id
 from service.dicom_export import LIMIT as SOURCE_LIMIT
 from service.dicom_export import (
+    SLICE_KEYWORDS,
     SOURCE_KEYWORDS,
     job_series,
+    slice_position,
     source_attributes,
     source_geometry,
     zip_series,
@@ -393,10 +395,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         ] = None,
         source_dicom: Annotated[
-            UploadFile | None,
+            list[UploadFile] | None,
             File(
-                description="a DICOM instance of the source study: its patient and study "
-                "attributes are used as `source` (fields given in `source` take precedence)"
+                description="the DICOM instances of the source slices, one per measured "
+                "slice, in any order: their patient and study attributes are used as "
+                "`source` (fields given in `source` take precedence), and each reconstructed "
+                "slice takes its source slice's geometry (matched by position)"
             ),
         ] = None,
         export_to: Annotated[
@@ -436,10 +440,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cost = job_cost(nfe, samples, len(y), pixels)
         params = {"sampler": sampler, "nfe": nfe, "samples": samples, "seed": seed}
         attributes = {}
-        if source_dicom is not None:
-            raw_dicom = _read_limited(source_dicom, settings.max_upload_mb, "source_dicom")
-            attributes = _check_source(_dicom_source(raw_dicom), "source_dicom")
-            _check_source_fits(attributes, parsed.modality, len(y))
+        if source_dicom:
+            slices = [
+                _check_source(
+                    _dicom_source(_read_limited(f, settings.max_upload_mb, "source_dicom")),
+                    "source_dicom",
+                )
+                for f in source_dicom
+            ]
+            slices = _check_source_fits(slices, parsed.modality, len(y))
+            attributes = dict(slices[0])
+            if len(slices) > 1:
+                params["dicom_slices"] = [
+                    {k: v for k, v in sl.items() if k in SLICE_KEYWORDS} for sl in slices
+                ]
         if source is not None:
             attributes.update(_parse_source(source))
         if attributes:
@@ -972,34 +986,46 @@ def _dicom_source(raw: bytes) -> dict:
         raise Problem(422, "Invalid source DICOM", str(exc), "source_dicom") from None
 
 
-def _check_source_fits(attributes: dict[str, str], modality: str, slices: int) -> None:
-    """A source instance gives the series its study, and its slice's geometry: it must be an
-    image of the measurement's modality, with geometry, for a measurement of one slice."""
+def _check_source_fits(
+    slices: list[dict[str, str]], modality: str, count: int
+) -> list[dict[str, str]]:
+    """The source instances lend the series their study and each slice its geometry: images
+    of the measurement's modality, with geometry, of one study, series and frame of
+    reference, one per measured slice. Returned in slice order: by position along the
+    slices' normal, as a volume's slices are stacked."""
     expected = "CT" if modality == "ct" else "MR"
-    found = attributes.get("Modality", "")
-    if found != expected:
-        detail = (
-            f"the source instance is {found or 'of no modality'} but the measurement is "
-            f"{expected}; send an instance of the {expected} series it was acquired with"
+
+    def refuse(detail: str) -> Problem:
+        return Problem(422, "Invalid source DICOM", detail, "source_dicom")
+
+    placed = []
+    for sl in slices:
+        found = sl.get("Modality", "")
+        if found != expected:
+            raise refuse(
+                f"the source instance is {found or 'of no modality'} but the measurement is "
+                f"{expected}; send instances of the {expected} series it was acquired with"
+            )
+        try:
+            geometry = source_geometry(sl)
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        if geometry is None:
+            raise refuse(
+                "the source instance has no image geometry (ImagePositionPatient, "
+                "ImageOrientationPatient, PixelSpacing): send images of the source series"
+            )
+        placed.append((slice_position(geometry), sl))
+    if len(slices) != count:
+        raise refuse(
+            f"{len(slices)} source instance(s) for {count} measured slice(s); send one "
+            "instance per slice (in any order), or the patient and study attributes alone "
+            "as source (JSON)"
         )
-        raise Problem(422, "Invalid source DICOM", detail, "source_dicom")
-    try:
-        geometry = source_geometry(attributes)
-    except ValueError as exc:
-        raise Problem(422, "Invalid source DICOM", str(exc), "source_dicom") from None
-    if geometry is None:
-        detail = (
-            "the source instance has no image geometry (ImagePositionPatient, "
-            "ImageOrientationPatient, PixelSpacing): send an image of the source series"
-        )
-        raise Problem(422, "Invalid source DICOM", detail, "source_dicom")
-    if slices != 1:
-        detail = (
-            f"one source instance is the geometry of one slice, but the measurement has "
-            f"{slices}; send one slice per request with its instance, or the patient and study "
-            "attributes alone as source (JSON)"
-        )
-        raise Problem(422, "Invalid source DICOM", detail, "source_dicom")
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        if len({sl.get(key) for sl in slices}) > 1:
+            raise refuse(f"the source instances differ in {key}: send the slices of one series")
+    return [sl for _, sl in sorted(placed, key=lambda p: p[0])]
 
 
 def _parse_source(text: str) -> dict:
@@ -1035,11 +1061,11 @@ def _parse_source(text: str) -> dict:
 def _check_source(attributes: dict[str, str], field: str) -> dict[str, str]:
     """Source attributes that can be written into DICOM: printable text, and UIDs as UIDs."""
     for k, v in attributes.items():
-        if not v.isprintable():
-            detail = f"{k} must be printable text (no control characters)"
-            raise Problem(422, "Invalid source", detail, f"{field}.{k}")
         if k.endswith("UID") and not UID.fullmatch(v):
             detail = f"{k} must be a DICOM UID (digits and dots, e.g. 1.2.840.1234)"
+            raise Problem(422, "Invalid source", detail, f"{field}.{k}")
+        if not v.isprintable():
+            detail = f"{k} must be printable text (no control characters)"
             raise Problem(422, "Invalid source", detail, f"{field}.{k}")
     return attributes
 

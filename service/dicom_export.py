@@ -81,6 +81,8 @@ SOURCE_KEYWORDS = (
     "SliceThickness",
 )
 GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+# What each slice of a multi-slice source contributes: its reference and its geometry.
+SLICE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SliceThickness", *GEOMETRY)
 # The longest text kept per attribute: 64 characters, or 6 decimal strings of 16 for geometry.
 LIMIT = {kw: 6 * 17 if kw in GEOMETRY else 64 for kw in SOURCE_KEYWORDS}
 
@@ -238,6 +240,14 @@ def _std_mapping(modality: str, scale: float) -> pydicom.Dataset:
     return item
 
 
+def slice_position(geometry: dict) -> float:
+    """A slice's position along its normal (row × column direction cosines), the order in
+    which a volume's slices stack."""
+    iop = geometry["ImageOrientationPatient"]
+    normal = np.cross(iop[:3], iop[3:])
+    return float(np.dot(normal, geometry["ImagePositionPatient"]))
+
+
 def series_number(kind: str, source: dict) -> int:
     """1 for the reconstruction, 2 for its uncertainty; with a source series numbered N,
     N × 100 + 1 and + 2, so viewers list them beside it."""
@@ -260,12 +270,14 @@ def series(
     kind: str = "reconstruction",
     when: dt.datetime | None = None,
     model_hash: str = "",
+    slices: Sequence[dict] | None = None,
 ) -> list[FileDataset]:
     """One dataset per slice of ``images`` (Z, H, W): HU for CT, [0, 1] magnitude for MR.
 
     ``kind`` names the series: ``reconstruction`` or ``uncertainty`` (the posterior std as a
     second series, in HU for CT, rescaled so it never clips). ``model_hash``: the prior's
-    weights hash, named in the derivation.
+    weights hash, named in the derivation. ``slices``: each slice's source instance
+    (:data:`SLICE_KEYWORDS`), in slice order; a single slice may take ``source``'s own.
     """
     if modality not in ("CT", "MR"):
         raise ValueError("modality must be 'CT' or 'MR'")
@@ -277,15 +289,18 @@ def series(
     study_uid = source.get("StudyInstanceUID") or uid(job_id, "study")
     series_uid = uid(job_id, kind, "series")
     rows, cols = images.shape[1:]
-    # A borrowed frame of reference only with the borrowed slice's own position: one slice,
-    # reconstructed from the source instance's own slice.
-    geometry = source_geometry(source) if len(images) == 1 else None
-    if geometry is not None:
-        frame_uid = source.get("FrameOfReferenceUID") or uid(job_id, "frame")
-        sy, sx = geometry["PixelSpacing"]
-        pixel_spacing = (sy * geometry["Rows"] / rows, sx * geometry["Columns"] / cols)
-    else:
-        frame_uid = uid(job_id, "frame")
+    # A borrowed frame of reference only with the borrowed slices' own positions: one
+    # source instance per reconstructed slice.
+    if slices is None and len(images) == 1 and source_geometry(source) is not None:
+        slices = [source]
+    per_slice = None
+    if slices is not None and len(slices) == len(images):
+        per_slice = [source_geometry(sl) for sl in slices]
+        if any(g is None for g in per_slice):
+            per_slice = None
+    frame_uid = uid(job_id, "frame")
+    if per_slice is not None:
+        frame_uid = source.get("FrameOfReferenceUID") or frame_uid
     number = series_number(kind, source)
     what = "posterior standard deviation" if kind == "uncertainty" else "posterior mean"
     weights = f", weights sha256 {model_hash[:12]}" if model_hash else ""
@@ -330,12 +345,19 @@ def series(
         ds.TimezoneOffsetFromUTC = when.strftime("%z")
         ds.Manufacturer = "scorerecon"
         ds.Rows, ds.Columns = rows, cols
-        ds.PixelSpacing = [_ds(pixel_spacing[0]), _ds(pixel_spacing[1])]
-        ds.SliceThickness = _ds(source.get("SliceThickness") or slice_thickness)
-        if geometry is not None:
+        own = slices[k] if per_slice is not None else {}
+        ds.SliceThickness = _ds(own.get("SliceThickness") or slice_thickness)
+        if per_slice is not None:
+            geometry = per_slice[k]
+            sy, sx = geometry["PixelSpacing"]  # the source's field of view, at our matrix
+            ds.PixelSpacing = [
+                _ds(sy * geometry["Rows"] / rows),
+                _ds(sx * geometry["Columns"] / cols),
+            ]
             ds.ImageOrientationPatient = [_ds(v) for v in geometry["ImageOrientationPatient"]]
             position = geometry["ImagePositionPatient"]
         else:
+            ds.PixelSpacing = [_ds(pixel_spacing[0]), _ds(pixel_spacing[1])]
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
             x0, y0 = -(cols - 1) / 2 * pixel_spacing[1], -(rows - 1) / 2 * pixel_spacing[0]
             position = [x0, y0, k * float(slice_thickness)]
@@ -374,17 +396,18 @@ def series(
             else _code("113963", "Iterative Reconstruction")
         )
         ds.DerivationCodeSequence = DicomSequence([code])
-        if source.get("SOPInstanceUID") and source.get("SOPClassUID"):
+        ref = own if own.get("SOPInstanceUID") else source if len(images) == 1 else {}
+        if ref.get("SOPInstanceUID") and ref.get("SOPClassUID"):
             image = pydicom.Dataset()
-            image.ReferencedSOPClassUID = source["SOPClassUID"]
-            image.ReferencedSOPInstanceUID = source["SOPInstanceUID"]
+            image.ReferencedSOPClassUID = ref["SOPClassUID"]
+            image.ReferencedSOPInstanceUID = ref["SOPInstanceUID"]
             purpose = _code("121322", "Source image for image processing operation")
             image.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
             ds.SourceImageSequence = DicomSequence([image])
             if source.get("SeriesInstanceUID"):
                 instance = pydicom.Dataset()
-                instance.ReferencedSOPClassUID = source["SOPClassUID"]
-                instance.ReferencedSOPInstanceUID = source["SOPInstanceUID"]
+                instance.ReferencedSOPClassUID = ref["SOPClassUID"]
+                instance.ReferencedSOPInstanceUID = ref["SOPInstanceUID"]
                 item = pydicom.Dataset()
                 item.SeriesInstanceUID = source["SeriesInstanceUID"]
                 item.ReferencedInstanceSequence = DicomSequence([instance])
@@ -462,6 +485,7 @@ def job_series(job, results) -> list[FileDataset]:
         mean, std = hu.to_hu(mean), std * (hu.hu_max - hu.hu_air)
     source = job.params.get("dicom_source", {})
     kw = {"pixel_spacing": (spacing, spacing), "slice_thickness": spacing}
+    kw["slices"] = job.params.get("dicom_slices")
     if results.exists(job.id, "report.json"):  # the weights hash the worker recorded
         report = json.loads(results.get(job.id, "report.json"))
         kw["model_hash"] = str(report.get("provenance", {}).get("model_sha256") or "")

@@ -39,10 +39,8 @@ def test_ct_series_round_trip_in_hu_and_files_into_the_source_study():
         assert missing_attributes(ds) == []
         assert ds.StudyInstanceUID == src["StudyInstanceUID"]
         assert ds.SeriesInstanceUID != src["SeriesInstanceUID"]
-        ref = ds.ReferencedSeriesSequence[0]
-        assert ref.SeriesInstanceUID == src["SeriesInstanceUID"]
-        assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src["SOPInstanceUID"]
-        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src["SOPInstanceUID"]
+        # One source instance is the source of no slice of three: nothing referenced.
+        assert "SourceImageSequence" not in ds and "ReferencedSeriesSequence" not in ds
         assert ds.PatientID == src["PatientID"]
         assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
         values = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
@@ -69,6 +67,37 @@ def test_one_slice_takes_the_source_slices_geometry_and_frame_of_reference():
     assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
     assert [float(v) for v in ds.PixelSpacing] == pytest.approx([2 * 0.661468] * 2)
     assert "ct-default, weights sha256 ffffffffffff" in ds.DerivationDescription
+    ref = ds.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == src["SeriesInstanceUID"]
+    assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src["SOPInstanceUID"]
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src["SOPInstanceUID"]
+
+
+def _slices(src: dict, n: int) -> list[dict]:
+    """``n`` source slices 10 mm apart along z, with the geometry of ``src``'s."""
+    return [
+        {
+            **{k: src[k] for k in ("SOPClassUID", "ImageOrientationPatient", "PixelSpacing")},
+            "Rows": "128",
+            "Columns": "128",
+            "SOPInstanceUID": f"1.2.3.{z}",
+            "ImagePositionPatient": f"-100\\-100\\{10 * z}",
+        }
+        for z in range(n)
+    ]
+
+
+def test_each_slice_takes_its_own_source_slices_geometry():
+    """Three source slices (positions 10 mm apart along z): each reconstructed slice has its
+    source's position and references its instance; one frame of reference, the source's."""
+    src = _source()
+    slices = _slices(src, 3)
+    dss = series(np.zeros((3, 64, 64)), "CT", "s" * 32, "ct-default", src, slices=slices)
+    for z, ds in enumerate(dss):
+        assert [float(v) for v in ds.ImagePositionPatient] == [-100, -100, 10 * z]
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == f"1.2.3.{z}"
+        assert ds.FrameOfReferenceUID == src["FrameOfReferenceUID"]
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx([2 * 0.661468] * 2)
 
 
 def test_the_uncertainty_series_never_clips():
@@ -100,14 +129,16 @@ DCIODVFY = shutil.which("dciodvfy")
 @pytest.mark.parametrize("kind", ["reconstruction", "uncertainty"])
 def test_dciodvfy_reports_no_errors(tmp_path, modality, with_source, kind):
     """dicom3tools' validator on every instance of both series, CT and MR, with a source
-    study and without, for one slice (the source's geometry) and for three."""
+    study and without, for one slice (the source's geometry) and for three (each with its own
+    source slice)."""
     src = _source() if with_source else None
     if src is not None and modality == "MR":
         src = {**src, "Modality": "MR", "SOPClassUID": MR_IMAGE}
     rng = np.random.default_rng(0)
     for n in (1, 3):
         images = rng.random((n, 32, 32)) * (3000 if modality == "CT" else 1)
-        for ds in series(images, modality, "v" * 32, "prior", src, kind=kind):
+        slices = _slices(src, n) if src is not None and n > 1 else None
+        for ds in series(images, modality, "v" * 32, "prior", src, kind=kind, slices=slices):
             path = tmp_path / f"{ds.InstanceNumber}.dcm"
             path.write_bytes(to_bytes(ds))
             run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)

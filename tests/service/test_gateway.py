@@ -455,7 +455,7 @@ def test_a_source_instance_that_does_not_fit_the_measurement_is_refused(gateway)
     del flat.ImagePositionPatient, flat.ImageOrientationPatient, flat.PixelSpacing
     refused(flat, ct_measurement(), "no image geometry")
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    refused(ct, ct_measurement((3, 1, 8, 48)), "the measurement has 3")
+    refused(ct, ct_measurement((3, 1, 8, 48)), "1 source instance(s) for 3 measured slice(s)")
     bent = {"PatientID": "P-1", "StudyInstanceUID": "1.2.3", "ImagePositionPatient": "1\\2"}
     files = {"measurement": ("y.npy", ct_measurement())}
     r = client.post(
@@ -466,6 +466,45 @@ def test_a_source_instance_that_does_not_fit_the_measurement_is_refused(gateway)
     )
     assert r.status_code == 422 and r.json()["field"] == "source", r.text
     assert client.get("/v1/jobs", headers=auth(keys["alice"])).json() == before
+
+
+def test_each_slice_of_a_stack_takes_its_source_slices_geometry(gateway):
+    """Three source instances sent in shuffled order with a three-slice measurement: the
+    reconstructed slice k lies where the k-th source slice along the normal lies, and
+    references it."""
+    from pydicom.data import get_testdata_file
+
+    client, keys, _ = gateway
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    instances = {}
+    for z in (20.0, 0.0, 10.0):
+        ds = base.copy()
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.7.{int(z)}"
+        ds.ImagePositionPatient = [-158.1, -179.0, z]
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        instances[z] = buf.getvalue()
+    files = [("measurement", ("y.npy", ct_measurement((3, 1, 8, 48))))] + [
+        ("source_dicom", (f"{z}.dcm", raw)) for z, raw in instances.items()
+    ]
+    fields = {"spec": CT_SPEC, "model": "tiny32", "nfe": "4", "sampler": "fast"}
+    r = client.post("/v1/reconstructions", files=files, data=fields, headers=auth(keys["alice"]))
+    assert r.status_code == 202, r.text
+    done = wait(client, keys["alice"], r.json()["id"])
+    dicom = client.get(done["links"]["result_dicom"], headers=auth(keys["alice"]))
+    with zipfile.ZipFile(io.BytesIO(dicom.content)) as z:
+        names = sorted(n for n in z.namelist() if n.startswith("101/"))
+        recon = [pydicom.dcmread(io.BytesIO(z.read(n))) for n in names]
+    assert [float(ds.ImagePositionPatient[2]) for ds in recon] == [0.0, 10.0, 20.0]
+    assert [ds.SourceImageSequence[0].ReferencedSOPInstanceUID[-2:] for ds in recon] == [
+        ".0",
+        "10",
+        "20",
+    ]
+    assert {ds.FrameOfReferenceUID for ds in recon} == {base.FrameOfReferenceUID}
+    two = files[:3]  # two instances for three slices
+    r = client.post("/v1/reconstructions", files=two, data=fields, headers=auth(keys["alice"]))
+    assert r.status_code == 422 and "2 source instance(s) for 3" in r.json()["detail"]
 
 
 def test_training_on_an_uploaded_archive(gateway):
