@@ -124,6 +124,21 @@ def test_export_by_stow_rs_and_c_store_into_the_source_study(gateway, settings, 
             ).content
         )
     )[0, 0]
+    std = np.load(
+        io.BytesIO(
+            client.get(
+                f"/v1/jobs/{job['id']}/result?format=std", headers=auth(keys["alice"])
+            ).content
+        )
+    )[0, 0]
+    for series_id in study["Series"]:
+        ser = pacs.get(f"/series/{series_id}").json()
+        if "uncertainty" in ser["MainDicomTags"].get("SeriesDescription", ""):
+            (instance,) = ser["Instances"]
+            ds = pydicom.dcmread(io.BytesIO(pacs.get(f"/instances/{instance}/file").content))
+            slope = float(ds.RealWorldValueMappingSequence[0].RealWorldValueSlope)
+            std_hu = std * (HUMapping().hu_max - HUMapping().hu_air)
+            assert np.abs(ds.pixel_array * slope - std_hu).max() <= 0.5 * slope + 1e-3
     for series_id in study["Series"]:
         ser = pacs.get(f"/series/{series_id}").json()
         if "reconstruction" not in ser["MainDicomTags"].get("SeriesDescription", ""):
