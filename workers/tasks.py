@@ -595,7 +595,7 @@ def _train(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings
 
 def _export(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
     """Push a finished reconstruction's series to a configured PACS."""
-    from service.dicom_export import job_series
+    from service.dicom_export import RESEARCH_LABELS, job_series
     from service.pacs import Destination, PermanentError, TransientError, push
     from service.settings import Settings
 
@@ -609,8 +609,7 @@ def _export(job, jobs: JobStore, results: ResultStore, models_dir: Path, setting
         if dest.deidentify:
             from service.deidentify import deidentify
 
-            labels = ("SeriesDescription", "ImageComments")  # ours: the research notice
-            series = [deidentify(ds, settings.deid_salt, labels) for ds in series]
+            series = [deidentify(ds, settings.deid_salt, RESEARCH_LABELS) for ds in series]
         jobs.set_fields(job.id, phase="sending", heartbeat_at=now())
         report = {**push(dest, series), "deidentified": dest.deidentify}
     except PermanentError as exc:

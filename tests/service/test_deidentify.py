@@ -8,7 +8,13 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from service.deidentify import deidentify, new_uid, pseudonym
-from service.dicom_export import missing_attributes, series, source_attributes, to_bytes
+from service.dicom_export import (
+    RESEARCH_LABELS,
+    missing_attributes,
+    series,
+    source_attributes,
+    to_bytes,
+)
 
 SALT = "site-secret"
 
@@ -16,7 +22,15 @@ SALT = "site-secret"
 def _series():
     source = source_attributes(open(get_testdata_file("CT_small.dcm"), "rb").read())
     hu = np.random.default_rng(0).uniform(-1000, 1000, (3, 32, 32))
-    return source, series(hu, "CT", "0" * 32, "ct-default", source, (0.7, 0.7), 1.0)
+    slices = [  # three source slices, each referenced by its reconstruction
+        {
+            **source,
+            "SOPInstanceUID": f"{source['SOPInstanceUID']}.{z}",
+            "ImagePositionPatient": f"0\\0\\{z}",
+        }
+        for z in range(3)
+    ]
+    return source, series(hu, "CT", "0" * 32, "ct-default", source, slices=slices)
 
 
 def test_source_attributes_come_from_an_uploaded_instance():
@@ -32,7 +46,7 @@ def test_identity_is_replaced_consistently_and_nothing_identifying_remains():
     series[0].add_new((0x0011, 0x0010), "LO", "ACME private")  # private creator
     series[0].add_new((0x0011, 0x1001), "LO", source["PatientID"])  # a private copy of the ID
     before = [ds.PatientID for ds in series]
-    out = [deidentify(ds, SALT) for ds in series]
+    out = [deidentify(ds, SALT, RESEARCH_LABELS) for ds in series]
     assert [ds.PatientID for ds in series] == before  # originals untouched
     alias = pseudonym(source["PatientID"], SALT)
     for ds in out:
@@ -43,6 +57,9 @@ def test_identity_is_replaced_consistently_and_nothing_identifying_remains():
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
         ref = ds.ReferencedSeriesSequence[0].SeriesInstanceUID
         assert ref == new_uid(source["SeriesInstanceUID"], SALT)
+        instance = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert instance == new_uid(f"{source['SOPInstanceUID']}.{ds.InstanceNumber - 1}", SALT)
+        assert ds.FrameOfReferenceUID == new_uid(source["FrameOfReferenceUID"], SALT)
         raw = to_bytes(ds)
         for value in (source["PatientID"], str(source["PatientName"]).split("^")[0]):
             assert value.encode() not in raw
