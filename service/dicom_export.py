@@ -221,6 +221,15 @@ def _code(value: str, meaning: str, scheme: str = "DCM") -> pydicom.Dataset:
     return item
 
 
+def fit(text: str, limit: int = 64) -> str:
+    """``text`` within a LO element's ``limit``: cut at the last word boundary, with an
+    ellipsis, never mid-word."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;(")
+    return cut + "…"
+
+
 def _ds(value: float) -> str:
     """A decimal string of at most 16 characters (the DS limit)."""
     return format_number_as_ds(float(value))
@@ -348,7 +357,7 @@ def series(
         ds.PositionReferenceIndicator = ""
         ds.SeriesNumber = number
         ds.InstanceNumber = k + 1
-        ds.SeriesDescription = f"RESEARCH {kind} ({model})"[:64]
+        ds.SeriesDescription = fit(f"RESEARCH {kind} ({model})")
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.ImageComments = RESEARCH_NOTICE
         ds.SeriesDate = ds.ContentDate = when.strftime("%Y%m%d")
@@ -425,7 +434,7 @@ def series(
                 ds.ReferencedSeriesSequence = DicomSequence([item])
         equipment = pydicom.Dataset()
         equipment.Manufacturer = "scorerecon"
-        equipment.ManufacturerModelName = model[:64]
+        equipment.ManufacturerModelName = fit(model)
         equipment.SoftwareVersions = software_version()
         equipment.ContributionDescription = "Score-based reconstruction"
         equipment.ContributionDateTime = when.strftime("%Y%m%d%H%M%S%z")

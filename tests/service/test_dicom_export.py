@@ -171,6 +171,16 @@ def test_mr_series_and_zip():
         series(mag, "US", "d" * 32, "m")
 
 
+def test_long_descriptions_are_cut_at_a_word_never_mid_word():
+    from service.dicom_export import fit
+
+    model = "a-site-prior trained on the neuro archive of the northern campus since 2019"
+    ds = series(np.zeros((1, 4, 4)), "CT", "w" * 32, model)[0]
+    assert len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.endswith("…")
+    assert ds.SeriesDescription[:-1] == "RESEARCH reconstruction (a-site-prior trained on the neuro"
+    assert fit("short") == "short"
+
+
 def test_validator_reports_missing_attributes():
     ds = series(np.zeros((1, 4, 4)), "CT", "e" * 32, "m")[0]
     del ds.PixelSpacing
