@@ -51,6 +51,11 @@ RESEARCH_NOTICE = (
     "in regions the measurement does not determine comes from the prior."
 )
 
+NOMINAL_GEOMETRY = (
+    "No source geometry was given: positions are nominal, in a frame of reference of this "
+    "series alone, and do not register to other series."
+)
+
 # Attributes that label our series as research output: ours, identifying nobody, so a
 # de-identified export keeps them.
 RESEARCH_LABELS = ("SeriesDescription", "ImageComments")
@@ -359,7 +364,9 @@ def series(
         ds.InstanceNumber = k + 1
         ds.SeriesDescription = fit(f"RESEARCH {kind} ({model})")
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.ImageComments = RESEARCH_NOTICE
+        ds.ImageComments = RESEARCH_NOTICE + (
+            "" if per_slice is not None else " " + NOMINAL_GEOMETRY
+        )
         ds.SeriesDate = ds.ContentDate = when.strftime("%Y%m%d")
         ds.SeriesTime = ds.ContentTime = when.strftime("%H%M%S")
         ds.TimezoneOffsetFromUTC = when.strftime("%z")

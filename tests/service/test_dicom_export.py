@@ -48,6 +48,7 @@ def test_ct_series_round_trip_in_hu_and_files_into_the_source_study():
         # Three slices from one source instance: positions made here, so a frame of its own.
         assert ds.ImagePositionPatient[2] == pytest.approx(2.5 * k)
         assert ds.FrameOfReferenceUID != src["FrameOfReferenceUID"]
+        assert "positions are nominal" in ds.ImageComments
         assert "ct-default" in ds.SeriesDescription and ds.InstanceNumber == k + 1
         assert ds.SeriesDescription.startswith("RESEARCH") and "RESEARCH" in ds.ImageComments
         assert ds.SeriesNumber == 101  # the source series (1) × 100 + 1
@@ -61,6 +62,7 @@ def test_one_slice_takes_the_source_slices_geometry_and_frame_of_reference():
     src = _source()
     ds = series(np.zeros((1, 64, 64)), "CT", "a" * 32, "ct-default", src, model_hash="f" * 64)[0]
     assert ds.FrameOfReferenceUID == src["FrameOfReferenceUID"]
+    assert "nominal" not in ds.ImageComments
     assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(
         [-158.135803, -179.035797, -75.699997]
     )
