@@ -219,7 +219,8 @@ def render(results: dict, machine: str) -> str:
             "",
             f"Weights (val): {r['weights']}; model `{r['model']}` ({r['model_steps']} steps), "
             f"{r['config']}, posterior samples K = {r['config'].get('samples', 1)}; "
-            f"ESPIRiT + whitening {r['maps_seconds_per_slice']:.1f} s per slice.",
+            f"ESPIRiT + whitening {r['maps_seconds_per_slice']:.1f} s per slice."
+            + (f" {r['note']}" if r.get("note") else ""),
             "",
             "| slice | " + " | ".join(METHODS) + " | score − best classical (dB) |",
             "|---|" + "---|" * (len(METHODS) + 1),
@@ -249,11 +250,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="test slices per task")
     parser.add_argument("--n-val", type=int, default=2, help="validation slices for tuning")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--note", default="", help="a line on the run's conditions, for the doc")
     args = parser.parse_args()
     store = DOCS / "mri_multicoil.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     for name in args.tasks:
-        results[name] = run(name, args.n, args.n_val)
+        results[name] = run(name, args.n, args.n_val) | {"note": args.note}
         store.write_text(json.dumps(results, indent=2))
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     (DOCS / "mri_multicoil.md").write_text(render(results, machine))
