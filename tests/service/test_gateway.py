@@ -64,7 +64,10 @@ def test_job_life_from_submit_to_results(gateway):
     assert len({d.SeriesInstanceUID for d in instances}) == 2
     assert {d.StudyInstanceUID for d in instances} == {"1.2.3.4"}
     assert instances[0].PatientID == "P-1" and instances[0].Modality == "CT"
-    assert instances[0].ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.3.5"
+    # A series UID alone names no instance: nothing to reference (a reference must name
+    # instances), and the positions are not the source's, so no borrowed frame either.
+    assert "ReferencedSeriesSequence" not in instances[0]
+    assert "positions are nominal" in instances[0].ImageComments
 
 
 def test_bad_source_attributes_are_refused(gateway):
