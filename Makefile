@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,test,priors,tune,s3]'
+	$(PY) -m pip install -e '.[dev,test,priors,tune,s3,onnx]'
 	touch $(STAMP)
 
 orthanc:  # the test PACS; without it the PACS tests skip and say why

@@ -43,6 +43,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -76,13 +77,33 @@ class Prior:
     card: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, model: str, bf16: bool = False) -> Prior:
-        """A bundled prior by name (``ct-default``) or a model directory."""
+    def load(cls, model: str, bf16: bool = False, backend: str = "torch") -> Prior:
+        """A bundled prior by name (``ct-default``) or a model directory; ``backend``
+        ``onnx`` runs its network on ONNX Runtime (:mod:`models.onnx_score`), exported once
+        per weights hash into the temporary folder."""
         from models.registry import load_model, score_fn_of
 
         net, sde, card = load_model(model)
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        score = score_fn_of(net, sde, bf16=bf16)
+        if backend == "onnx":
+            import tempfile
+
+            kind = (card.get("architecture") or {}).get("name")
+            if kind != "ncsnpp":
+                raise ValueError(f"the ONNX backend runs whole-image NCSN++ priors, not {kind}")
+
+            from models.onnx_score import export, onnx_score_fn
+
+            size = int(card["image_size"])
+            digest = card.get("weights_sha256", "")[:16] or "unhashed"
+            path = Path(tempfile.gettempdir()) / "scorerecon-onnx" / f"{digest}-{size}.onnx"
+            if digest == "unhashed" or not path.exists():
+                export(net, path, size, int(card.get("architecture", {}).get("in_channels", 1)))
+            score = onnx_score_fn(path)
         return cls(
-            score_fn_of(net, sde, bf16=bf16),
+            score,
             sde,
             int(card["image_size"]),
             card.get("name", str(model)),
