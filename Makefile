@@ -22,10 +22,10 @@ realdata: setup  # real CT/MR slices from Debian packages, once (docs/data.md); 
 	else PYTHON=$(PY) bash scripts/fetch-training-data.sh --dest $(REALDATA) || echo "warning: no real data could be fetched; real-data tests will skip"; fi
 
 bart:  # BART's ecalib, the external cross-check of our ESPIRiT maps; without it that test skips
-	bash scripts/install-bart.sh || echo "warning: BART could not be installed; the ecalib cross-check will skip"
+	bash scripts/install-deb.sh bart bart || echo "warning: BART could not be installed; the ecalib cross-check will skip"
 
 dicom3tools:  # dciodvfy, the DICOM validator the export tests run; without it they skip
-	bash scripts/install-dicom3tools.sh || echo "warning: dicom3tools could not be installed; DICOM validation tests will skip"
+	bash scripts/install-deb.sh dciodvfy dicom3tools || echo "warning: dicom3tools could not be installed; DICOM validation tests will skip"
 
 chromium:  # headless browser for the console's end-to-end tests; without it they skip
 	bash scripts/install-chromium.sh || echo "warning: Chromium could not be installed; console tests will skip"

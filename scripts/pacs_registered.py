@@ -15,13 +15,6 @@ Run: ``python scripts/pacs_registered.py`` (needs scripts/install-orthanc.sh and
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -30,7 +23,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
 import torch  # noqa: E402
+from orthanc_local import local_orthanc  # noqa: E402  (scripts/, beside this file)
 from PIL import Image  # noqa: E402
 
 from models.inverse import Prior, ReconConfig, reconstruct  # noqa: E402
@@ -40,14 +35,7 @@ from service.dicom_export import series, source_attributes, to_bytes  # noqa: E4
 from service.pacs import Destination, push  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def original(hu: np.ndarray) -> bytes:
@@ -69,34 +57,7 @@ def original(hu: np.ndarray) -> bytes:
 
 
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp())
-    http = _port()
-    cfg = {
-        "Name": "scorerecon-docs",
-        "StorageDirectory": str(tmp),
-        "IndexDirectory": str(tmp),
-        "HttpPort": http,
-        "DicomPort": _port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (tmp / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(
-        ["Orthanc", str(tmp / "orthanc.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{http}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/system").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with local_orthanc() as base:
         fine = fine_slices("ct", "test", 128, 1)  # (1, 1, 256, 256)
         hu_source = HUMapping().to_hu(fine[0, 0].numpy())
         raw = original(hu_source)
@@ -105,8 +66,6 @@ def main() -> None:
         rec = reconstruct(sim.operator, sim.y, prior, ReconConfig.for_prior(prior, "ct"), 1, 0)
         hu = HUMapping().to_hu(rec.mean[:, 0].numpy())
         dest = Destination(name="docs", kind="stowrs", url=base + "/dicom-web")
-        import pydicom
-
         push(dest, [pydicom.dcmread(io.BytesIO(raw))])
         push(dest, series(hu, "CT", "r" * 32, "ct-default", source_attributes(raw)))
         panels = []
@@ -144,9 +103,6 @@ def main() -> None:
         fig.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.2, wspace=0.05)
         fig.savefig(DOCS / "pacs_registered.png", dpi=90)
         print("wrote", DOCS / "pacs_registered.png")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,12 @@ scripts/install-chromium.sh).
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
+from orthanc_local import local_orthanc  # scripts/, beside this file
 
 from models.inverse import Prior, ReconConfig, reconstruct, steps_for_nfe
 from models.io import HUMapping
@@ -31,44 +26,10 @@ from service.dicom_export import series
 from service.pacs import Destination, push
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
-    tmp = Path(tempfile.mkdtemp())
-    http = _port()
-    cfg = {
-        "Name": "scorerecon-docs",
-        "StorageDirectory": str(tmp),
-        "IndexDirectory": str(tmp),
-        "HttpPort": http,
-        "DicomPort": _port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (tmp / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen(
-        ["Orthanc", str(tmp / "orthanc.json")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{http}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/system").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with local_orthanc() as base:
         truth = ct_phantoms(3, 128, seed=1)
         op = from_spec({"modality": "ct", "image_size": 128, "n_views": 23})
         with torch.no_grad():
@@ -105,9 +66,6 @@ def main() -> None:
         finally:
             driver.quit()
         print("wrote", DOCS / "pacs_orthanc.png", DOCS / "pacs_orthanc_preview.png")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import json
 import uuid
 import zipfile
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import pydicom
@@ -210,6 +211,7 @@ def uid(job_id: str, *parts: object) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, name).int}"
 
 
+@lru_cache(maxsize=1)
 def software_version() -> str:
     """The installed scorerecon package's version (SoftwareVersions)."""
     from importlib.metadata import PackageNotFoundError, version
