@@ -42,10 +42,18 @@ def _div(p: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def tv_prox(v: torch.Tensor, weight: float, n_iter: int = 30) -> torch.Tensor:
-    """argmin_u ½||u − v||² + weight·TV(u), isotropic TV, by Chambolle's dual projection."""
-    if weight <= 0:
+def tv_prox(v: torch.Tensor, weight: float | torch.Tensor, n_iter: int = 30) -> torch.Tensor:
+    """argmin_u ½||u − v||² + weight·TV(u), isotropic TV, by Chambolle's dual projection.
+
+    ``weight`` is a number or a tensor that broadcasts against ``v`` (one per sample);
+    samples of weight 0 come back unchanged."""
+    if not torch.is_tensor(weight):
+        if weight <= 0:
+            return v
+    elif bool((weight <= 0).all()):
         return v
+    else:
+        weight = weight.to(v.real.dtype).clamp_min(1e-12)
     p = torch.zeros(*v.shape, 2, dtype=v.dtype, device=v.device)
     tau = 0.248
     for _ in range(n_iter):

@@ -195,6 +195,19 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN | Patc
     return net, sde, card
 
 
+def bf16_is_fast(device: str = "cpu") -> bool:
+    """Whether bf16 autocast speeds the network up here: a GPU with bf16 units, or a CPU
+    with AVX-512 BF16 or AMX (Linux's ``/proc/cpuinfo`` flags). Elsewhere bf16 is emulated
+    and slower than fp32, so callers that default to bf16 ask this first."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def score_fn_of(
     net: NCSNpp | NCSN, sde: SDE | None = None, channels_last: bool = True, bf16: bool = False
 ) -> ScoreFn:

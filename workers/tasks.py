@@ -46,9 +46,10 @@ AT_STEP: ContextVar[Callable[[], bool] | None] = ContextVar("at_step", default=N
 
 
 @lru_cache(maxsize=4)
-def load_prior(model: str) -> Prior:
-    """Priors are cached per process: loading and checking a model costs more than a step."""
-    return Prior.load(model)
+def load_prior(model: str, bf16: bool | None = None) -> Prior:
+    """Priors are cached per process: loading and checking a model costs more than a step.
+    ``bf16``: the site's setting (``None``: where the hardware runs it fast)."""
+    return Prior.load(model, bf16=bf16)
 
 
 def resolve_model(name: str, models_dir: Path) -> str:
@@ -353,7 +354,7 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     if spec.metal_threshold_hu is not None:
         op, y, _ = remove_metal_trace(op, y, threshold_hu=spec.metal_threshold_hu)
         ops = [op] * len(y)
-    prior = load_prior(resolve_model(job.model, models_dir))
+    prior = load_prior(resolve_model(job.model, models_dir), getattr(settings, "bf16", None))
     config = ReconConfig.for_prior(prior, spec.modality, params.get("sampler"), params.get("nfe"))
     progress, cancel = _progress_writer(job, jobs, "sampling"), _cancel_check(job, jobs)
 
@@ -479,7 +480,7 @@ def _sample(job, jobs: JobStore, results: ResultStore, models_dir: Path, setting
     from models.sampling.registry import sample
 
     params = job.params
-    prior = load_prior(resolve_model(job.model, models_dir))
+    prior = load_prior(resolve_model(job.model, models_dir), getattr(settings, "bf16", None))
     n, size = int(params.get("n", 16)), prior.image_size
     gen = torch.Generator().manual_seed(int(params.get("seed", 0)))
     res = sample(

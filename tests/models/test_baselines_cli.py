@@ -35,6 +35,15 @@ def test_tv_prox_reduces_tv_and_keeps_mean(rng):
     assert float(u.mean()) == pytest.approx(float(v.mean()), abs=1e-4)
 
 
+def test_tv_prox_takes_one_weight_per_sample(rng):
+    v = torch.rand(3, 1, 16, 16, generator=rng)
+    weights = torch.tensor([0.0, 0.05, 0.2]).view(3, 1, 1, 1)
+    batched = tv_prox(v, weights)
+    assert torch.equal(batched[0], v[0])
+    for i in (1, 2):
+        assert torch.allclose(batched[i], tv_prox(v[i : i + 1], float(weights[i]))[0], atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["fbp", "sirt", "cgls", "fista-tv"])
 def test_ct_baselines_beat_nothing(phantom, method):
     op = from_spec({"modality": "ct", "image_size": 64, "n_views": 45})

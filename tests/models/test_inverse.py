@@ -7,6 +7,7 @@ from models.inverse import (
     Prior,
     ReconConfig,
     prox_step,
+    prox_tv_step,
     proximal_step,
     reconstruct,
     steps_for_nfe,
@@ -327,3 +328,66 @@ def test_the_number_of_posterior_samples_defaults_to_the_cards():
     assert reconstruct(op, y, _prior(sde), config).samples.shape[1] == 3
     assert reconstruct(op, y, _prior(sde), config, 2).samples.shape[1] == 2
     assert ReconConfig.from_card({}, "ct").samples == 1
+
+
+def _tv(x: torch.Tensor) -> torch.Tensor:
+    """Isotropic TV per sample (real and imaginary parts jointly), as tv_prox defines it."""
+    dx = torch.zeros_like(x)
+    dy = torch.zeros_like(x)
+    dx[..., :, :-1] = x[..., :, 1:] - x[..., :, :-1]
+    dy[..., :-1, :] = x[..., 1:, :] - x[..., :-1, :]
+    return (dx.abs() ** 2 + dy.abs() ** 2).sqrt().flatten(1).sum(1)
+
+
+def test_tv_map_step_minimises_its_objective():
+    """½||Ax' − y||² + ½μ||x' − x||² + w TV(x'): equal to the TV-free step where w = 0,
+    lower in objective and in TV than it where w > 0, and at the optimum that many more
+    iterations reach (multi-coil MRI, complex images, one weight per sample)."""
+    op = from_spec(
+        {
+            "modality": "mri",
+            "image_size": 32,
+            "coils": 4,
+            "mask": {"kind": "equispaced", "acceleration": 4},
+        }
+    )
+    g = torch.Generator().manual_seed(5)
+    x_true = ct_phantoms(2, 32, seed=5).to(torch.complex64)
+    y = op.forward(x_true)
+    y = y + 0.02 * torch.randn(y.shape, generator=g, dtype=torch.complex64) * op.mask
+    x = x_true + 0.1 * torch.randn(x_true.shape, generator=g)
+    mu, w = torch.tensor([0.5, 0.5]), torch.tensor([0.0, 0.02])
+    lip = 1.05 * op.norm() ** 2
+
+    def objective(v):
+        r = op.forward(v) - y
+        return (
+            0.5 * r.abs().pow(2).flatten(1).sum(1)
+            + 0.25 * (v - x).abs().pow(2).flatten(1).sum(1)
+            + w * _tv(v)
+        )
+
+    start = prox_step(op, x, y, mu, 50)
+    out = prox_tv_step(op, x, y, mu, w, 10, 50, lip)
+    assert torch.allclose(out[0], start[0])
+    assert float(objective(out)[1]) < float(objective(start)[1])
+    assert float(_tv(out)[1]) < float(_tv(start)[1])
+    best = prox_tv_step(op, x, y, mu, w, 400, 50, lip)
+    gap = float(objective(out)[1] - objective(best)[1])
+    assert 0 <= gap < 0.05 * float(objective(start)[1] - objective(best)[1])
+
+
+def test_tv_weight_comes_from_the_card_and_changes_the_result():
+    op = from_spec({"modality": "ct", "image_size": 32, "n_views": 12})
+    x_true = ct_phantoms(1, 32, seed=6)
+    y = op.forward(x_true)
+    y = y + 0.01 * float(y.max()) * torch.randn(y.shape, generator=torch.Generator())
+    card = {"recon": {"ct": {"sampler": "fast", "nfe": 10, "tv": 50.0}}}
+    config = ReconConfig.from_card(card, "ct")
+    assert config.tv == 50.0
+    sde = VESDE(0.01, 5.0, N=10)
+    with_tv = reconstruct(op, y, _prior(sde, 32), config)
+    config.tv = 0.0
+    without = reconstruct(op, y, _prior(sde, 32), config)
+    assert with_tv.provenance["config.tv"] == 50.0
+    assert float(_tv(with_tv.mean)[0]) < float(_tv(without.mean)[0])

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,3 +46,21 @@ def test_fast_inference_modes_agree(rng):
     assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-5)
     half = score_fn_of(net, channels_last=True, bf16=True)(x, t)
     assert (half - ref).norm() / ref.norm() < 0.05
+
+
+def test_bf16_default_follows_the_hardware_and_is_reported():
+    """bf16=None turns autocast on only where the CPU has bf16 units (emulated bf16 is
+    slower than fp32); the engine reaches each reconstruction's provenance."""
+    from models.inverse import Prior, ReconConfig, reconstruct
+    from models.physics import from_spec
+    from models.registry import bf16_is_fast
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert bf16_is_fast() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    auto = Prior.load("ct-default", bf16=None)
+    assert auto.engine == ("torch bf16" if bf16_is_fast() else "torch fp32")
+    assert Prior.load("ct-default").engine == "torch fp32"
+    op = from_spec({"modality": "ct", "image_size": 128, "n_views": 8})
+    y = op.forward(torch.zeros(1, 1, 128, 128))
+    rec = reconstruct(op, y, auto, ReconConfig(n_steps=2), 1, noise_std=0)
+    assert rec.provenance["engine"] == auto.engine

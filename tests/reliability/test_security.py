@@ -1676,10 +1676,10 @@ class Metronome:
         self.step_s, self.calls, self.lock = step_s, [], threading.Lock()
         self.real = workers.tasks.load_prior
 
-    def load(self, model: str):
+    def load(self, model: str, bf16: bool | None = None):
         import dataclasses
 
-        prior = self.real(model)
+        prior = self.real(model, bf16)
 
         def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with self.lock:
