@@ -45,7 +45,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         )
         op, y, metal = remove_metal_trace(op, y, given, spec.metal_threshold_hu)
     prior = Prior.load(args.model, bf16=args.bf16)
-    config = ReconConfig.for_prior(prior, spec.modality, args.sampler, args.nfe)
+    config = ReconConfig.for_prior(prior, spec.modality, args.sampler, args.nfe, op)
     config.method = args.method
     for key in ("lam", "snr", "rho"):
         if getattr(args, key) is not None:

@@ -165,19 +165,34 @@ class ReconConfig:
 
     @classmethod
     def for_prior(
-        cls, prior: Prior | None, modality: str, sampler: str | None = None, nfe: int | None = None
+        cls,
+        prior: Prior | None,
+        modality: str,
+        sampler: str | None = None,
+        nfe: int | None = None,
+        operator: LinearOperator | None = None,
     ) -> ReconConfig:
         """The defaults, then the prior card's tuned values for this modality and sampler,
         then the caller's sampler and NFE budget. The card's ``recon`` → modality holds the
-        default sampler's values, and other samplers' under ``samplers`` → name."""
-        return cls.from_card(prior.card if prior else {}, modality, sampler, nfe)
+        default sampler's values, and other samplers' under ``samplers`` → name; values
+        tuned for an acquisition (``multicoil``, :func:`acquisition`) of ``operator`` under
+        that name override the default sampler's."""
+        card = prior.card if prior else {}
+        return cls.from_card(card, modality, sampler, nfe, acquisition(operator))
 
     @classmethod
     def from_card(
-        cls, card: dict, modality: str, sampler: str | None = None, nfe: int | None = None
+        cls,
+        card: dict,
+        modality: str,
+        sampler: str | None = None,
+        nfe: int | None = None,
+        acquisition: str | None = None,
     ) -> ReconConfig:
         """:meth:`for_prior` from a model card alone (no weights loaded: the gateway)."""
         tuned = ((card or {}).get("recon") or {}).get(modality) or {}
+        if acquisition and isinstance(tuned.get(acquisition), dict):
+            tuned = {**tuned, **tuned[acquisition]}
         sampler = sampler or tuned.get("sampler", DEFAULT_SAMPLER)
         config = cls(sampler=sampler)
         if tuned.get("sampler", DEFAULT_SAMPLER) != sampler:
@@ -191,6 +206,12 @@ class ReconConfig:
                     setattr(config, key, type(getattr(config, key))(value))
         config.n_steps = steps_for_nfe(config, nfe or int(tuned.get("nfe", DEFAULT_NFE)))
         return config
+
+
+def acquisition(operator: LinearOperator | None) -> str | None:
+    """``multicoil`` for multi-coil MRI, whose tuned values may differ from single-coil's
+    (the card's ``recon`` → ``mri`` → ``multicoil``); ``None`` otherwise."""
+    return "multicoil" if getattr(operator, "coils", 1) > 1 else None
 
 
 def steps_for_nfe(config: ReconConfig, nfe: int) -> int:

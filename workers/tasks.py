@@ -355,7 +355,9 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
         op, y, _ = remove_metal_trace(op, y, threshold_hu=spec.metal_threshold_hu)
         ops = [op] * len(y)
     prior = load_prior(resolve_model(job.model, models_dir), getattr(settings, "bf16", None))
-    config = ReconConfig.for_prior(prior, spec.modality, params.get("sampler"), params.get("nfe"))
+    config = ReconConfig.for_prior(
+        prior, spec.modality, params.get("sampler"), params.get("nfe"), ops[0]
+    )
     progress, cancel = _progress_writer(job, jobs, "sampling"), _cancel_check(job, jobs)
 
     # A stack of slices runs in batches of ``batch_slices`` (× K samples each); the

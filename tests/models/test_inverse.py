@@ -391,3 +391,14 @@ def test_tv_weight_comes_from_the_card_and_changes_the_result():
     without = reconstruct(op, y, _prior(sde, 32), config)
     assert with_tv.provenance["config.tv"] == 50.0
     assert float(_tv(with_tv.mean)[0]) < float(_tv(without.mean)[0])
+
+
+def test_multicoil_values_of_the_card_apply_to_multicoil_operators_only():
+    card = {"recon": {"mri": {"sampler": "fast", "eta": 0.85, "multicoil": {"tv": 10.0}}}}
+    mri = {"modality": "mri", "image_size": 32, "mask": {"kind": "equispaced", "acceleration": 4}}
+    single, multi = from_spec(mri), from_spec({**mri, "coils": 4})
+    prior = Prior(lambda x, t: x, VESDE(0.01, 5.0, N=10), 32, card=card)
+    assert ReconConfig.for_prior(prior, "mri", operator=single).tv == 0.0
+    with_coils = ReconConfig.for_prior(prior, "mri", operator=multi)
+    assert with_coils.tv == 10.0 and with_coils.eta == 0.85
+    assert ReconConfig.from_card(card, "mri").tv == 0.0
