@@ -4,12 +4,14 @@ A real held-out CT slice at 128² (the protocol's grid twice as fine, 23 views, 
 0.5 %), reconstructed by FISTA-TV (its weight tuned on 2 validation slices) and by ct-default
 with the fast sampler at the card's settings (100 NFE), under each engine:
 
-* torch fp32 (the default), torch with bf16 autocast, ONNX Runtime fp32 (models/onnx_score.py);
-* K = 1 posterior sample and the card's K (posterior mean).
+* torch fp32, torch with bf16 autocast (what the workers run where the CPU has bf16 units,
+  models.registry.bf16_is_fast), ONNX Runtime fp32 (models/onnx_score.py);
+* K = 1 posterior sample and the card's K (posterior mean);
+* fewer network evaluations (NFE_SWEEP) on the workers' engine.
 
 Each row: seconds per slice (after one warm-up run), PSNR, and the ratio to FISTA-TV's time.
-One run, one machine, in one process, so the rows compare. The first piece of issue 22: 256²,
-batching and fewer NFE are not measured yet (the CT prior is 128²).
+One run, one machine, in one process, so the rows compare. Not measured yet: 256² (the CT
+prior is 128²) and batching slices.
 
 Run: ``python benchmarks/speed.py [--slices 2]``. Writes docs/benchmarks/speed.{md,json,png}.
 """
@@ -33,9 +35,11 @@ from models.inverse import Prior, ReconConfig, reconstruct  # noqa: E402
 from models.metrics import psnr  # noqa: E402
 from models.onnx_score import available  # noqa: E402
 from models.protocol import classical, fine_slices, simulate, tune_classical  # noqa: E402
+from models.registry import bf16_is_fast  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 MODEL, TASK, VIEWS, NOISE = "ct-default", "ct-sparse", 23, "gaussian:0.005"
+NFE_SWEEP = (50, 25)  # besides the card's 100
 
 
 def timed(fn, repeats: int = 1):
@@ -90,6 +94,18 @@ def main() -> None:
                     test.operator, test.y[i : i + 1], p, c, k, i
                 ).mean[0],
             )
+    # Fewer network evaluations on the engine the workers pick here (bf16 where fast).
+    engine = {"bf16": bf16_is_fast()}
+    prior = Prior.load(MODEL, **engine)
+    for nfe in NFE_SWEEP:
+        config = ReconConfig.for_prior(prior, "ct", nfe=nfe)
+        for k in sorted({1, card_k}):
+            measure(
+                f"score, {prior.engine}, K = {k}, {nfe} NFE",
+                lambda i, c=config, k=k: reconstruct(
+                    test.operator, test.y[i : i + 1], prior, c, k, i
+                ).mean[0],
+            )
     tv = rows[0]["seconds"]
     for row in rows:
         row["ratio"] = row["seconds"] / tv
@@ -115,7 +131,8 @@ def main() -> None:
         f"{len(test.y)} real held-out CT test slice(s) at 128², {VIEWS} views, Gaussian noise "
         f"0.5 %, `{MODEL}` with the fast sampler at its card's settings ({result['nfe']} NFE), "
         "FISTA-TV with its weight tuned on 2 validation slices. Seconds per slice after one "
-        "warm-up run; ratio to FISTA-TV's time.",
+        "warm-up run; ratio to FISTA-TV's time. The workers run the network in bf16 where the "
+        f"CPU has bf16 units (here: {'yes' if bf16_is_fast() else 'no'}).",
         "",
         "| method | s / slice | × FISTA-TV | PSNR (dB) |",
         "|---|---|---|---|",
