@@ -58,7 +58,7 @@ from models.physics.base import LinearOperator, conjugate_gradient, real_inner
 from models.physics.mri import MRIOperator
 from models.sampling.pc import Cancelled, Progress
 from models.sampling.registry import sample
-from models.sde import SDE, VESDE, ScoreFn, per_sample
+from models.sde import SDE, VESDE, RowGenerators, ScoreFn, per_sample, randn
 
 METHODS = ("map", "proximal", "score-sde", "langevin")
 RECON_SAMPLERS = ("fast", "pc", "em", "ald")
@@ -469,6 +469,8 @@ def reconstruct(
 ) -> Reconstruction:
     """K = ``n_samples`` posterior samples for each of the B measurements in ``y`` (``None``:
     the config's ``samples``, which a prior's card may set); the result is their mean.
+    Slice i draws its noise from a stream seeded ``seed + i``, so a stack solved in one batch
+    equals its slices solved one by one (slice i with ``seed + i``).
 
     ``noise_std``: σ_y in measurement units; ``None`` estimates it from ``y``; 0 declares
     the data noiseless (they are then fitted exactly). ``progress(nfe_done, nfe_total)``.
@@ -490,8 +492,10 @@ def reconstruct(
     method = _resolve_method(operator, config)
     started = time.perf_counter()
     sde, op = prior.sde, operator
-    gen = torch.Generator().manual_seed(seed)
     b, k = y.shape[0], n_samples
+    # Slice i's K samples draw from their own stream, seeded seed + i: a slice comes out the
+    # same whether it is solved alone (with seed + i) or in a batch of slices.
+    gen = RowGenerators([seed + i for i in range(b)], k)
     y_rep = y.repeat_interleave(k, dim=0)
     shape = (b * k, 1, h, w)
     sigma = (
@@ -505,7 +509,7 @@ def reconstruct(
 
     def noisy_measurement(t: torch.Tensor) -> torch.Tensor:
         alpha, beta = _coefficients(sde, t)
-        z = torch.randn(shape, generator=gen)
+        z = randn(shape, gen)
         return per_sample(alpha, y_rep) * y_rep + per_sample(beta, y_rep) * op.forward(z)
 
     def map_weight(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -18,6 +18,33 @@ import torch
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class RowGenerators:
+    """One random stream per group of ``rows`` consecutive batch rows (one slice's K
+    posterior samples): each group's noise depends on its own seed alone, so a slice's
+    reconstruction does not depend on which other slices share its batch, or its worker.
+    Accepted wherever a sampler takes a ``generator`` (see :func:`randn`)."""
+
+    def __init__(self, seeds: list[int], rows: int = 1):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.rows = rows
+
+    def randn(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
+        if shape[0] != len(self.generators) * self.rows:
+            raise ValueError(
+                f"a batch of {shape[0]} rows needs {shape[0] // max(self.rows, 1)} streams of "
+                f"{self.rows}, not {len(self.generators)}"
+            )
+        parts = [torch.randn((self.rows, *shape[1:]), generator=g) for g in self.generators]
+        return torch.cat(parts).to(device)
+
+
+def randn(shape, generator=None, device=None) -> torch.Tensor:
+    """``torch.randn`` from a ``torch.Generator``, or row by row from :class:`RowGenerators`."""
+    if isinstance(generator, RowGenerators):
+        return generator.randn(tuple(shape), device)
+    return torch.randn(shape, generator=generator, device=device)
+
+
 def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample ``(B,)`` tensor to broadcast against ``x``."""
     return v.reshape(-1, *([1] * (x.ndim - 1)))
@@ -127,7 +154,7 @@ class VESDE(SDE):
         return self.sigma_max
 
     def prior_sampling(self, shape, generator=None, device=None):
-        return torch.randn(shape, generator=generator, device=device) * self.sigma_max
+        return randn(shape, generator, device) * self.sigma_max
 
     def discretize(self, x, t):
         """Eq. 7.8: x_i = x_{i-1} + √(σ_i² − σ_{i-1}²) z."""
@@ -166,7 +193,7 @@ class VPSDE(SDE):
         return 1.0
 
     def prior_sampling(self, shape, generator=None, device=None):
-        return torch.randn(shape, generator=generator, device=device)
+        return randn(shape, generator, device)
 
     def discretize(self, x, t):
         """Eq. 7.10: x_i = √(1 − β_i) x_{i-1} + √β_i z, β_i = β(t)/N."""

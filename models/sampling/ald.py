@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from models.sampling.pc import Cancelled, CountingScore, SampleResult
-from models.sde import per_sample
+from models.sde import per_sample, randn
 
 
 def annealed_langevin(
@@ -32,7 +32,7 @@ def annealed_langevin(
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError("sigmas must be strictly decreasing (σ_max first)")
     counted = CountingScore(score_fn)
-    x = torch.randn(shape, generator=generator, device=device) * float(sigmas[0])
+    x = randn(shape, generator, device) * float(sigmas[0])
     total = len(sigmas)
     with torch.no_grad():
         for i, sigma in enumerate(sigmas):
@@ -45,7 +45,7 @@ def annealed_langevin(
                     raise Cancelled(f"cancelled at level {i} of {total}")
                 if consistency is not None:
                     x = consistency(x, s)
-                z = torch.randn(shape, generator=generator, device=device)
+                z = randn(shape, generator, device)
                 x = x + alpha * counted(x, s) + (2 * alpha) ** 0.5 * z
             if progress is not None:
                 progress(i + 1, total)

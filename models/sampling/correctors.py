@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.sde import SDE, VPSDE, ScoreFn, per_sample
+from models.sde import SDE, VPSDE, ScoreFn, per_sample, randn
 
 
 class Corrector:
@@ -38,7 +38,7 @@ class LangevinCorrector(Corrector):
         std = self.sde.marginal_prob(torch.zeros_like(t), t)[1]
         for _ in range(self.n_steps):
             grad = self.score_fn(x, t)
-            z = torch.randn(x.shape, generator=generator, device=x.device)
+            z = randn(x.shape, generator, x.device)
             g_norm = grad.flatten(1).norm(dim=1).mean()
             z_norm = z.flatten(1).norm(dim=1).mean()
             eps = 2 * alpha * (self.snr * z_norm / g_norm.clamp_min(1e-12)) ** 2

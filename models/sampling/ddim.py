@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from models.sampling.pc import Cancelled, CountingScore, Progress, SampleResult
-from models.sde import SDE, ScoreFn, per_sample
+from models.sde import SDE, ScoreFn, per_sample, randn
 
 Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,7 +72,7 @@ def tweedie_sampler(
                 a2, b2 = _coefficients(sde, t_next)
                 jump = (b**2 - (a * b2 / a2) ** 2).clamp_min(0).sqrt()
                 c = eta * b2 / b * jump
-                z = torch.randn(x.shape, generator=generator, device=x.device)
+                z = randn(x.shape, generator, x.device)
                 keep = (b2**2 - c**2).clamp_min(0).sqrt()
                 x = per_sample(a2, x) * x0 + per_sample(keep, x) * noise_dir + per_sample(c, x) * z
             if progress is not None:

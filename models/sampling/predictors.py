@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.sde import SDE, VESDE, VPSDE, ScoreFn, per_sample
+from models.sde import SDE, VESDE, VPSDE, ScoreFn, per_sample, randn
 
 
 class Predictor:
@@ -27,7 +27,7 @@ class EulerMaruyamaPredictor(Predictor):
     def step(self, x, t, dt, generator):
         drift, diffusion = self.rsde.sde(x, t)
         mean = x - drift * dt
-        z = torch.randn(x.shape, generator=generator, device=x.device)
+        z = randn(x.shape, generator, x.device)
         return mean + per_sample(diffusion, x) * dt**0.5 * z, mean
 
 
@@ -37,7 +37,7 @@ class ReverseDiffusionPredictor(Predictor):
     def step(self, x, t, dt, generator):
         f, G = self.rsde.discretize(x, t)
         mean = x - f
-        z = torch.randn(x.shape, generator=generator, device=x.device)
+        z = randn(x.shape, generator, x.device)
         return mean + per_sample(G, x) * z, mean
 
 
@@ -46,7 +46,7 @@ class AncestralSamplingPredictor(Predictor):
 
     def step(self, x, t, dt, generator):
         sde = self.sde
-        z = torch.randn(x.shape, generator=generator, device=x.device)
+        z = randn(x.shape, generator, x.device)
         if isinstance(sde, VESDE):
             sig = sde.sigma(t)
             sig_prev = torch.where(
