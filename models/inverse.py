@@ -156,6 +156,7 @@ class ReconConfig:
     eta: float = 0.5  # fast sampler: fraction of fresh noise when re-noising
     tv: float = 0.0  # fast sampler: λ, the weight λ σ_y² of a TV term in its map step (0: none)
     tv_iters: int = 10  # FISTA iterations of that step
+    tv_z: float = 0.0  # λ_z: weight λ_z σ_y² of TV across the slices of a stack (0: none)
     clip: bool = True  # fast sampler: clip each clean estimate to [0, 1] before data consistency
     langevin_gamma: float = 1.0
     samples: int = 1  # posterior samples K averaged into the result when the caller names none
@@ -310,19 +311,26 @@ def prox_tv_step(
     iters: int,
     cg_iters: int,
     lipschitz: float,
+    weight_z: float = 0.0,
+    slices: int = 1,
 ) -> torch.Tensor:
-    """argmin ½||A x' − y||² + ½μ ||x' − x||² + weight·TV(x') (per sample; isotropic TV,
-    of the real and imaginary parts jointly for complex images).
+    """argmin ½||A x' − y||² + ½μ ||x' − x||² + weight·TV(x') + weight_z·TV_z(x') (per
+    sample; isotropic TV in the plane, of the real and imaginary parts jointly for complex
+    images; TV_z across the ``slices`` of a stack, whose rows are slice-major: slice i's
+    samples are rows i·K … i·K + K − 1, the layout of :func:`reconstruct`).
 
     FISTA (Beck & Teboulle 2009) with step 1/(L + μ), ``lipschitz`` L ≥ ||A||², started
     from the TV-free solution (:func:`prox_step`, ``cg_iters``), which it equals where
-    ``weight`` is 0; ``iters`` iterations, each one A, one Aᴴ and one TV prox.
+    both weights are 0; ``iters`` iterations, each one A, one Aᴴ and the TV proxes (the
+    in-plane and the z prox in turn: the prox of their sum only approximately, as
+    DiffusionMBIR's split).
     """
-    from models.baselines import tv_prox
+    from models.baselines import tv_prox, tv_prox_axis
 
     start = prox_step(op, x, y, mu, cg_iters)
-    w = torch.as_tensor(weight, dtype=torch.float32).reshape(-1)
-    if iters < 1 or bool((w <= 0).all()):
+    w = torch.as_tensor(weight, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+    use_z = weight_z > 0 and slices > 1
+    if iters < 1 or (bool((w <= 0).all()) and not use_z):
         return start
     adjoint = _adjoint(op, x)
     mu_b = per_sample(torch.as_tensor(mu, dtype=torch.float32).reshape(-1), x)
@@ -332,10 +340,13 @@ def prox_tv_step(
     for _ in range(iters):
         grad = adjoint(op.forward(z) - y) + mu_b * (z - x)
         nxt = tv_prox(z - step * grad, w_b * step, n_iter=10)
+        if use_z:
+            stack = nxt.reshape(slices, -1, *nxt.shape[1:])
+            nxt = tv_prox_axis(stack, weight_z * float(step.min()), 0, 10).reshape(nxt.shape)
         t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
         z = nxt + ((t - 1) / t_next) * (nxt - current)
         current, t = nxt, t_next
-    return torch.where(w_b > 0, current, start)
+    return current if use_z else torch.where(w_b > 0, current, start)
 
 
 def proximal_step(
@@ -534,10 +545,18 @@ def reconstruct(
         x = domain.join(x0.clamp(0.0, 1.0) if config.clip else x0)
         if method == "proximal":
             x = proximal_step(op, x, y_rep, config.lam)
-        elif config.tv > 0:
-            weight = config.tv * sigma_rep**2
+        elif config.tv > 0 or (config.tv_z > 0 and b > 1):
             x = prox_tv_step(
-                op, x, y_rep, map_weight(t), weight, config.tv_iters, config.cg_iters, lipschitz()
+                op,
+                x,
+                y_rep,
+                map_weight(t),
+                config.tv * sigma_rep**2,
+                config.tv_iters,
+                config.cg_iters,
+                lipschitz(),
+                config.tv_z * float((sigma**2).mean()),
+                b,
             )
         else:
             x = prox_step(op, x, y_rep, map_weight(t), config.cg_iters)
