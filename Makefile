@@ -50,6 +50,7 @@ bench: setup
 	$(PY) benchmarks/quality_real.py
 	$(PY) benchmarks/mri_multicoil.py
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/volume.py
 	$(PY) benchmarks/priors_compare.py
 	$(PY) benchmarks/reliability.py
 	$(PY) benchmarks/gateway.py
