@@ -21,25 +21,38 @@ from models.physics.ct import CTOperator
 from models.physics.mri import MRIOperator, MultiCoilMRIOperator
 
 
-def _grad(x: torch.Tensor) -> torch.Tensor:
-    dx = torch.zeros_like(x)
-    dy = torch.zeros_like(x)
-    dx[..., :, :-1] = x[..., :, 1:] - x[..., :, :-1]
-    dy[..., :-1, :] = x[..., 1:, :] - x[..., :-1, :]
-    return torch.stack([dx, dy], dim=-1)
+def _difference(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Forward differences along ``dim``, zero at the last index (Neumann boundary)."""
+    n = x.shape[dim]
+    d = torch.zeros_like(x)
+    d.narrow(dim, 0, n - 1).copy_(x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1))
+    return d
 
 
-def _div(p: torch.Tensor) -> torch.Tensor:
-    px, py = p[..., 0], p[..., 1]
-    dx = torch.zeros_like(px)
-    dy = torch.zeros_like(py)
-    dx[..., :, 0] = px[..., :, 0]
-    dx[..., :, 1:-1] = px[..., :, 1:-1] - px[..., :, :-2]
-    dx[..., :, -1] = -px[..., :, -2]
-    dy[..., 0, :] = py[..., 0, :]
-    dy[..., 1:-1, :] = py[..., 1:-1, :] - py[..., :-2, :]
-    dy[..., -1, :] = -py[..., -2, :]
-    return dx + dy
+def _divergence(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """The negative adjoint of :func:`_difference` along ``dim``."""
+    n = p.shape[dim]
+    d = torch.zeros_like(p)
+    d.narrow(dim, 0, 1).copy_(p.narrow(dim, 0, 1))
+    d.narrow(dim, 1, n - 2).copy_(p.narrow(dim, 1, n - 2) - p.narrow(dim, 0, n - 2))
+    d.narrow(dim, n - 1, 1).copy_(-p.narrow(dim, n - 2, 1))
+    return d
+
+
+def _dual_projection(v: torch.Tensor, weight, dims: tuple[int, ...], n_iter: int) -> torch.Tensor:
+    """argmin_u ½||u − v||² + weight·Σ_pixels ||(∂_d u)_{d ∈ dims}||₂ by Chambolle's dual
+    projection (step 0.248 < 1/(4 len(dims))); complex values: real and imaginary jointly."""
+    p = torch.zeros(*v.shape, len(dims), dtype=v.dtype, device=v.device)
+
+    def div(q: torch.Tensor) -> torch.Tensor:
+        return sum(_divergence(q[..., i], d) for i, d in enumerate(dims))
+
+    for _ in range(n_iter):
+        u = div(p) - v / weight
+        g = torch.stack([_difference(u, d) for d in dims], dim=-1)
+        norm = g.abs().pow(2).sum(-1, keepdim=True).sqrt()
+        p = (p + 0.248 * g) / (1 + 0.248 * norm)
+    return v - weight * div(p)
 
 
 def tv_prox(v: torch.Tensor, weight: float | torch.Tensor, n_iter: int = 30) -> torch.Tensor:
@@ -54,13 +67,7 @@ def tv_prox(v: torch.Tensor, weight: float | torch.Tensor, n_iter: int = 30) -> 
         return v
     else:
         weight = weight.to(v.real.dtype).clamp_min(1e-12)
-    p = torch.zeros(*v.shape, 2, dtype=v.dtype, device=v.device)
-    tau = 0.248
-    for _ in range(n_iter):
-        g = _grad(_div(p) - v / weight)
-        norm = g.abs().pow(2).sum(-1, keepdim=True).sqrt()  # complex: TV of real and imag jointly
-        p = (p + tau * g) / (1 + tau * norm)
-    return v - weight * _div(p)
+    return _dual_projection(v, weight, (-1, -2), n_iter)
 
 
 def tv_prox_axis(
@@ -71,28 +78,10 @@ def tv_prox_axis(
     complex values take the modulus of each difference."""
     if not torch.is_tensor(weight) and weight <= 0:
         return v
-    w = torch.as_tensor(weight, dtype=v.real.dtype).clamp_min(1e-12)
-    x = v.movedim(dim, 0)
-    if x.shape[0] < 2:
+    if v.shape[dim] < 2:
         return v
-
-    def grad(u: torch.Tensor) -> torch.Tensor:
-        g = torch.zeros_like(u)
-        g[:-1] = u[1:] - u[:-1]
-        return g
-
-    def div(p: torch.Tensor) -> torch.Tensor:
-        d = torch.zeros_like(p)
-        d[0] = p[0]
-        d[1:-1] = p[1:-1] - p[:-2]
-        d[-1] = -p[-2]
-        return d
-
-    p = torch.zeros_like(x)
-    for _ in range(n_iter):
-        g = grad(div(p) - x / w)
-        p = (p + 0.248 * g) / (1 + 0.248 * g.abs())
-    return (x - w * div(p)).movedim(0, dim)
+    w = torch.as_tensor(weight, dtype=v.real.dtype).clamp_min(1e-12)
+    return _dual_projection(v, w, (dim % v.ndim,), n_iter)
 
 
 def fista_tv(
