@@ -281,7 +281,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def own_job(job_id: str, p: Principal) -> Job:
         job = jobs.get(job_id) if _is_hex_id(job_id) else None
-        if job is None or (job.owner != p.owner and not p.is_admin):
+        if job is None or job.kind == "slab" or (job.owner != p.owner and not p.is_admin):
             raise Problem(404, "Not found", f"no job {job_id!r} for this key", "job_id")
         return job
 
@@ -548,7 +548,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise Problem(
                 422, "Invalid state", f"state must be one of {', '.join(STATES)}", "state"
             )
-        q = select(Job)
+        q = select(Job).where(Job.kind != "slab")  # a volume's parts are internal
         if not p.is_admin:
             q = q.where(Job.owner == p.owner)
         if state:

@@ -59,7 +59,7 @@ class Job(Base):
     __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_owner_idem"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # reconstruction | training | sampling
+    kind: Mapped[str] = mapped_column(String(16))  # reconstruction sampling training export slab
     owner: Mapped[str] = mapped_column(String(128), index=True)
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
@@ -109,6 +109,12 @@ class AuditEntry(Base):
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def slab_id(job_id: str, start: int) -> str:
+    """The id of the part of a volume job that reconstructs slices ``start``… (derived, so
+    splitting a job twice creates its parts once)."""
+    return uuid.uuid5(uuid.NAMESPACE_OID, f"scorerecon/{job_id}/slab/{start}").hex
 
 
 def auto_export_id(job_id: str, destination: str) -> str:
@@ -168,6 +174,31 @@ class JobStore:
                 raise
         return export_id
 
+    def add_slabs(self, volume: Job, ranges: list[tuple[int, int]]) -> list[str]:
+        """The parts of a volume job, one ``slab`` job per slice range [start, stop), each
+        run by whichever worker takes it; returns the ids of the parts created now (those
+        that exist already are left alone)."""
+        created = []
+        for start, stop in ranges:
+            part = slab_id(volume.id, start)
+            try:
+                with self.session() as s:
+                    s.add(
+                        Job(
+                            id=part,
+                            kind="slab",
+                            owner=volume.owner,
+                            spec={},
+                            model=volume.model,
+                            params={"volume": volume.id, "start": start, "stop": stop},
+                            result_keys=[],
+                        )
+                    )
+                created.append(part)
+            except IntegrityError:
+                pass
+        return created
+
     def transition(
         self,
         job_id: str,
@@ -202,7 +233,11 @@ class JobStore:
         """(queued jobs, cost of queued and running jobs) of one owner: what the per-owner
         caps of a submission compare with."""
         with self.sessions() as s:
-            queued = s.scalar(select(func.count()).where(Job.owner == owner, Job.state == "queued"))
+            queued = s.scalar(
+                select(func.count()).where(
+                    Job.owner == owner, Job.state == "queued", Job.kind != "slab"
+                )
+            )
             cost = s.scalar(
                 select(func.coalesce(func.sum(Job.cost), 0)).where(
                     Job.owner == owner, Job.state.in_(("queued", "running"))

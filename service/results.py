@@ -32,6 +32,8 @@ NAMES = {
     "samples.npy",
     "metal_mask.npy",
     "phase.npy",
+    "slab.npz",  # a slab of a volume split across workers (workers/tasks.py), for assembly
+    "slab.json",
 }
 _JOB = re.compile(r"^[0-9a-f]{32}$")
 

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # N workers: up to N (N - 1 keeps a worker free for another owner's job).
     owner_slots: int = Field(1, ge=1)
     torch_threads: int | None = None
+    # A volume of more slices than this is split into slabs of about this many, run by any
+    # free workers as parts of one job (0: every job runs whole on one worker).
+    slab_slices: int = Field(0, ge=0)
     # bf16 autocast for the score network in the workers; unset: on where the CPU or GPU
     # has bf16 units (same PSNR, ~1.5x faster here: docs/benchmarks/speed.md), else off.
     bf16: bool | None = None

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -29,12 +30,12 @@ from sqlalchemy.exc import OperationalError
 
 from models.baselines import baseline_name, reconstruct_baseline
 from models.figures import preview
-from models.inverse import Cancelled, Prior, ReconConfig, merge, reconstruct
+from models.inverse import Cancelled, Prior, ReconConfig, Reconstruction, merge, reconstruct
 from models.io import save_png
 from models.physics import SpecError, needs_data, parse_spec, slice_problems
 from models.physics.ct import remove_metal_trace
 from models.registry import ModelError
-from service.db import ADMITTED, FINAL, Job, JobStore, auto_export_id, now
+from service.db import ADMITTED, FINAL, Job, JobStore, auto_export_id, now, slab_id
 from service.results import ResultStore
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,33 @@ def run_job(
     settings=None,
     enqueue: Callable[[str, str], None] | None = None,
 ) -> str:
-    """Run one job (reconstruction, sampling, training or export) to a final state; returns
-    that state (or 'skipped'). A reconstruction that asked for ``export_to`` queues its export
-    job when it succeeds, through ``enqueue(job_id, kind)`` (else the sweep finds it)."""
+    """Run one job (reconstruction, sampling, training, export, or a slab of a volume) to a
+    final state; returns that state (or 'skipped'; 'waiting' for a volume whose slabs
+    run). A reconstruction that asked for ``export_to`` queues its export job when it
+    succeeds, through ``enqueue(job_id, kind)`` (else the sweep finds it); the slab that
+    ends last settles its volume."""
+    state = _run_one(job_id, jobs, results, models_dir, stale_after_s, settings, enqueue)
+    job = jobs.get(job_id)
+    if job is not None and job.kind == "slab" and job.state in FINAL:
+        volume_id = job.params["volume"]
+        if _settle(volume_id, jobs, results) == "succeeded":
+            volume = jobs.get(volume_id)
+            log.info("job %s succeeded (from %d slabs)", volume_id, len(volume.params["slabs"]))
+            if volume.params.get("export_to"):
+                failpoint("before-export")
+                _chain_export(volume_id, volume.params["export_to"], jobs, enqueue)
+    return state
+
+
+def _run_one(
+    job_id: str,
+    jobs: JobStore,
+    results: ResultStore,
+    models_dir: Path,
+    stale_after_s: float,
+    settings,
+    enqueue: Callable[[str, str], None] | None,
+) -> str:
     try:
         job = jobs.get(job_id)
     except OperationalError as exc:
@@ -162,7 +187,7 @@ def run_job(
         return "skipped"
     log.info("job %s started (attempt %d)", job_id, job.attempts + 1)
     try:
-        state = RUNNERS[job.kind](job, jobs, results, models_dir, settings)
+        state = RUNNERS[job.kind](job, jobs, results, models_dir, settings, enqueue)
     except Cancelled:
         jobs.transition(job_id, ["running"], "cancelled", finished_at=now(), phase="cancelled")
         state = "cancelled"
@@ -236,9 +261,13 @@ def sweep(
     lost = Job.created_at < cutoff_q if owner_slots is None else Job.sent_at < cutoff_q
     with jobs.sessions() as s:
         queued = s.scalars(select(Job.id).where(Job.state == "queued", lost)).all()
-        stale = s.scalars(
-            select(Job.id).where(Job.state == "running", Job.heartbeat_at < cutoff_r)
+        silent = s.scalars(
+            select(Job).where(Job.state == "running", Job.heartbeat_at < cutoff_r)
         ).all()
+    # A volume split into slabs has no worker of its own: its parts are the jobs that may be
+    # orphaned. It is run again only once all its parts have ended (the worker that ended
+    # the last one died before assembling it) or some were never created.
+    stale = [j.id for j in silent if not j.params.get("slabs") or _parts_ended(jobs, j)]
     for job_id in queued:
         if owner_slots is not None:
             jobs.set_fields(job_id, sent_at=now())  # resent now: not again for a while
@@ -253,6 +282,10 @@ def sweep(
     if owner_slots is not None:
         report["admitted"] = admit(jobs, enqueue, owner_slots)
     return report
+
+
+def _parts_ended(jobs: JobStore, volume) -> bool:
+    return all(p is None or p.state in FINAL for p in _parts(jobs, volume))
 
 
 # How far back the sweep looks for succeeded reconstructions whose export is missing.
@@ -327,15 +360,63 @@ def admit(
     return sent
 
 
-def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
+def _reconstruct(
+    job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None, enqueue=None
+) -> str:
+    """A reconstruction job: the whole stack here, or, for a volume of more than the site's
+    ``slab_slices``, its slabs as ``slab`` jobs that any workers run (:func:`_split`)."""
     spec = parse_spec(job.spec)
-    y = torch.from_numpy(
+    y = _measurement(job, results)
+    slabs = job.params.get("slabs") or slab_ranges(
+        len(y), _batch(job, spec), getattr(settings, "slab_slices", 0)
+    )
+    if len(slabs) > 1:
+        return _split(job, jobs, results, [tuple(r) for r in slabs], enqueue)
+    progress = _stack_progress(job, jobs, len(y))
+    solved = _solve(
+        job, jobs, results, models_dir, settings, y, 0, _cancel_check(job, jobs), progress
+    )
+    return _store_reconstruction(job, jobs, results, *solved)
+
+
+def _measurement(job, results: ResultStore) -> torch.Tensor:
+    return torch.from_numpy(
         np.load(io.BytesIO(results.get(job.id, "measurement.npy")), allow_pickle=False)
     )
+
+
+def _batch(job, spec) -> int:
+    """Slices per batch: 1 for per-slice problems (coil maps from each slice's data)."""
+    return 1 if needs_data(spec) else max(1, int(job.params.get("batch_slices", 4)))
+
+
+def slab_ranges(slices: int, batch: int, slab_slices: int) -> list[tuple[int, int]]:
+    """[start, stop) of each slab: ``slab_slices`` rounded up to whole batches, so that a
+    slab's batches are those of the unsplit job and its images the same (0: no split)."""
+    if slab_slices <= 0 or slices <= slab_slices:
+        return [(0, slices)]
+    size = -(-slab_slices // batch) * batch
+    return [(s, min(s + size, slices)) for s in range(0, slices, size)]
+
+
+def _solve(
+    job,
+    jobs: JobStore,
+    results: ResultStore,
+    models_dir: Path,
+    settings,
+    y: torch.Tensor,
+    first: int,
+    cancel: Callable[[], bool],
+    progress: Callable[[int, int], None],
+) -> tuple[Reconstruction, torch.Tensor, dict]:
+    """Reconstruct ``y``, slices ``first``… of ``job``'s measurement (the index fixes each
+    slice's random stream): the core's result, the classical baseline, and how it was done
+    (for the report)."""
+    spec, params = parse_spec(job.spec), job.params
     # One operator for the stack, or one per slice (maps and whitening from its own data).
     noise, coil_noise = None, None
     if needs_data(spec):
-        jobs.set_fields(job.id, phase="coil maps")
         coil_noise = "oversampled readout" if y.shape[-2] == 2 * spec.shape[0] else "readout ends"
         if results.exists(job.id, "noise.npy"):
             noise = torch.from_numpy(
@@ -347,7 +428,6 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     expected = tuple(op.measurement_shape())
     if y.ndim != len(expected) + 1 or tuple(y.shape[1:]) != expected:
         raise ValueError(f"stored measurement {tuple(y.shape)} does not match the spec {expected}")
-    params = job.params
     base = torch.cat(
         [reconstruct_baseline(o, y[i : i + 1], baseline_name(o)) for i, o in enumerate(ops)]
     )
@@ -358,12 +438,10 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
     config = ReconConfig.for_prior(
         prior, spec.modality, params.get("sampler"), params.get("nfe"), ops[0]
     )
-    progress, cancel = _progress_writer(job, jobs, "sampling"), _cancel_check(job, jobs)
-
-    # A stack of slices runs in batches of ``batch_slices`` (× K samples each); the
-    # results keep the slice order. Progress counts steps over all batches.
+    # The stack runs in batches of ``batch_slices`` (× K samples each), in slice order;
+    # progress counts steps over all batches.
     k = int(params.get("samples") or config.samples)  # none named: the card's default
-    per = 1 if needs_data(spec) else max(1, int(params.get("batch_slices", 4)))
+    per = _batch(job, spec)
     chunks = list(range(0, y.shape[0], per))
     parts = []
     for c, start in enumerate(chunks):
@@ -371,14 +449,13 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
         def chunk_progress(step: int, total: int, c: int = c) -> None:
             progress(c * total + step, len(chunks) * total)
 
-        seed = int(params.get("seed", 0)) + start
         part = reconstruct(
             ops[start],
             y[start : start + per],
             prior,
             config,
             k,
-            seed,
+            int(params.get("seed", 0)) + first + start,
             spec.noise_std,
             chunk_progress,
             cancel,
@@ -387,39 +464,238 @@ def _reconstruct(job, jobs: JobStore, results: ResultStore, models_dir: Path, se
             # Never a success: a diverged result would be exported and read as an image.
             raise ValueError(f"the reconstruction diverged ({part.diverged})")
         parts.append(part)
-    rec = merge(parts)
-    mean, std, provenance = rec.mean, rec.std, rec.provenance
-    nfe, residual, seconds = rec.nfe, rec.residual, rec.seconds
-    sigmas, warnings = rec.noise_std_used, rec.warnings
+    info = {
+        "baseline": baseline_name(op),
+        "batch_slices": per,
+        "steps": config.n_steps * config.nfe_per_step() * len(chunks),
+    }
+    if coil_noise is not None:  # where the coil noise covariance for pre-whitening came from
+        info["coil_noise_source"] = coil_noise
+    return merge(parts), base, info
+
+
+def _store_reconstruction(
+    job, jobs: JobStore, results: ResultStore, rec: Reconstruction, base: torch.Tensor, info: dict
+) -> str:
+    """Store a reconstruction's arrays, preview and report.json, and succeed the job."""
     jobs.set_fields(job.id, phase="storing")
-    _put_npy(results, job.id, "recon.npy", mean.numpy())
-    _put_npy(results, job.id, "std.npy", std.numpy())
+    _put_npy(results, job.id, "recon.npy", rec.mean.numpy())
+    _put_npy(results, job.id, "std.npy", rec.std.numpy())
     _put_npy(results, job.id, "baseline.npy", base.numpy())
     if rec.phase is not None:  # MR images are complex: their phase, in radians
         _put_npy(results, job.id, "phase.npy", rec.phase.numpy())
-    image, scale = preview(mean[0], std[0], base[0])
+    image, scale = preview(rec.mean[0], rec.std[0], base[0])
     buf = io.BytesIO()
     save_png(buf, image)
     results.put(job.id, "preview.png", buf.getvalue())
     report = {
-        "nfe": nfe,
-        "seconds": round(seconds, 3),
-        "residual": residual,
-        "slices": int(y.shape[0]),
-        "noise_std_used": sigmas,
-        "noise_std_source": provenance["noise_std_source"],
-        "warnings": warnings,
-        "provenance": {**provenance, "spec": job.spec, "batch_slices": per},
-        "preview": f"reconstruction | posterior std (max {scale:.4g}) | {baseline_name(op)}",
-        "baseline": baseline_name(op),
+        "nfe": rec.nfe,
+        "seconds": round(rec.seconds, 3),
+        "residual": rec.residual,
+        "slices": int(rec.mean.shape[0]),
+        "noise_std_used": rec.noise_std_used,
+        "noise_std_source": rec.provenance["noise_std_source"],
+        "warnings": rec.warnings,
+        "provenance": {**rec.provenance, "spec": job.spec, "batch_slices": info["batch_slices"]},
+        "preview": f"reconstruction | posterior std (max {scale:.4g}) | {info['baseline']}",
+        "baseline": info["baseline"],
     }
-    if coil_noise is not None:  # where the coil noise covariance for pre-whitening came from
-        report["coil_noise_source"] = coil_noise
-    steps = config.n_steps * config.nfe_per_step() * len(chunks)
-    fields = {"progress_step": steps, "progress_total": steps}
+    for key in ("coil_noise_source", "slabs"):
+        if key in info:
+            report[key] = info[key]
+    fields = {"progress_step": info["steps"], "progress_total": info["steps"]}
     keys = ["recon.npy", "std.npy", "baseline.npy", "preview.png"]
     keys += ["phase.npy"] if rec.phase is not None else []
     return _succeed(job, jobs, results, report, keys, **fields)
+
+
+def _sampling_phase(done: float, slices: int) -> str:
+    """The phase a stack shows while it samples: how many of its slices are done."""
+    return f"sampling {int(done + 1e-6)}/{slices} slices" if slices > 1 else "sampling"
+
+
+def _stack_progress(job, jobs: JobStore, slices: int) -> Callable[[int, int], None]:
+    """Progress of a stack solved here: steps over all its batches, slices done (a slice is
+    done when its batch's share of the steps is; the batches have equal step counts)."""
+    tick = _Throttle()
+
+    def progress(step: int, total: int, *_: object) -> None:
+        if tick.due(step == total):
+            phase = _sampling_phase(slices * step / max(total, 1), slices)
+            jobs.set_fields(
+                job.id, progress_step=step, progress_total=total, phase=phase, heartbeat_at=now()
+            )
+
+    return progress
+
+
+# Volumes split into slabs (issue 22): one job to the client, its parts run by any workers.
+
+
+def _split(job, jobs: JobStore, results: ResultStore, slabs: list[tuple[int, int]], enqueue) -> str:
+    """Record the volume's slabs, create a ``slab`` job for each (once: their ids derive
+    from the volume's) and queue the new ones; the volume then waits, ``running``, while its
+    parts run, and the part that finishes last assembles it (:func:`_settle`). Idempotent,
+    so a volume run again after a crash picks up where it was."""
+    if job.params.get("slabs") != [list(r) for r in slabs]:
+        jobs.set_fields(job.id, params={**job.params, "slabs": [list(r) for r in slabs]})
+    jobs.set_fields(job.id, phase=_sampling_phase(0, slabs[-1][1]), heartbeat_at=now())
+    volume = jobs.get(job.id)
+    for part in jobs.add_slabs(volume, slabs):
+        if enqueue is not None:  # else the sweep sends it
+            enqueue(part, "slab")
+    return _settle(job.id, jobs, results)
+
+
+def _parts(jobs: JobStore, volume) -> list:
+    return [jobs.get(slab_id(volume.id, start)) for start, _ in volume.params["slabs"]]
+
+
+def _slab(
+    job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None, enqueue=None
+) -> str:
+    """One slab of a volume: its slices solved as the unsplit job would solve them (same
+    batches, same random streams), stored as ``slab.npz`` + ``slab.json`` for assembly."""
+    volume = jobs.get(job.params["volume"])
+    if volume is None or volume.state != "running":
+        jobs.transition(job.id, ["running"], "cancelled", finished_at=now(), phase="cancelled")
+        return "cancelled"
+    start, stop = job.params["start"], job.params["stop"]
+    y = _measurement(volume, results)[start:stop]
+    own, check = _cancel_check(job, jobs), _Throttle(CANCEL_POLL_S)
+
+    def cancel() -> bool:
+        if own():
+            return True
+        if not check.due():
+            return False
+        current = jobs.get(volume.id)
+        return current is None or current.cancel_requested or current.state != "running"
+
+    progress = _slab_progress(job, volume, jobs)
+    rec, base, info = _solve(
+        volume, jobs, results, models_dir, settings, y, start, cancel, progress
+    )
+    arrays = {"mean": rec.mean.numpy(), "std": rec.std.numpy(), "baseline": base.numpy()}
+    if rec.phase is not None:
+        arrays["phase"] = rec.phase.numpy()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    results.put(job.id, "slab.npz", buf.getvalue())
+    meta = {
+        "nfe": rec.nfe,
+        "seconds": rec.seconds,
+        "residual": rec.residual,
+        "provenance": rec.provenance,
+        "noise_std_used": rec.noise_std_used,
+        "warnings": rec.warnings,
+        "info": info,
+    }
+    results.put(job.id, "slab.json", json.dumps(meta).encode())
+    steps = info["steps"]
+    return _succeed(
+        job,
+        jobs,
+        results,
+        {"slices": [start, stop], "worker": f"{socket.gethostname()}:{os.getpid()}"},
+        ["slab.npz", "slab.json"],
+        progress_step=steps,
+        progress_total=steps,
+    )
+
+
+def _slab_progress(job, volume, jobs: JobStore) -> Callable[[int, int], None]:
+    """A slab's progress, and its volume's: steps summed over the parts (a part not started
+    counted at this one's steps per slice), slices done, and the volume's heartbeat."""
+    tick = _Throttle()
+    slices = volume.params["slabs"][-1][1]
+    mine = job.params["stop"] - job.params["start"]
+
+    def progress(step: int, total: int, *_: object) -> None:
+        if not tick.due(step == total):
+            return
+        jobs.set_fields(job.id, progress_step=step, progress_total=total, heartbeat_at=now())
+        done_steps = all_steps = done_slices = 0.0
+        for (start, stop), part in zip(volume.params["slabs"], _parts(jobs, volume), strict=True):
+            n = stop - start
+            if part is None or not part.progress_total:
+                all_steps += total * n / mine
+                continue
+            fraction = part.progress_step / part.progress_total
+            done_steps += part.progress_step
+            all_steps += part.progress_total
+            done_slices += n * fraction
+        jobs.set_fields(
+            volume.id,
+            progress_step=int(done_steps),
+            progress_total=int(all_steps),
+            phase=_sampling_phase(done_slices, slices),
+            heartbeat_at=now(),
+        )
+
+    return progress
+
+
+def _settle(volume_id: str, jobs: JobStore, results: ResultStore) -> str:
+    """After a part of a volume ends: the volume fails with the first failed part, is
+    cancelled with a cancelled one, or, once every part has succeeded, is assembled from
+    them as the unsplit job would have stored it. Returns the volume's state ('waiting'
+    while parts run); safe to call from any number of workers at once (the volume's final
+    transition is a compare-and-set, and the parts' arrays are the same whoever reads)."""
+    volume = jobs.get(volume_id)
+    if volume is None or volume.state != "running":
+        return "skipped"
+    parts = _parts(jobs, volume)
+    missing = [
+        start for (start, _), p in zip(volume.params["slabs"], parts, strict=True) if p is None
+    ]
+    if missing:  # the volume's worker died while it created them: the sweep's re-run does
+        return "waiting"
+    bad = next((p for p in parts if p.state in ("failed", "cancelled")), None)
+    if bad is not None or volume.cancel_requested:
+        for p in parts:
+            if p.state not in FINAL:
+                jobs.set_fields(p.id, cancel_requested=True)
+        if volume.cancel_requested or (bad is not None and bad.state == "cancelled"):
+            jobs.transition(
+                volume_id, ["running"], "cancelled", finished_at=now(), phase="cancelled"
+            )
+            return "cancelled"
+        start, stop = bad.params["start"], bad.params["stop"]
+        jobs.transition(
+            volume_id,
+            ["running"],
+            "failed",
+            finished_at=now(),
+            phase="failed",
+            error=f"slices {start}-{stop - 1}: {bad.error}",
+        )
+        return "failed"
+    if any(p.state != "succeeded" for p in parts):
+        return "waiting"
+    recs, bases, steps = [], [], 0
+    for p in parts:
+        arrays = np.load(io.BytesIO(results.get(p.id, "slab.npz")), allow_pickle=False)
+        meta = json.loads(results.get(p.id, "slab.json"))
+        steps += meta["info"]["steps"]
+        mean = torch.from_numpy(arrays["mean"])
+        recs.append(
+            Reconstruction(
+                mean=mean,
+                std=torch.from_numpy(arrays["std"]),
+                samples=mean[:, :0],
+                nfe=meta["nfe"],
+                residual=meta["residual"],
+                seconds=meta["seconds"],
+                provenance=meta["provenance"],
+                noise_std_used=meta["noise_std_used"],
+                phase=torch.from_numpy(arrays["phase"]) if "phase" in arrays.files else None,
+                warnings=meta["warnings"],
+            )
+        )
+        bases.append(torch.from_numpy(arrays["baseline"]))
+    info = {**meta["info"], "steps": steps, "slabs": volume.params["slabs"]}
+    return _store_reconstruction(volume, jobs, results, merge(recs), torch.cat(bases), info)
 
 
 def _put_npy(results: ResultStore, job_id: str, name: str, arr: np.ndarray) -> None:
@@ -476,7 +752,9 @@ def _cancel_check(job, jobs: JobStore):
     return cancel
 
 
-def _sample(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
+def _sample(
+    job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None, enqueue=None
+) -> str:
     """Admin sampling: n samples from a prior with a named sampler; NPY and a grid PNG."""
     from models.figures import grid
     from models.sampling.registry import sample
@@ -539,7 +817,9 @@ def _training_data(job, jobs: JobStore, settings) -> Path:
     return out
 
 
-def _train(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
+def _train(
+    job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None, enqueue=None
+) -> str:
     """Admin training: a prior trained on a registered server-side folder; the new model
     appears under ``models_dir`` (and in GET /v1/models) when it is written."""
     from models.data import load_dataset
@@ -596,7 +876,9 @@ def _train(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings
     return _succeed(job, jobs, results, report, [])
 
 
-def _export(job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None) -> str:
+def _export(
+    job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None, enqueue=None
+) -> str:
     """Push a finished reconstruction's series to a configured PACS."""
     from service.dicom_export import RESEARCH_LABELS, job_series
     from service.pacs import Destination, PermanentError, TransientError, push
@@ -627,4 +909,5 @@ RUNNERS = {
     "sampling": _sample,
     "training": _train,
     "export": _export,
+    "slab": _slab,
 }

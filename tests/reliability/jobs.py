@@ -40,8 +40,15 @@ def make_site(tmp_path: Path, database: str, redis_db: int, **env: str) -> Site:
     return site
 
 
-def submit(client: httpx.Client, key: str | None = None, retry_for: float = 0, **form) -> str:
-    """POST a 32² CT job for the tiny model and return its id. With ``retry_for``, transport
+def submit(
+    client: httpx.Client,
+    key: str | None = None,
+    retry_for: float = 0,
+    data: bytes | None = None,
+    **form,
+) -> str:
+    """POST a 32² CT job (one slice, or the stack ``data``) for the tiny model and return
+    its id. With ``retry_for``, transport
     errors are retried with the same Idempotency-Key for that many seconds (what a PACS
     integration does when the gateway restarts under it)."""
     fields = {"spec": CT_SPEC, "model": "tiny32", "sampler": "fast", "nfe": "4", **form}
@@ -51,7 +58,7 @@ def submit(client: httpx.Client, key: str | None = None, retry_for: float = 0, *
         try:
             r = client.post(
                 "/v1/reconstructions",
-                files={"measurement": ("y.npy", ct_measurement())},
+                files={"measurement": ("y.npy", ct_measurement() if data is None else data)},
                 data=fields,
                 headers=headers,
             )

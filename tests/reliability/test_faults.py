@@ -6,6 +6,7 @@ half-written, and the service answers its health checks again."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psycopg
 import pytest
 
@@ -75,6 +77,40 @@ def test_worker_killed_mid_job_at_random_points(tmp_path, database, record):
     assert counts == {"lost": 0, "failed": 0, "duplicated": 0}, jobs
     assert whole == len(ids) and healthy
     assert mid_job >= 1  # the random points did hit running jobs
+
+
+def test_worker_killed_mid_slab_of_a_split_volume(tmp_path, database, record):
+    """A volume split into slabs (``SCORERECON_SLAB_SLICES=4``) whose worker is killed in the
+    middle of a slab: the sweep gives the orphaned slab to a new worker, and the volume
+    succeeds once, whole, with all its slices."""
+    from tests.service.test_gateway import _stack
+
+    with make_site(tmp_path, database, redis_db=9, SCORERECON_SLAB_SLICES="4") as site:
+        key = site.key("recon:submit,recon:read", "alice")
+        site.start_gateway()
+        site.start_worker(queues="cpu", beat=True)  # the recovery sweep, never killed
+        gpu = site.start_worker(queues="gpu")
+        with site.client(key) as c:
+            volume = submit(c, data=_stack(8), nfe="600")
+            end = time.monotonic() + 120
+            while get(c, volume)["progress"]["step"] == 0:
+                assert time.monotonic() < end, "the volume never showed progress"
+                time.sleep(0.1)
+            stop(gpu, signal.SIGKILL)
+            site.start_worker(queues="gpu")
+            jobs = wait_all(c, [volume], timeout=180)
+            counts = summary(jobs, completions(site.all_logs()))
+            whole = jobs[volume]["state"] == "succeeded" and results_whole(c, jobs[volume])
+            shape = np.load(io.BytesIO(c.get(f"/v1/jobs/{volume}/result?format=npy").content)).shape
+    record(
+        "faults",
+        "worker SIGKILL mid-slab of a volume split into 2 slabs",
+        1,
+        **counts,
+        outcome=f"volume {jobs[volume]['state']}, {shape[0]} slices, whole results: {whole}",
+    )
+    assert counts == {"lost": 0, "failed": 0, "duplicated": 0}, jobs
+    assert whole and shape == (8, 1, 32, 32)
 
 
 def _redis_server(port: int, workdir: Path) -> subprocess.Popen:

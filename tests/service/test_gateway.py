@@ -307,6 +307,79 @@ def test_a_stack_equals_its_slices_sent_one_by_one(gateway):
     np.testing.assert_allclose(results[0], one_by_one, atol=1e-3 * float(np.ptp(one_by_one)))
 
 
+def _stack(n: int) -> bytes:
+    one = np.load(io.BytesIO(ct_measurement()))[0]
+    buf = io.BytesIO()
+    np.save(buf, np.stack([one * (0.5 + 0.1 * i) for i in range(n)])[:, None])
+    return buf.getvalue()
+
+
+def test_a_volume_split_into_slabs_is_one_job_with_the_images_of_the_whole(gateway, settings):
+    """With ``slab_slices`` set, a 10-slice volume runs as slab jobs (4, 4 and 2 slices) on
+    the embedded workers; the client sees one job, with progress in slices and no parts in
+    its listing, and gets the images, std and baseline of the same volume run whole."""
+    client, keys, app = gateway
+    key, outputs = keys["alice"], []
+    for slab_slices in (0, 4):
+        settings.slab_slices = slab_slices  # the executor's settings: read as each job runs
+        r = submit(client, key, data=_stack(10), samples="2", seed="5")
+        assert r.status_code == 202, r.text
+        job_id, phases = r.json()["id"], set()
+        while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json())["state"] in (
+            "queued",
+            "running",
+        ):
+            phases.add(job["progress"]["phase"])
+            time.sleep(0.05)
+        assert job["state"] == "succeeded", job["error"]
+        assert any(p.startswith("sampling ") and p.endswith("/10 slices") for p in phases), phases
+        report = client.get(job["links"]["result_json"], headers=auth(key)).json()
+        assert report["slices"] == 10 and len(report["residual"]) == 10
+        arrays = [
+            np.load(io.BytesIO(client.get(job["links"][f"result_{f}"], headers=auth(key)).content))
+            for f in ("npy", "std", "baseline")
+        ]
+        outputs.append((arrays, report))
+    (whole, whole_report), (split, split_report) = outputs
+    assert "slabs" not in whole_report and split_report["slabs"] == [[0, 4], [4, 8], [8, 10]]
+    for a, b in zip(whole, split, strict=True):
+        assert a.shape == b.shape and a.shape[0] == 10
+        np.testing.assert_allclose(b, a, atol=1e-4 * float(np.ptp(a)) + 1e-7)
+    assert split_report["nfe"] == whole_report["nfe"]
+    # The parts are internal: not listed, not readable by id.
+    listed = client.get("/v1/jobs?limit=200", headers=auth(keys["admin"])).json()["items"]
+    assert {j["kind"] for j in listed} == {"reconstruction"} and len(listed) == 2
+    from service.db import slab_id
+
+    part = slab_id(job["id"], 4)
+    assert app.state.jobs.get(part).state == "succeeded"
+    assert client.get(f"/v1/jobs/{part}", headers=auth(key)).status_code == 404
+
+
+def test_a_cancelled_volume_cancels_its_slabs(gateway, settings):
+    client, keys, app = gateway
+    settings.slab_slices = 4
+    r = submit(client, keys["alice"], data=_stack(8), nfe="3000")
+    job_id = r.json()["id"]
+    end = time.monotonic() + 60
+    while (
+        client.get(f"/v1/jobs/{job_id}", headers=auth(keys["alice"])).json()["progress"]["step"]
+        == 0
+    ):
+        assert time.monotonic() < end, "the volume never showed progress"
+        time.sleep(0.05)
+    assert client.delete(f"/v1/jobs/{job_id}", headers=auth(keys["alice"])).status_code == 200
+    assert wait(client, keys["alice"], job_id, timeout=60)["state"] == "cancelled"
+    from service.db import slab_id
+
+    end = time.monotonic() + 60
+    while not all(
+        app.state.jobs.get(slab_id(job_id, s)).state in ("cancelled", "succeeded") for s in (0, 4)
+    ):
+        assert time.monotonic() < end, "a slab kept running after its volume was cancelled"
+        time.sleep(0.05)
+
+
 def test_admin_sampling_and_training_jobs(gateway, settings, tmp_path):
     client, keys, _ = gateway
     req = {"model": "tiny32", "n": 3, "sampler": "fast", "steps": 3}

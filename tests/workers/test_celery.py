@@ -161,3 +161,43 @@ def test_jobs_run_on_real_workers_and_survive_a_killed_worker(env):
             assert found["state"] == "succeeded", found["error"]
     finally:
         stop(worker)
+
+
+def test_a_volume_split_across_two_workers_equals_one_worker(env):
+    """An 8-slice volume with ``SCORERECON_SLAB_SLICES=4`` runs as two slab jobs on two
+    worker processes and gives the images of the same volume on one worker, unsplit; the
+    client sees one job."""
+    import io
+    import json
+
+    import numpy as np
+
+    from service.db import slab_id
+    from tests.service.test_gateway import _stack
+
+    environ, settings = env
+    app = create_app(settings)
+    key = create_key(app.state.jobs, ["recon:submit", "recon:read"], "alice")[1]
+    images = []
+    with TestClient(app) as client:
+        for slabs, n_workers in ((0, 1), (4, 2)):
+            workers = [
+                start_worker({**environ, "SCORERECON_SLAB_SLICES": str(slabs)})
+                for _ in range(n_workers)
+            ]
+            try:
+                job = submit(client, key, data=_stack(8), samples="2", seed="3", nfe="150")
+                done = wait(client, key, job.json()["id"], timeout=240)
+                assert done["state"] == "succeeded", done["error"]
+                link = done["links"]["result_npy"]
+                images.append(np.load(io.BytesIO(client.get(link, headers=auth(key)).content)))
+            finally:
+                for w in workers:
+                    stop(w)
+        ran_on = {
+            json.loads(app.state.results.get(slab_id(done["id"], s), "report.json"))["worker"]
+            for s in (0, 4)
+        }
+    assert len(ran_on) == 2, f"both slabs ran on {ran_on}"
+    assert images[0].shape == images[1].shape == (8, 1, 32, 32)
+    np.testing.assert_allclose(images[1], images[0], atol=1e-4 * float(np.ptp(images[0])))
