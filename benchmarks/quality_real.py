@@ -71,7 +71,11 @@ def run(name: str, n: int, n_val: int, tune: bool) -> dict:
     if tune:
         best = grid_search(prior, val, GRID, NFE, samples=SAMPLES)
         card = {**(prior.card.get("recon") or {})}
+        # Values other tools tuned (multicoil, other samplers) are kept; the warm start is
+        # re-chosen for the new settings by benchmarks/warm_start.py.
+        kept = {k: v for k, v in card.get(modality, {}).items() if k not in ("start", "nfe")}
         card[modality] = {
+            **kept,
             **best,
             "task": task,
             "level": level,

@@ -41,7 +41,17 @@ from models.physics import SpecError, needs_data, parse_spec
 from models.registry import ModelError, bundled_models, card_modality, load_card, resolve
 from service.archives import ArchiveError, extract
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
-from service.db import FINAL, STATES, AuditEntry, Job, JobStore, auto_export_id, new_id
+from service.db import (
+    BATCH_SLICES,
+    FINAL,
+    STATES,
+    AuditEntry,
+    Job,
+    JobStore,
+    auto_export_id,
+    new_id,
+    slab_ranges,
+)
 from service.dicom_export import LIMIT as SOURCE_LIMIT
 from service.dicom_export import (
     SLICE_KEYWORDS,
@@ -431,10 +441,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pixels = parsed.shape[0] * parsed.shape[1]
         if samples is None:
             samples = ReconConfig.from_card(card, parsed.modality, sampler).samples
+        # One worker's share is what the per-job limit bounds: a volume split into slabs
+        # (SCORERECON_SLAB_SLICES) costs each worker one slab; the owner's cap counts all.
+        batch = 1 if needs_data(parsed) else BATCH_SLICES
+        start, stop = slab_ranges(len(y), batch, settings.slab_slices)[0]
+        label = "slices" if stop - start == len(y) else "slices per slab (SCORERECON_SLAB_SLICES)"
         factors = [
             Factor("nfe", nfe, 2),
             Factor("samples", samples),
-            Factor("measurement", len(y), label="slices"),
+            Factor("measurement", stop - start, label=label),
         ]
         _check_cost(settings, pixels, factors)
         cost = job_cost(nfe, samples, len(y), pixels)

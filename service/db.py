@@ -42,6 +42,7 @@ from sqlalchemy.orm import (
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
+BATCH_SLICES = 4  # slices of a stack a worker solves in one batch (× K posterior samples)
 # Kinds that run on the `gpu` queue: they have a cost and wait for their owner's turn.
 ADMITTED = ("reconstruction", "sampling")
 
@@ -109,6 +110,15 @@ class AuditEntry(Base):
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def slab_ranges(slices: int, batch: int, slab_slices: int) -> list[tuple[int, int]]:
+    """[start, stop) of each slab: ``slab_slices`` rounded up to whole batches, so that a
+    slab's batches are those of the unsplit job and its images the same (0: no split)."""
+    if slab_slices <= 0 or slices <= slab_slices:
+        return [(0, slices)]
+    size = -(-slab_slices // batch) * batch
+    return [(s, min(s + size, slices)) for s in range(0, slices, size)]
 
 
 def slab_id(job_id: str, start: int) -> str:

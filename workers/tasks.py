@@ -35,7 +35,17 @@ from models.io import save_png
 from models.physics import SpecError, needs_data, parse_spec, slice_problems
 from models.physics.ct import remove_metal_trace
 from models.registry import ModelError
-from service.db import ADMITTED, FINAL, Job, JobStore, auto_export_id, now, slab_id
+from service.db import (
+    ADMITTED,
+    BATCH_SLICES,
+    FINAL,
+    Job,
+    JobStore,
+    auto_export_id,
+    now,
+    slab_id,
+    slab_ranges,
+)
 from service.results import ResultStore
 
 log = logging.getLogger(__name__)
@@ -387,16 +397,7 @@ def _measurement(job, results: ResultStore) -> torch.Tensor:
 
 def _batch(job, spec) -> int:
     """Slices per batch: 1 for per-slice problems (coil maps from each slice's data)."""
-    return 1 if needs_data(spec) else max(1, int(job.params.get("batch_slices", 4)))
-
-
-def slab_ranges(slices: int, batch: int, slab_slices: int) -> list[tuple[int, int]]:
-    """[start, stop) of each slab: ``slab_slices`` rounded up to whole batches, so that a
-    slab's batches are those of the unsplit job and its images the same (0: no split)."""
-    if slab_slices <= 0 or slices <= slab_slices:
-        return [(0, slices)]
-    size = -(-slab_slices // batch) * batch
-    return [(s, min(s + size, slices)) for s in range(0, slices, size)]
+    return 1 if needs_data(spec) else max(1, int(job.params.get("batch_slices", BATCH_SLICES)))
 
 
 def _solve(

@@ -356,6 +356,21 @@ def test_a_volume_split_into_slabs_is_one_job_with_the_images_of_the_whole(gatew
     assert client.get(f"/v1/jobs/{part}", headers=auth(key)).status_code == 404
 
 
+def test_the_per_job_cost_limit_counts_one_slab_of_a_split_volume(gateway, settings):
+    """SCORERECON_MAX_JOB_COST bounds one worker's share: a volume too costly whole is
+    accepted once it is split into slabs that each fit."""
+    client, keys, _ = gateway
+    settings.max_job_cost = 6 * 4 * 32 * 32  # 6 NFE × 1 sample × 4 slices of 32²
+    whole = submit(client, keys["alice"], data=_stack(10), samples="1")
+    assert whole.status_code == 422 and "SCORERECON_MAX_JOB_COST" in whole.json()["detail"]
+    settings.slab_slices = 4
+    split = submit(client, keys["alice"], data=_stack(10), samples="1")
+    assert split.status_code == 202, split.text
+    settings.max_job_cost = 6 * 3 * 32 * 32  # a slab of 4 no longer fits: named as such
+    refused = submit(client, keys["alice"], data=_stack(10), samples="1")
+    assert refused.status_code == 422 and "slices per slab" in refused.json()["detail"]
+
+
 def test_a_cancelled_volume_cancels_its_slabs(gateway, settings):
     client, keys, app = gateway
     settings.slab_slices = 4
