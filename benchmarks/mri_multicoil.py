@@ -15,9 +15,11 @@ its own calibration lines, data and operator pre-whitened by the coil noise cova
 estimated from the empty half of the oversampled readout. Methods: zero-filled RSS, SENSE
 (CG, Tikhonov), L1-wavelet SENSE (sigpy), TV-SENSE (FISTA), each with its weight tuned on
 2 validation slices and their field-filling close-ups (the test set has such slices); the
-score solver (mri-default, bf16 as the workers run it) at its card's defaults, 100 NFE,
-with the TV weight λ of its map step (ReconConfig.tv) chosen on the same validation
-slices over all tasks (``--write-card`` stores it in the card; ``--tv`` fixes it).
+score solver (mri-default, bf16 as the workers run it) at its card's defaults, with the TV
+weight λ of its map step (ReconConfig.tv) chosen on the same validation slices over all
+tasks (``--tv`` fixes it), then its warm start and NFE (ReconConfig.start: the sampler
+started from the forward-diffused least-squares image) by the same slices
+(``--write-card`` stores both in the card's ``multicoil`` values).
 PSNR / SSIM against the magnitude of the fully sampled object (data range 1).
 
 Run: ``python benchmarks/mri_multicoil.py [--n 4] [--tasks 4x-equispaced ...]``.
@@ -63,6 +65,10 @@ NFE = 100
 MODEL = "mri-default"
 # λ of the TV term in the score solver's map step (ReconConfig.tv), chosen on validation.
 TV_GRID = (0.0, 5.0, 10.0, 20.0)
+# Then the warm start (ReconConfig.start) and NFE at that λ: the fewest NFE within
+# MAX_LOSS dB of the best validation PSNR (benchmarks/warm_start.py's rule, single-coil).
+START_GRID = ((1.0, 100), (0.6, 100), (0.4, 100), (0.6, 50), (0.4, 50))
+MAX_LOSS = 0.2
 # Each classical method's weight, tuned on the validation slices from these.
 WEIGHTS = {
     "sense": (1e-3, 1e-2, 3e-2, 0.1),
@@ -136,7 +142,7 @@ def select_tv(prior: Prior, vals: dict) -> tuple[float, dict]:
         table[name] = {}
         for tv in TV_GRID:
             config = ReconConfig.for_prior(prior, "mri", nfe=NFE, operator=ops[0])
-            config.tv = tv
+            config.tv, config.start = tv, 1.0
             table[name][tv] = statistics.fmean(
                 psnr(reconstruct(op, y[i : i + 1], prior, config, 1, i).mean[0].clamp(0, 1), ref[i])
                 for i, op in enumerate(ops)
@@ -146,13 +152,33 @@ def select_tv(prior: Prior, vals: dict) -> tuple[float, dict]:
     return best, table
 
 
-def run(name: str, n: int, val, prior: Prior, tv: float) -> dict:
+def select_start(prior: Prior, vals: dict, tv: float) -> tuple[tuple[float, int], dict]:
+    """(start, NFE) of START_GRID at the map step's λ = ``tv``: the fewest NFE within
+    MAX_LOSS dB of the best mean validation PSNR over the tasks (one posterior sample);
+    and each pair's mean PSNR per task."""
+    table: dict[str, dict[tuple, float]] = {}
+    for name, (ops, y, ref) in vals.items():
+        table[name] = {}
+        for start, nfe in START_GRID:
+            config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
+            config.tv, config.start = tv, start
+            table[name][start, nfe] = statistics.fmean(
+                psnr(reconstruct(op, y[i : i + 1], prior, config, 1, i).mean[0].clamp(0, 1), ref[i])
+                for i, op in enumerate(ops)
+            )
+            print(f"  {name} val: start {start}, {nfe} NFE: {table[name][start, nfe]:.2f} dB")
+    mean = {pair: statistics.fmean(t[pair] for t in table.values()) for pair in START_GRID}
+    kept = [pair for pair in START_GRID if mean[pair] >= max(mean.values()) - MAX_LOSS]
+    return min(kept, key=lambda pair: (pair[1], -mean[pair])), table
+
+
+def run(name: str, n: int, val, prior: Prior, tv: float, start: float, nfe: int) -> dict:
     acceleration, kind = TASKS[name]
     print(f"{name}: tuning on {len(val[0])} validation slices", flush=True)
     weights = tune(*val)
     ops, y, ref, maps_s = case("test", n, acceleration, kind, seed=2)
-    config = ReconConfig.for_prior(prior, "mri", nfe=NFE, operator=ops[0])
-    config.tv = tv
+    config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
+    config.tv, config.start = tv, start
     rows, examples = [], []
     for i, op in enumerate(ops):
         yi, images = y[i : i + 1], {}
@@ -190,7 +216,8 @@ def run(name: str, n: int, val, prior: Prior, tv: float) -> dict:
         "model_steps": prior.card.get("total_steps"),
         "config": {
             "sampler": config.sampler,
-            "nfe": NFE,
+            "nfe": config.n_steps * config.nfe_per_step(),
+            "start": config.start,
             "rho": config.rho,
             "eta": config.eta,
             "samples": config.samples,
@@ -261,6 +288,15 @@ def render(results: dict, machine: str) -> str:
                 + f"; chosen over all tasks: λ = {r['config'].get('tv', 0):g}.",
                 "",
             ]
+        if r.get("start_selection"):
+            lines += [
+                "Warm start and NFE (start/NFE) at that λ, mean validation PSNR with one "
+                "posterior sample: "
+                + ", ".join(f"{k}: {v:.2f} dB" for k, v in r["start_selection"].items())
+                + f"; chosen over all tasks (fewest NFE within {MAX_LOSS} dB of the best): "
+                f"start {r['config'].get('start', 1.0):g}, {r['config']['nfe']} NFE.",
+                "",
+            ]
         lines += [
             "| slice | " + " | ".join(METHODS) + " | score − best classical (dB) |",
             "|---|" + "---|" * (len(METHODS) + 1),
@@ -311,24 +347,31 @@ def main() -> None:
         print("choosing λ_TV on validation", flush=True)
         tv, table = select_tv(prior, vals)
         print(f"λ_TV = {tv:g}", flush=True)
+    print("choosing the warm start on validation", flush=True)
+    (start, nfe), starts = select_start(prior, vals, tv)
+    print(f"start {start}, {nfe} NFE", flush=True)
     if args.write_card:
         card = load_card(MODEL)
         recon = card.get("recon", {})
         mri = recon.get("mri", {})
-        # Multi-coil only: single-coil values are benchmarks/quality_real.py's, untouched.
+        # Multi-coil only: single-coil values are benchmarks/quality_real.py's and
+        # benchmarks/warm_start.py's, untouched.
         mri["multicoil"] = {
             **mri.get("multicoil", {}),
             "tv": tv,
-            "tuned_by": "benchmarks/mri_multicoil.py (grid over validation slices and their "
-            "close-ups, 8-coil data, all four tasks)",
+            "start": start,
+            "nfe": nfe,
+            "tuned_by": "benchmarks/mri_multicoil.py (grids over validation slices and their "
+            "close-ups, 8-coil data, all four tasks: λ_TV, then start and NFE)",
         }
         recon["mri"] = mri
         update_card(MODEL, {"recon": recon})
         prior = Prior.load(MODEL, bf16=True)
     for name in args.tasks:
-        results[name] = run(name, args.n, vals[name], prior, tv) | {
+        results[name] = run(name, args.n, vals[name], prior, tv, start, nfe) | {
             "note": args.note,
             "tv_selection": {f"{k:g}": v for k, v in table.get(name, {}).items()},
+            "start_selection": {f"{a:g}/{b}": v for (a, b), v in starts.get(name, {}).items()},
         }
         store.write_text(json.dumps(results, indent=2))
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

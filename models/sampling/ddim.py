@@ -49,12 +49,14 @@ def tweedie_sampler(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     x_init: torch.Tensor | None = None,
+    t_start: float | None = None,
 ) -> SampleResult:
-    """Sample in ``n_steps`` network evaluations, returning the last (projected) estimate."""
+    """Sample in ``n_steps`` network evaluations, returning the last (projected) estimate;
+    from ``x_init`` at time ``t_start`` (default: a draw from the prior at T)."""
     counted = CountingScore(score_fn)
     x = sde.prior_sampling(shape, generator, device) if x_init is None else x_init
     # Time steps spaced uniformly in log σ for VE (uniform in t is the same thing), else in t.
-    ts = torch.linspace(sde.T, eps, n_steps, device=device)
+    ts = torch.linspace(sde.T if t_start is None else t_start, eps, n_steps, device=device)
     x0 = x
     with torch.no_grad():
         for i in range(n_steps):

@@ -46,6 +46,8 @@ def sample(
     cancel: Callable[[], bool] | None = None,
     project: Project | None = None,
     eta: float = 0.0,
+    x_init: torch.Tensor | None = None,
+    t_start: float | None = None,
 ) -> SampleResult:
     """Draw ``shape[0]`` samples with the named sampler; ``n_steps`` is its step count
     (noise levels for ALD, ignored by ``ode-rk45``). ``project`` and ``eta`` are the fast
@@ -57,7 +59,16 @@ def sample(
         if consistency is not None:
             raise ValueError("sampler 'fast' takes a project(x0, t) hook, not consistency")
         return tweedie_sampler(
-            sde, score_fn, shape, n_steps, eta, project=project, cancel=cancel, **common
+            sde,
+            score_fn,
+            shape,
+            n_steps,
+            eta,
+            project=project,
+            cancel=cancel,
+            x_init=x_init,
+            t_start=t_start,
+            **common,
         )
     if name in ("pc", "em", "ancestral"):
         predictor = {"pc": "reverse_diffusion", "em": "euler_maruyama", "ancestral": "ancestral"}
