@@ -669,9 +669,9 @@ def _warm_start(
 ) -> dict:
     """The fast sampler's start from the data instead of pure noise (Chung, Sim & Ye's
     come-closer-diffuse-faster): the least-squares image x_c (``start_cg_iters`` CG
-    iterations from 0), diffused to t₀ = ``start``·T by the forward
-    process, x_t₀ = α(t₀) x_c + β(t₀) z (clipped first where ``clip``). Its error is drowned by noise of std β(t₀), so the
-    reverse steps need only cover [ε, t₀]."""
+    iterations from 0; clipped to [0, 1] where ``clip``), diffused to t₀ = ``start``·T by
+    the forward process, x_t₀ = α(t₀) x_c + β(t₀) z. Its error is drowned by noise of std
+    β(t₀), so the reverse steps need only cover [ε, t₀]."""
     t0 = config.start * sde.T
     x_c = prox_step(op, domain.join(torch.zeros(shape)), y, 0.0, config.start_cg_iters)
     u = domain.split(x_c)

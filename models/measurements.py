@@ -469,6 +469,18 @@ def _check_recon_space(header: dict, shape: tuple, image: tuple[int, int]) -> No
         )
 
 
+def display_columns(raw: bytes, spec) -> int | None:
+    """The columns a scanner displays of an MR image reconstructed on all its encoded lines:
+    the header's ``reconSpace`` y where it is narrower than the spec's columns (fastMRI knee:
+    320 of 368, the phase-encoding oversampling that keeps aliasing out of the field of
+    view); None otherwise. The image is solved on every encoded column and cropped, centred,
+    to these afterwards (the data determine the image only on the whole encoded field)."""
+    recon = read_header(raw).get("reconSpace") if spec.modality == "mri" else None
+    if recon is None or not 0 < recon[1] < spec.shape[1]:
+        return None
+    return recon[1]
+
+
 def as_measurement(arr: np.ndarray, operator) -> torch.Tensor:
     """``(B, *measurement_shape)`` from an array, checked for dtype, shape and finiteness.
 

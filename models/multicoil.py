@@ -201,8 +201,10 @@ def fastmri_header(encoded: tuple[int, int], recon: tuple[int, int]) -> str:
     )
 
 
-def write_fastmri(path: str | Path, case: MultiCoilCase) -> Path:
-    """``case`` as a fastMRI multi-coil HDF5 file (``kspace``, ``mask``, ``ismrmrd_header``)."""
+def write_fastmri(path: str | Path, case: MultiCoilCase, recon_columns: int | None = None) -> Path:
+    """``case`` as a fastMRI multi-coil HDF5 file (``kspace``, ``mask``, ``ismrmrd_header``);
+    ``recon_columns``: the header's reconSpace y where it is narrower than the encoded lines
+    (fastMRI knee: 320 of 368)."""
     import h5py
 
     path = Path(path)
@@ -210,7 +212,8 @@ def write_fastmri(path: str | Path, case: MultiCoilCase) -> Path:
     with h5py.File(path, "w") as f:
         f.create_dataset("kspace", data=case.kspace.numpy())
         f.create_dataset("mask", data=case.mask.numpy())
-        header = fastmri_header((os_rows, cols), (os_rows // case.oversampling, cols))
+        recon = (os_rows // case.oversampling, recon_columns or cols)
+        header = fastmri_header((os_rows, cols), recon)
         f.create_dataset("ismrmrd_header", data=np.bytes_(header))
         f.attrs["acquisition"] = "simulated multi-coil (scorerecon models/multicoil.py)"
     return path

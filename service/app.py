@@ -34,6 +34,7 @@ from models.inverse import DEFAULT_NFE, DEFAULT_SAMPLER, RECON_SAMPLERS, ReconCo
 from models.measurements import (
     MeasurementError,
     MeasurementTooLarge,
+    display_columns,
     read_measurement,
     read_noise_scan,
 )
@@ -454,6 +455,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _check_cost(settings, pixels, factors)
         cost = job_cost(nfe, samples, len(y), pixels)
         params = {"sampler": sampler, "nfe": nfe, "samples": samples, "seed": seed}
+        if columns := display_columns(raw, parsed):  # the header's reconSpace, after solving
+            params["display_columns"] = columns
         attributes = {}
         if source_dicom:
             slices = [

@@ -10,6 +10,7 @@ step (or 50 ms, for steps shorter than that).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -478,8 +479,14 @@ def _solve(
 def _store_reconstruction(
     job, jobs: JobStore, results: ResultStore, rec: Reconstruction, base: torch.Tensor, info: dict
 ) -> str:
-    """Store a reconstruction's arrays, preview and report.json, and succeed the job."""
+    """Store a reconstruction's arrays, preview and report.json, and succeed the job; an
+    MR image solved on more encoded columns than its header displays is cropped, centred,
+    to them (``display_columns``, fastMRI's reconSpace)."""
     jobs.set_fields(job.id, phase="storing")
+    columns = job.params.get("display_columns")
+    if columns and columns < rec.mean.shape[-1]:
+        info = {**info, "reconstructed_columns": int(rec.mean.shape[-1])}
+        rec, base = _crop_columns(rec, columns), _centre_columns(base, columns)
     _put_npy(results, job.id, "recon.npy", rec.mean.numpy())
     _put_npy(results, job.id, "std.npy", rec.std.numpy())
     _put_npy(results, job.id, "baseline.npy", base.numpy())
@@ -501,13 +508,29 @@ def _store_reconstruction(
         "preview": f"reconstruction | posterior std (max {scale:.4g}) | {info['baseline']}",
         "baseline": info["baseline"],
     }
-    for key in ("coil_noise_source", "slabs"):
+    for key in ("coil_noise_source", "slabs", "reconstructed_columns"):
         if key in info:
             report[key] = info[key]
     fields = {"progress_step": info["steps"], "progress_total": info["steps"]}
     keys = ["recon.npy", "std.npy", "baseline.npy", "preview.png"]
     keys += ["phase.npy"] if rec.phase is not None else []
     return _succeed(job, jobs, results, report, keys, **fields)
+
+
+def _centre_columns(x: torch.Tensor, columns: int) -> torch.Tensor:
+    left = (x.shape[-1] - columns) // 2
+    return x[..., left : left + columns].contiguous()
+
+
+def _crop_columns(rec: Reconstruction, columns: int) -> Reconstruction:
+    """The reconstruction's images cut to their central ``columns``."""
+    return dataclasses.replace(
+        rec,
+        mean=_centre_columns(rec.mean, columns),
+        std=_centre_columns(rec.std, columns),
+        samples=_centre_columns(rec.samples, columns),
+        phase=None if rec.phase is None else _centre_columns(rec.phase, columns),
+    )
 
 
 def _sampling_phase(done: float, slices: int) -> str:

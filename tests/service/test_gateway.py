@@ -728,7 +728,7 @@ def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_p
     client, keys, _ = gateway
     image = F.interpolate(mri_phantoms(1, 64, seed=1), size=(640, 736), mode="bilinear")
     case = simulate_multicoil(image, coils=15, acceleration=4, center_fraction=0.08, segments=16)
-    path = write_fastmri(tmp_path / "knee.h5", case)
+    path = write_fastmri(tmp_path / "knee.h5", case, recon_columns=320)  # fastMRI's header
     spec = {
         "modality": "mri",
         "image_size": [320, 368],
@@ -739,15 +739,21 @@ def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_p
     assert r.status_code == 202, r.text
     done = wait(client, keys["alice"], r.json()["id"], timeout=600)
     assert done["state"] == "succeeded", done.get("error")
+    # Solved on all 368 encoded lines, shown as the header's reconSpace: 320 × 320.
     npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"]))
-    assert np.load(io.BytesIO(npy.content)).shape == (1, 1, 320, 368)
+    assert np.load(io.BytesIO(npy.content)).shape == (1, 1, 320, 320)
+    for fmt in ("std", "baseline"):
+        got = client.get(done["links"][f"result_{fmt}"], headers=auth(keys["alice"]))
+        assert np.load(io.BytesIO(got.content)).shape == (1, 1, 320, 320)
     phase = client.get(done["links"]["result_phase"], headers=auth(keys["alice"]))
     phase = np.load(io.BytesIO(phase.content))
-    assert phase.shape == (1, 1, 320, 368) and np.abs(phase).max() <= np.pi + 1e-5
+    assert phase.shape == (1, 1, 320, 320) and np.abs(phase).max() <= np.pi + 1e-5
+    report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
+    assert report["reconstructed_columns"] == 368
     dicom = client.get(done["links"]["result_dicom"], headers=auth(keys["alice"]))
     with zipfile.ZipFile(io.BytesIO(dicom.content)) as z:
         first = pydicom.dcmread(io.BytesIO(z.read(z.namelist()[0])))
-    assert (first.Rows, first.Columns) == (320, 368)
+    assert (first.Rows, first.Columns) == (320, 320)
 
     def refused(data: bytes, spec: dict, text: str) -> None:
         r = submit(client, keys["alice"], data=data, spec=json.dumps(spec), nfe="4")
