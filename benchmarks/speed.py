@@ -1,19 +1,23 @@
-"""Seconds per slice on this CPU: the score reconstruction's engines against FISTA-TV.
+"""Seconds per slice on this CPU: the score reconstruction's engines and solver against FISTA-TV.
 
-A real held-out CT slice at 128² (the protocol's grid twice as fine, 23 views, Gaussian noise
-0.5 %), reconstructed by FISTA-TV (its weight tuned on 2 validation slices) and by ct-default
-with the fast sampler at the card's settings (100 NFE), under each engine:
+Real held-out CT slices at 128² (the protocol's grid twice as fine, 23 views, Gaussian noise
+0.5 %), reconstructed by FISTA-TV (its weight tuned on 2 validation slices) and by
+ct-default with the fast sampler at the card's settings (its NFE and warm start), under
+each engine:
 
 * torch fp32, torch with bf16 autocast (what the workers run where the CPU has bf16 units,
   models.registry.bf16_is_fast), ONNX Runtime fp32 (models/onnx_score.py);
 * K = 1 posterior sample and the card's K (posterior mean);
-* fewer network evaluations (NFE_SWEEP) on the workers' engine.
+* the solver: the card's warm start against the previous default (from noise, 100 NFE),
+  and half the card's NFE, on the workers' engine;
+* 256² (``--sizes 128 256``): the same slices on a 256² grid (from a 512² one), FISTA-TV
+  tuned there, and the 128² prior applied patch-wise (models/nets/patch.py).
 
-Each row: seconds per slice (after one warm-up run), PSNR, and the ratio to FISTA-TV's time.
-One run, one machine, in one process, so the rows compare. Not measured yet: 256² (the CT
-prior is 128²) and batching slices.
+Each row: seconds per slice (after one warm-up run), PSNR, and the ratio to FISTA-TV's time
+at the same size. One run, one machine, in one process, so the rows compare.
 
-Run: ``python benchmarks/speed.py [--slices 2]``. Writes docs/benchmarks/speed.{md,json,png}.
+Run: ``python benchmarks/speed.py [--slices 2] [--sizes 128 256]``.
+Writes docs/benchmarks/speed.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from models.registry import bf16_is_fast  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 MODEL, TASK, VIEWS, NOISE = "ct-default", "ct-sparse", 23, "gaussian:0.005"
-NFE_SWEEP = (50, 25)  # besides the card's 100
 
 
 def timed(fn, repeats: int = 1):
@@ -54,119 +57,157 @@ def timed(fn, repeats: int = 1):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slices", type=int, default=2, help="test slices (seconds averaged)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     args = parser.parse_args()
-    val = simulate(fine_slices("ct", "val", 128, 2), TASK, VIEWS, NOISE, seed=1)
-    weight, _ = tune_classical(val, "ct")
-    test = simulate(fine_slices("ct", "test", 128, args.slices), TASK, VIEWS, NOISE, seed=2)
-    rows = []
-
-    def measure(name: str, solve) -> None:
-        seconds, scores = [], []
-        for i in range(len(test.y)):
-            image, s = timed(lambda i=i: solve(i))
-            seconds.append(s)
-            scores.append(psnr(image.clamp(0, 1), test.reference[i]))
-        rows.append(
-            {"method": name, "seconds": statistics.fmean(seconds), "psnr": statistics.fmean(scores)}
-        )
-        print(f"  {name}: {rows[-1]['seconds']:.1f} s, {rows[-1]['psnr']:.2f} dB", flush=True)
-
-    measure(
-        f"FISTA-TV (weight {weight})",
-        lambda i: classical(
-            type(test)(test.operator, test.y[i : i + 1], test.reference, test.noise),
-            "ct",
-            weight,
-        )[0],
-    )
-    engines = [("torch fp32", {}), ("torch bf16", {"bf16": True})]
-    if available():
-        engines.append(("ONNX Runtime fp32", {"backend": "onnx"}))
+    rows: list[dict] = []
     default = ReconConfig.for_prior(Prior.load(MODEL), "ct")  # what a user gets
-    card_k = default.samples
-    for label, kw in engines:
-        prior = Prior.load(MODEL, **kw)
-        config = ReconConfig.for_prior(prior, "ct")
-        for k in sorted({1, card_k}):
-            measure(
-                f"score, {label}, K = {k}",
-                lambda i, p=prior, c=config, k=k: reconstruct(
-                    test.operator, test.y[i : i + 1], p, c, k, i
-                ).mean[0],
+    card_k, card_nfe = default.samples, default.n_steps * default.nfe_per_step()
+    for size in args.sizes:
+        val = simulate(fine_slices("ct", "val", 2 * size, 2), TASK, VIEWS, NOISE, seed=1)
+        weight, _ = tune_classical(val, "ct")
+        test = simulate(fine_slices("ct", "test", 2 * size, args.slices), TASK, VIEWS, NOISE, 2)
+
+        def measure(name: str, solve, test=test, size=size) -> None:
+            seconds, scores = [], []
+            for i in range(len(test.y)):
+                image, sec = timed(lambda i=i: solve(i))
+                seconds.append(sec)
+                scores.append(psnr(image.clamp(0, 1), test.reference[i]))
+            row = {"size": size, "method": name, "seconds": statistics.fmean(seconds)}
+            rows.append(row | {"psnr": statistics.fmean(scores)})
+            print(
+                f"  {size}² {name}: {row['seconds']:.1f} s, {rows[-1]['psnr']:.2f} dB", flush=True
             )
-    # Fewer network evaluations on the engine the workers pick here (bf16 where fast).
-    engine = {"bf16": bf16_is_fast()}
-    prior = Prior.load(MODEL, **engine)
-    for nfe in NFE_SWEEP:
-        config = ReconConfig.for_prior(prior, "ct", nfe=nfe)
-        for k in sorted({1, card_k}):
-            measure(
-                f"score, {prior.engine}, K = {k}, {nfe} NFE",
-                lambda i, c=config, k=k: reconstruct(
-                    test.operator, test.y[i : i + 1], prior, c, k, i
-                ).mean[0],
-            )
-    tv = rows[0]["seconds"]
+
+        def score(prior: Prior, config: ReconConfig, k: int, test=test):
+            return lambda i: reconstruct(
+                test.operator, test.y[i : i + 1], prior, config, k, i
+            ).mean[0]
+
+        def one(i: int, test=test, weight=weight):
+            return classical(
+                type(test)(test.operator, test.y[i : i + 1], test.reference, test.noise),
+                "ct",
+                weight,
+            )[0]
+
+        measure(f"FISTA-TV (weight {weight})", one)
+        engines = [("torch fp32", {}), ("torch bf16", {"bf16": True})]
+        if available() and size == 128:
+            engines.append(("ONNX Runtime fp32", {"backend": "onnx"}))
+        if size != 128:  # engines compared once; at other sizes the workers' engine only
+            engines = [(e, kw) for e, kw in engines if kw.get("bf16", False) == bf16_is_fast()]
+        for label, kw in engines:
+            prior = Prior.load(MODEL, **kw)
+            config = ReconConfig.for_prior(prior, "ct")
+            for k in sorted({1, card_k}) if size == 128 else (card_k,):
+                measure(f"score, {label}, K = {k}", score(prior, config, k))
+        # The solver's share, on the workers' engine: the previous default (from noise,
+        # 100 NFE) and half the card's NFE.
+        prior = Prior.load(MODEL, bf16=bf16_is_fast())
+        for label, start, nfe in (
+            ("from noise, 100 NFE", 1.0, 100),
+            (f"start {default.start:g}, {card_nfe // 2} NFE", default.start, card_nfe // 2),
+        ):
+            if size != 128 and start == default.start:
+                continue
+            config = ReconConfig.for_prior(prior, "ct", nfe=nfe)
+            config.start = start
+            measure(f"score, {prior.engine}, K = {card_k}, {label}", score(prior, config, card_k))
     for row in rows:
-        row["ratio"] = row["seconds"] / tv
+        tv = next(r for r in rows if r["size"] == row["size"] and r["method"].startswith("FISTA"))
+        row["ratio"] = row["seconds"] / tv["seconds"]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     result = {
         "machine": machine,
-        "slices": len(test.y),
-        "nfe": default.n_steps * default.nfe_per_step(),
+        "slices": args.slices,
+        "card": {"nfe": card_nfe, "start": default.start, "samples": card_k},
         "rows": rows,
         "date": time.strftime("%Y-%m-%d"),
     }
     (DOCS / "speed.json").write_text(json.dumps(result, indent=2))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
-    ax.barh([r["method"] for r in rows][::-1], [r["seconds"] for r in rows][::-1])
-    ax.set_xlabel("seconds per 128² slice")
-    ax.set_title(f"{machine}: score reconstruction engines vs FISTA-TV")
+    labels = [f"{r['size']}²: {r['method']}" for r in rows][::-1]
+    ax.barh(labels, [r["seconds"] for r in rows][::-1])
+    ax.set_xlabel("seconds per slice")
+    ax.set_title(f"{machine}: score reconstruction vs FISTA-TV")
     fig.tight_layout()
     fig.savefig(DOCS / "speed.png", dpi=90)
+    engine = Prior.load(MODEL, bf16=bf16_is_fast()).engine
     lines = [
         "# Speed: seconds per slice on this CPU",
         "",
         f"Measured by `python benchmarks/speed.py` on {machine} ({result['date']}): "
-        f"{len(test.y)} real held-out CT test slice(s) at 128², {VIEWS} views, Gaussian noise "
-        f"0.5 %, `{MODEL}` with the fast sampler at its card's settings ({result['nfe']} NFE), "
-        "FISTA-TV with its weight tuned on 2 validation slices. Seconds per slice after one "
-        "warm-up run; ratio to FISTA-TV's time. The workers run the network in bf16 where the "
-        f"CPU has bf16 units (here: {'yes' if bf16_is_fast() else 'no'}).",
+        f"{args.slices} real held-out CT test slice(s) at each size, {VIEWS} views, Gaussian "
+        f"noise 0.5 %, simulated on a grid twice as fine; `{MODEL}` with the fast sampler at "
+        f"its card's settings ({card_nfe} NFE, warm start {default.start:g}, K = {card_k}), "
+        "FISTA-TV with its weight tuned on 2 validation slices at the same size. Seconds per "
+        "slice after one warm-up run; ratio to FISTA-TV's time at that size. The workers run "
+        "the network in bf16 where the CPU has bf16 units (here: "
+        f"{'yes' if bf16_is_fast() else 'no'}). At 256² the 128² prior is applied patch-wise.",
         "",
-        "| method | s / slice | × FISTA-TV | PSNR (dB) |",
-        "|---|---|---|---|",
+        "| size | method | s / slice | × FISTA-TV | PSNR (dB) |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['method']} | {r['seconds']:.1f} | {r['ratio']:.1f} | {r['psnr']:.2f} |" for r in rows
+        f"| {r['size']}² | {r['method']} | {r['seconds']:.1f} | {r['ratio']:.1f} | "
+        f"{r['psnr']:.2f} |"
+        for r in rows
     ]
-    lines += ["", "![speed](speed.png)", ""] + findings(rows, card_k, prior.engine)
+    lines += ["", "![speed](speed.png)", ""] + findings(rows, card_k, engine, default, card_nfe)
     (DOCS / "speed.md").write_text("\n".join(lines))
 
 
-def findings(rows: list[dict], k: int, engine: str) -> list[str]:
+def findings(rows: list[dict], k: int, engine: str, default: ReconConfig, nfe: int) -> list[str]:
     """What the table says about each speed-up against the issue's 0.2 dB rule."""
-    by = {r["method"]: r for r in rows}
-    default = by[f"score, {engine}, K = {k}"]
+    by = {(r["size"], r["method"]): r for r in rows}
+    card = by[128, f"score, {engine}, K = {k}"]
     out = ["What the table says:", ""]
-    fp32, bf16 = by[f"score, torch fp32, K = {k}"], by[f"score, torch bf16, K = {k}"]
+    fp32, bf16 = by[128, f"score, torch fp32, K = {k}"], by[128, f"score, torch bf16, K = {k}"]
     out.append(
         f"- bf16 against fp32 at K = {k}: {bf16['psnr'] - fp32['psnr']:+.2f} dB, "
         f"{1 - bf16['seconds'] / fp32['seconds']:.0%} less time; the workers use it where the "
         "CPU has bf16 units (`SCORERECON_BF16`, unset: `models.registry.bf16_is_fast`)."
     )
-    for nfe in NFE_SWEEP:
-        row = by[f"score, {engine}, K = {k}, {nfe} NFE"]
-        keep = "within" if default["psnr"] - row["psnr"] < 0.2 else "beyond"
+    onnx = by.get((128, f"score, ONNX Runtime fp32, K = {k}"))
+    if onnx is not None:
         out.append(
-            f"- {nfe} NFE at K = {k}: {row['psnr'] - default['psnr']:+.2f} dB against the card's "
-            f"100, {row['ratio']:.1f}× FISTA-TV's time ({keep} the 0.2 dB rule)."
+            f"- ONNX Runtime against torch fp32 at K = {k}: "
+            f"{1 - onnx['seconds'] / fp32['seconds']:.0%} less time; not used by the workers "
+            "where bf16 is faster."
         )
+    noise = by[128, f"score, {engine}, K = {k}, from noise, 100 NFE"]
+    out.append(
+        f"- The warm start (start {default.start:g}, {nfe} NFE) against the previous default "
+        f"(from noise, 100 NFE): {card['psnr'] - noise['psnr']:+.2f} dB, "
+        f"{noise['seconds'] / card['seconds']:.1f}× faster "
+        f"({'within' if noise['psnr'] - card['psnr'] < 0.2 else 'beyond'} the 0.2 dB rule)."
+    )
+    half = by[128, f"score, {engine}, K = {k}, start {default.start:g}, {nfe // 2} NFE"]
+    out.append(
+        f"- {nfe // 2} NFE at the same start: {half['psnr'] - card['psnr']:+.2f} dB against the "
+        f"card's {nfe}, {half['ratio']:.1f}× FISTA-TV's time "
+        f"({'within' if card['psnr'] - half['psnr'] < 0.2 else 'beyond'} the 0.2 dB rule)."
+    )
+    tv128 = next(r for (s, m), r in by.items() if s == 128 and m.startswith("FISTA"))
+    out.append(
+        f"- The default reconstruction at 128²: {card['ratio']:.1f}× FISTA-TV's time per slice "
+        f"(aim ≤ 1×, floor ≤ 3×), {card['psnr'] - tv128['psnr']:+.2f} dB."
+    )
+    for size in sorted({r["size"] for r in rows} - {128}):
+        mine = by.get((size, f"score, {engine}, K = {k}"))
+        tv = next(r for (s, m), r in by.items() if s == size and m.startswith("FISTA"))
+        if mine is not None:
+            out.append(
+                f"- At {size}²: {mine['ratio']:.1f}× FISTA-TV's time, "
+                f"{mine['psnr'] - tv['psnr']:+.2f} dB."
+            )
     out += [
         "- K = 1 draws no posterior std, so the card's K stays the default; a client may ask "
         "for fewer NFE or samples per job.",
         "",
-        "Volumes (a stack per job, TV across slices): docs/benchmarks/volume.md.",
+        "Volumes: docs/benchmarks/volume.md (TV across slices) and "
+        "docs/benchmarks/volume_gateway.md (a 64-slice volume through the gateway).",
         "",
     ]
     return out

@@ -497,11 +497,6 @@ def reconstruct(
     if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
         raise ValueError("noise_std must be a finite number >= 0 (or None: estimated)")
     h, w = operator.image_shape
-    if (h, w) != (prior.image_size, prior.image_size) and not operator.complex_measurements:
-        raise ValueError(
-            f"image_size {operator.image_size} differs from the prior's {prior.image_size}; "
-            f"set the spec's image_size to {prior.image_size}"
-        )
     method = _resolve_method(operator, config)
     started = time.perf_counter()
     sde, op = prior.sde, operator
@@ -574,7 +569,7 @@ def reconstruct(
 
     score_fn = prior.score_fn
     if (h, w) != (prior.image_size, prior.image_size) and not prior.any_size:
-        # MR images of another size: the prior applied patch-wise (models/nets/patch.py).
+        # Images of another size: the prior applied patch-wise (models/nets/patch.py).
         score_fn = tiled_score(
             score_fn, prior.image_size, lambda t: _coefficients(sde, t)[1].float(), seed
         )
