@@ -109,7 +109,7 @@ def main() -> None:
             ("from noise, 100 NFE", 1.0, 100),
             (f"start {default.start:g}, {card_nfe // 2} NFE", default.start, card_nfe // 2),
         ):
-            if size != 128 and start == default.start:
+            if size != 128:
                 continue
             config = ReconConfig.for_prior(prior, "ct", nfe=nfe)
             config.start = start
