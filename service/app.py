@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.inverse import DEFAULT_NFE, DEFAULT_SAMPLER, RECON_SAMPLERS, ReconConfig
+from models.inverse import DEFAULT_SAMPLER, RECON_SAMPLERS, ReconConfig
 from models.measurements import (
     MeasurementError,
     MeasurementTooLarge,
@@ -387,7 +387,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
         model: Annotated[str, Form()] = "ct-default",
         sampler: Annotated[str, Form()] = DEFAULT_SAMPLER,
-        nfe: Annotated[int, Form(ge=2, le=5000)] = DEFAULT_NFE,
+        nfe: Annotated[
+            int | None,
+            Form(
+                ge=2,
+                le=5000,
+                description="network evaluations per posterior sample; omitted: the model "
+                "card's default (with its warm start, docs/benchmarks/warm_start.md)",
+            ),
+        ] = None,
         samples: Annotated[
             int | None,
             Form(
@@ -440,8 +448,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         y = _parse_measurement(raw, parsed)
         noise = _parse_noise_scan(raw, parsed, y)
         pixels = parsed.shape[0] * parsed.shape[1]
-        if samples is None:
-            samples = ReconConfig.from_card(card, parsed.modality, sampler).samples
+        multicoil = parsed.sensitivities == "espirit" or (parsed.coils or 1) > 1
+        defaults = ReconConfig.from_card(
+            card, parsed.modality, sampler, nfe, "multicoil" if multicoil else None
+        )
+        samples = defaults.samples if samples is None else samples
+        nfe = defaults.n_steps * defaults.nfe_per_step() if nfe is None else nfe
         # One worker's share is what the per-job limit bounds: a volume split into slabs
         # (SCORERECON_SLAB_SLICES) costs each worker one slab; the owner's cap counts all.
         batch = 1 if needs_data(parsed) else BATCH_SLICES

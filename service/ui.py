@@ -335,8 +335,8 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         spec: Annotated[str, Form()],
         model: Annotated[str, Form()],
         sampler: Annotated[str, Form()] = "fast",
-        nfe: Annotated[int, Form()] = 100,
-        samples: Annotated[int, Form()] = 4,
+        nfe: Annotated[int | None, Form()] = None,  # empty: the model card's default
+        samples: Annotated[int | None, Form()] = None,
     ) -> Response:
         p = user(request)
         if p is None:

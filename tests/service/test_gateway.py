@@ -371,6 +371,29 @@ def test_the_per_job_cost_limit_counts_one_slab_of_a_split_volume(gateway, setti
     assert refused.status_code == 422 and "slices per slab" in refused.json()["detail"]
 
 
+def test_nfe_and_samples_omitted_take_the_cards_defaults(gateway, settings):
+    """A request without ``nfe`` or ``samples`` gets the model card's (its warm start
+    included): what the benchmarks chose, not a constant of the gateway."""
+    from models.registry import update_card
+
+    client, keys, _ = gateway
+    update_card(
+        settings.models / "tiny32", {"recon": {"ct": {"nfe": 7, "start": 0.5, "samples": 3}}}
+    )
+    r = client.post(
+        "/v1/reconstructions",
+        files={"measurement": ("y.npy", ct_measurement())},
+        data={"spec": CT_SPEC, "model": "tiny32"},
+        headers=auth(keys["alice"]),
+    )
+    assert r.status_code == 202, r.text
+    assert (r.json()["params"]["nfe"], r.json()["params"]["samples"]) == (7, 3)
+    done = wait(client, keys["alice"], r.json()["id"])
+    assert done["state"] == "succeeded", done["error"]
+    report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
+    assert report["nfe"] == 7 and report["provenance"]["config.start"] == 0.5
+
+
 def test_a_cancelled_volume_cancels_its_slabs(gateway, settings):
     client, keys, app = gateway
     settings.slab_slices = 4
