@@ -63,9 +63,9 @@ def main() -> None:
     default = ReconConfig.for_prior(Prior.load(MODEL), "ct")  # what a user gets
     card_k, card_nfe = default.samples, default.n_steps * default.nfe_per_step()
     for size in args.sizes:
-        val = simulate(fine_slices("ct", "val", 2 * size, 2), TASK, VIEWS, NOISE, seed=1)
+        val = simulate(fine_slices("ct", "val", size, 2), TASK, VIEWS, NOISE, seed=1)
         weight, _ = tune_classical(val, "ct")
-        test = simulate(fine_slices("ct", "test", 2 * size, args.slices), TASK, VIEWS, NOISE, 2)
+        test = simulate(fine_slices("ct", "test", size, args.slices), TASK, VIEWS, NOISE, 2)
 
         def measure(name: str, solve, test=test, size=size) -> None:
             seconds, scores = [], []
