@@ -67,7 +67,7 @@ def _cli(*args: str, env: dict) -> str:
     return subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
 
 
-def run(out: Path, nfe: int, samples: int) -> dict:
+def run(out: Path, nfe: int | None = None, samples: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SCORERECON_HOME": str((out / ".service").resolve())}
     key = json.loads(
@@ -122,7 +122,9 @@ def _get(client: httpx.Client, url: str) -> httpx.Response:
         time.sleep(float(r.headers.get("Retry-After", "1")))
 
 
-def _one(client, out: Path, name: str, spec: dict, image, model: str, nfe: int, k: int) -> dict:
+def _one(
+    client, out: Path, name: str, spec: dict, image, model: str, nfe: int | None, k: int | None
+) -> dict:
     op = from_spec(spec)
     with torch.no_grad():
         y = op.forward(image)
@@ -135,8 +137,9 @@ def _one(client, out: Path, name: str, spec: dict, image, model: str, nfe: int, 
             "spec": json.dumps(spec),
             "model": model,
             "sampler": "fast",
-            "nfe": str(nfe),
-            "samples": str(k),
+            # omitted: the card's defaults, what any client gets
+            **({"nfe": str(nfe)} if nfe is not None else {}),
+            **({"samples": str(k)} if k is not None else {}),
         },
     )
     r.raise_for_status()
@@ -196,8 +199,8 @@ def _one(client, out: Path, name: str, spec: dict, image, model: str, nfe: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="out")
-    parser.add_argument("--nfe", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--nfe", type=int, default=None, help="default: the model card's")
+    parser.add_argument("--samples", type=int, default=None, help="default: the model card's")
     args = parser.parse_args()
     results = run(Path(args.out), args.nfe, args.samples)
     if not results:
