@@ -48,9 +48,11 @@ bench: setup
 	$(PY) benchmarks/priors.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality_real.py
+	$(PY) benchmarks/warm_start.py
 	$(PY) benchmarks/mri_multicoil.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/volume.py
+	$(PY) benchmarks/volume_gateway.py
 	$(PY) benchmarks/priors_compare.py
 	$(PY) benchmarks/reliability.py
 	$(PY) benchmarks/gateway.py
