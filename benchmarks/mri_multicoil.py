@@ -368,9 +368,11 @@ def main() -> None:
         update_card(MODEL, {"recon": recon})
         prior = Prior.load(MODEL, bf16=True)
     for name in args.tasks:
+        # With --tv, the λ table of the run that chose it stays in the doc.
+        earlier = results.get(name, {}).get("tv_selection", {})
         results[name] = run(name, args.n, vals[name], prior, tv, start, nfe) | {
             "note": args.note,
-            "tv_selection": {f"{k:g}": v for k, v in table.get(name, {}).items()},
+            "tv_selection": {f"{k:g}": v for k, v in table.get(name, {}).items()} or earlier,
             "start_selection": {f"{a:g}/{b}": v for (a, b), v in starts.get(name, {}).items()},
         }
         store.write_text(json.dumps(results, indent=2))
