@@ -482,7 +482,8 @@ def _store_reconstruction(
     """Store a reconstruction's arrays, preview and report.json, and succeed the job; an
     MR image solved on more encoded columns than its header displays is cropped, centred,
     to them (``display_columns``, fastMRI's reconSpace)."""
-    jobs.set_fields(job.id, phase="storing")
+    # Compare-and-set: a second assembler of a volume must not touch a finished job.
+    jobs.transition(job.id, ["running"], "running", phase="storing")
     columns = job.params.get("display_columns")
     if columns and columns < rec.mean.shape[-1]:
         info = {**info, "reconstructed_columns": int(rec.mean.shape[-1])}
