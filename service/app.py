@@ -1150,11 +1150,16 @@ def _model_summary(name: str, settings: Settings) -> dict:
     }
 
 
+PATCH_WISE_MAX = 4  # a CT image's side may be up to this many times its prior's (512 for 128)
+
+
 def _check_model(
     name: str, image_size: int | tuple[int, int], settings: Settings, modality: str
 ) -> dict:
     """The model's card, once the model exists, is usable and fits the modality; a CT image
-    must have the prior's size (MR images of another size are reconstructed patch-wise)."""
+    of another size than the prior's is reconstructed with the prior applied patch-wise, up
+    to PATCH_WISE_MAX times its side (docs/benchmarks/speed.md measures 256² with a 128²
+    prior; MR images of any size are, as their matrices are rectangular)."""
     if name not in _model_names(settings):
         raise Problem(
             422, "Unknown model", f"model '{name}' not found; see GET /v1/models", "model"
@@ -1172,12 +1177,14 @@ def _check_model(
             f"'{modality}'; choose a {modality.upper()} model (see GET /v1/models)",
             "model",
         )
-    if modality == "ct" and card.get("image_size") != image_size:
+    trained = int(card.get("image_size") or 0)
+    if modality == "ct" and not (image_size == trained or image_size <= PATCH_WISE_MAX * trained):
+        limit = PATCH_WISE_MAX * trained
         raise Problem(
             422,
-            "Image size mismatch",
-            f"model '{name}' reconstructs {card.get('image_size')}² images; "
-            f"set the spec's image_size to {card.get('image_size')}",
+            "Image size too large",
+            f"model '{name}' reconstructs CT images up to {limit}² (its {trained}² prior "
+            f"applied patch-wise); set the spec's image_size to {limit} or less",
             "spec.image_size",
         )
     return card

@@ -90,12 +90,12 @@ def test_bad_source_attributes_are_refused(gateway):
         ({"sampler": "magic"}, 422, "sampler", "one of"),
         (
             {
-                "spec": '{"modality": "ct", "image_size": 64, "n_views": 8}',
-                "data": ct_measurement((1, 8, 93)),
+                "spec": '{"modality": "ct", "image_size": 256, "n_views": 8}',
+                "data": ct_measurement((1, 8, 365)),
             },
             422,
             "spec.image_size",
-            "set the spec's image_size",
+            "set the spec's image_size to 128 or less",
         ),
     ],
 )
@@ -392,6 +392,17 @@ def test_nfe_and_samples_omitted_take_the_cards_defaults(gateway, settings):
     assert done["state"] == "succeeded", done["error"]
     report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
     assert report["nfe"] == 7 and report["provenance"]["config.start"] == 0.5
+
+
+def test_a_ct_image_larger_than_the_prior_is_reconstructed_patch_wise(gateway):
+    client, keys, _ = gateway
+    spec = '{"modality": "ct", "image_size": 64, "n_views": 8}'
+    r = submit(client, keys["alice"], data=ct_measurement((1, 8, 93)), spec=spec, samples="2")
+    assert r.status_code == 202, r.text
+    done = wait(client, keys["alice"], r.json()["id"])
+    assert done["state"] == "succeeded", done["error"]
+    npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"])).content
+    assert np.load(io.BytesIO(npy)).shape == (1, 1, 64, 64)
 
 
 def test_a_cancelled_volume_cancels_its_slabs(gateway, settings):
