@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -235,6 +235,24 @@ class Reconstruction:
     phase: torch.Tensor | None = None  # (B, 1, H, W) radians, MRI only
     warnings: list[str] = field(default_factory=list)
     diverged: str | None = None  # why the result is not an image, or None
+
+    def centre_columns(self, columns: int) -> Reconstruction:
+        """The images cut to their central ``columns`` (an MR scanner's displayed field of
+        view, reconSpace, of an image solved on all encoded lines)."""
+        phase = None if self.phase is None else centre_columns(self.phase, columns)
+        return replace(
+            self,
+            mean=centre_columns(self.mean, columns),
+            std=centre_columns(self.std, columns),
+            samples=centre_columns(self.samples, columns),
+            phase=phase,
+        )
+
+
+def centre_columns(x: torch.Tensor, columns: int) -> torch.Tensor:
+    """The central ``columns`` of images (…, H, W)."""
+    left = (x.shape[-1] - columns) // 2
+    return x[..., left : left + columns].contiguous()
 
 
 def merge(parts: list[Reconstruction]) -> Reconstruction:

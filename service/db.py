@@ -166,22 +166,9 @@ class JobStore:
         """Queue an export of ``source``'s series to ``destination``; returns the export
         job's id. With ``job_id`` given, adding it twice is harmless (the first one stays)."""
         export_id = job_id or new_id()
-        try:
-            with self.session() as s:
-                s.add(
-                    Job(
-                        id=export_id,
-                        kind="export",
-                        owner=source.owner,
-                        spec={},
-                        model=source.model,
-                        params={"destination": destination, "source_job": source.id},
-                        result_keys=[],
-                    )
-                )
-        except IntegrityError:
-            if job_id is None:
-                raise
+        params = {"destination": destination, "source_job": source.id}
+        if not self._add_internal(export_id, "export", source, params) and job_id is None:
+            raise IntegrityError("duplicate export id", None, Exception(export_id))
         return export_id
 
     def add_slabs(self, volume: Job, ranges: list[tuple[int, int]]) -> list[str]:
@@ -191,23 +178,36 @@ class JobStore:
         created = []
         for start, stop in ranges:
             part = slab_id(volume.id, start)
-            try:
-                with self.session() as s:
-                    s.add(
-                        Job(
-                            id=part,
-                            kind="slab",
-                            owner=volume.owner,
-                            spec={},
-                            model=volume.model,
-                            params={"volume": volume.id, "start": start, "stop": stop},
-                            result_keys=[],
-                        )
-                    )
+            params = {"volume": volume.id, "start": start, "stop": stop}
+            if self._add_internal(part, "slab", volume, params):
                 created.append(part)
-            except IntegrityError:
-                pass
         return created
+
+    def _add_internal(self, job_id: str, kind: str, parent: Job, params: dict) -> bool:
+        """A queued job that a job creates (an export, a slab), owned as its parent; False
+        if ``job_id`` exists already."""
+        try:
+            with self.session() as s:
+                s.add(
+                    Job(
+                        id=job_id,
+                        kind=kind,
+                        owner=parent.owner,
+                        spec={},
+                        model=parent.model,
+                        params=params,
+                        result_keys=[],
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """The jobs of ``job_ids`` in one query, in that order (None where absent)."""
+        with self.sessions() as s:
+            found = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(job_ids)))}
+        return [found.get(i) for i in job_ids]
 
     def transition(
         self,

@@ -10,7 +10,6 @@ step (or 50 ms, for steps shorter than that).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import io
 import json
@@ -31,7 +30,15 @@ from sqlalchemy.exc import OperationalError
 
 from models.baselines import baseline_name, reconstruct_baseline
 from models.figures import preview
-from models.inverse import Cancelled, Prior, ReconConfig, Reconstruction, merge, reconstruct
+from models.inverse import (
+    Cancelled,
+    Prior,
+    ReconConfig,
+    Reconstruction,
+    centre_columns,
+    merge,
+    reconstruct,
+)
 from models.io import save_png
 from models.physics import SpecError, needs_data, parse_spec, slice_problems
 from models.physics.ct import remove_metal_trace
@@ -487,7 +494,7 @@ def _store_reconstruction(
     columns = job.params.get("display_columns")
     if columns and columns < rec.mean.shape[-1]:
         info = {**info, "reconstructed_columns": int(rec.mean.shape[-1])}
-        rec, base = _crop_columns(rec, columns), _centre_columns(base, columns)
+        rec, base = rec.centre_columns(columns), centre_columns(base, columns)
     _put_npy(results, job.id, "recon.npy", rec.mean.numpy())
     _put_npy(results, job.id, "std.npy", rec.std.numpy())
     _put_npy(results, job.id, "baseline.npy", base.numpy())
@@ -516,22 +523,6 @@ def _store_reconstruction(
     keys = ["recon.npy", "std.npy", "baseline.npy", "preview.png"]
     keys += ["phase.npy"] if rec.phase is not None else []
     return _succeed(job, jobs, results, report, keys, **fields)
-
-
-def _centre_columns(x: torch.Tensor, columns: int) -> torch.Tensor:
-    left = (x.shape[-1] - columns) // 2
-    return x[..., left : left + columns].contiguous()
-
-
-def _crop_columns(rec: Reconstruction, columns: int) -> Reconstruction:
-    """The reconstruction's images cut to their central ``columns``."""
-    return dataclasses.replace(
-        rec,
-        mean=_centre_columns(rec.mean, columns),
-        std=_centre_columns(rec.std, columns),
-        samples=_centre_columns(rec.samples, columns),
-        phase=None if rec.phase is None else _centre_columns(rec.phase, columns),
-    )
 
 
 def _sampling_phase(done: float, slices: int) -> str:
@@ -573,7 +564,7 @@ def _split(job, jobs: JobStore, results: ResultStore, slabs: list[tuple[int, int
 
 
 def _parts(jobs: JobStore, volume) -> list:
-    return [jobs.get(slab_id(volume.id, start)) for start, _ in volume.params["slabs"]]
+    return jobs.get_many([slab_id(volume.id, start) for start, _ in volume.params["slabs"]])
 
 
 def _slab(
