@@ -57,15 +57,16 @@ def test_mri_with_a_smooth_phase_and_noise_does_not_blow_up():
 
 
 def test_the_default_sampler_is_within_half_a_db_of_the_best(ct_prior):
-    """The default (fast, 100 NFE) against PC at four times the budget, on a held-out
-    phantom at 23 views with noise."""
+    """The default (the card's sampler, start and NFE: fast, warm-started, 40 NFE) against
+    PC from noise at 400 NFE, on a held-out phantom at 23 views with noise."""
     op = from_spec({"modality": "ct", "image_size": 128, "n_views": 23})
     x = ct_phantoms(1, 128, seed=12)
     y = add_noise(op.forward(x), 0.002 * float(op.forward(x).max()), torch.Generator())
     scores = {}
-    for sampler, nfe in (("fast", None), ("pc", 400)):
+    for sampler, nfe in ((None, None), ("pc", 400)):
         config = ReconConfig.for_prior(ct_prior, "ct", sampler, nfe)
         rec = reconstruct(op, y, ct_prior, config)
-        scores[(sampler, rec.nfe)] = psnr(rec.mean[0].clamp(0, 1), x[0])
-    default = scores[("fast", 100)]
-    assert default >= max(scores.values()) - 0.5, scores
+        scores[(config.sampler, rec.nfe)] = psnr(rec.mean[0].clamp(0, 1), x[0])
+    default, best = next(iter(scores.values())), max(scores.values())
+    assert list(scores)[0][1] < 400, scores  # the default is the cheaper one
+    assert default >= best - 0.5, scores
