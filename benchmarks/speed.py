@@ -102,6 +102,11 @@ def main() -> None:
             config = ReconConfig.for_prior(prior, "ct")
             for k in sorted({1, card_k}) if size == 128 else (card_k,):
                 measure(f"score, {label}, K = {k}", score(prior, config, k))
+            if size != 128:  # the other application of the 128² prior than the card's
+                other = ReconConfig.for_prior(prior, "ct")
+                other.patch_wise = not config.patch_wise
+                name = "patch-wise" if other.patch_wise else "whole"
+                measure(f"score, {label}, K = {card_k}, {name}", score(prior, other, card_k))
         # The solver's share, on the workers' engine: the previous default (from noise,
         # 100 NFE) and half the card's NFE.
         prior = Prior.load(MODEL, bf16=bf16_is_fast())
@@ -144,7 +149,9 @@ def main() -> None:
         "FISTA-TV with its weight tuned on 2 validation slices at the same size. Seconds per "
         "slice after one warm-up run; ratio to FISTA-TV's time at that size. The workers run "
         "the network in bf16 where the CPU has bf16 units (here: "
-        f"{'yes' if bf16_is_fast() else 'no'}). At 256² the 128² prior is applied patch-wise.",
+        f"{'yes' if bf16_is_fast() else 'no'}). Above 128² the 128² prior is applied "
+        f"{'patch-wise' if default.patch_wise else 'to the whole image'} as its card says "
+        "(benchmarks/larger_images.py chose), and the other way in the row so named.",
         "",
         "| size | method | s / slice | × FISTA-TV | PSNR (dB) |",
         "|---|---|---|---|---|",
@@ -201,6 +208,15 @@ def findings(rows: list[dict], k: int, engine: str, default: ReconConfig, nfe: i
             out.append(
                 f"- At {size}²: {mine['ratio']:.1f}× FISTA-TV's time, "
                 f"{mine['psnr'] - tv['psnr']:+.2f} dB."
+            )
+        other = next(
+            (r for (s, m), r in by.items() if s == size and m.endswith(("-wise", "whole"))), None
+        )
+        if mine is not None and other is not None:
+            out.append(
+                f"- At {size}², {other['method'].rsplit(', ', 1)[1]} instead: "
+                f"{other['psnr'] - mine['psnr']:+.2f} dB, "
+                f"{other['seconds'] / mine['seconds']:.2f}× the time."
             )
     out += [
         "- K = 1 draws no posterior std, so the card's K stays the default; a client may ask "

@@ -127,6 +127,15 @@ class Prior:
         return (self.card.get("architecture") or {}).get("name") == "ncsnpp-patch"
 
     @property
+    def size_multiple(self) -> int:
+        """What an image side must be a multiple of for the network to take it whole: 2 per
+        downsampling of its U-Net (``channel_mult`` levels; NCSN wraps the same U-Net)."""
+        from models.nets.ncsnpp import NetConfig
+
+        arch = self.card.get("architecture") or {}
+        return 2 ** (len(arch.get("channel_mult") or NetConfig.channel_mult) - 1)
+
+    @property
     def modality(self) -> str | None:
         """``ct`` or ``mri`` when the card says what the prior was trained on."""
         from models.registry import card_modality
@@ -160,6 +169,7 @@ class ReconConfig:
     start: float = 1.0  # fast sampler: starting time as a fraction of T (< 1: from the data)
     start_cg_iters: int = 20  # CG iterations of the least-squares image it then starts from
     clip: bool = True  # fast sampler: clip each clean estimate to [0, 1] before data consistency
+    patch_wise: bool = True  # images larger than a whole-image prior: patch-wise, or whole
     langevin_gamma: float = 1.0
     samples: int = 1  # posterior samples K averaged into the result when the caller names none
 
@@ -587,9 +597,10 @@ def reconstruct(
 
     score_fn = prior.score_fn
     if (h, w) != (prior.image_size, prior.image_size) and not prior.any_size:
-        # Images of another size: the prior applied patch-wise (models/nets/patch.py).
+        # Images of another size: the prior applied patch-wise or whole (models/nets/patch.py).
+        whole = None if config.patch_wise else prior.size_multiple
         score_fn = tiled_score(
-            score_fn, prior.image_size, lambda t: _coefficients(sde, t)[1].float(), seed
+            score_fn, prior.image_size, lambda t: _coefficients(sde, t)[1].float(), seed, whole
         )
     if method == "langevin":
         score_fn = _likelihood_score(score_fn, sde, op, y_rep, sigma_rep, config)

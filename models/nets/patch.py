@@ -134,13 +134,23 @@ def tiled_score(
     tile: int,
     pad_std: Callable[[torch.Tensor], torch.Tensor],
     seed: int = 0,
+    whole: int | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A whole-image score of side ``tile`` applied to images of any size. An image that
     fits is padded: centred on one tile×tile canvas whose margin is noise of std
     ``pad_std(t)`` (the marginal of a zero background), one evaluation. A larger one is
     scored patch-wise, on a shifted partition into tile×tile pieces (:func:`partition_apply`)
-    whose seams move at every call."""
+    whose seams move at every call; or, with ``whole`` (the network's size multiple, for a
+    fully convolutional one), whole, on a canvas padded the same way to the next multiple
+    of ``whole``: one evaluation of the network at the image's size, no seams."""
     gen = torch.Generator().manual_seed(seed)
+
+    def padded(x: torch.Tensor, t: torch.Tensor, std: torch.Tensor, rows: int, cols: int):
+        h, w = x.shape[-2:]
+        top, left = (rows - h) // 2, (cols - w) // 2
+        canvas = torch.randn((*x.shape[:2], rows, cols), generator=gen).to(x) * std
+        canvas[..., top : top + h, left : left + w] = x
+        return score_fn(canvas, t)[..., top : top + h, left : left + w]
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -149,10 +159,9 @@ def tiled_score(
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() in (1, x.shape[0]) else t
         std = pad_std(t).reshape(-1, 1, 1, 1).to(x)
         if h <= tile and w <= tile:
-            top, left = (tile - h) // 2, (tile - w) // 2
-            canvas = torch.randn((*x.shape[:2], tile, tile), generator=gen).to(x) * std
-            canvas[..., top : top + h, left : left + w] = x
-            return score_fn(canvas, t)[..., top : top + h, left : left + w]
+            return padded(x, t, std, tile, tile)
+        if whole:
+            return padded(x, t, std, -(-h // whole) * whole, -(-w // whole) * whole)
         return partition_apply(x, t, tile, std, lambda v, _a, _b, tt: score_fn(v, tt), gen)
 
     return score

@@ -160,3 +160,31 @@ def test_a_whole_image_score_applies_patch_wise_to_any_size():
     x = torch.rand(1, 1, 24, 24)
     first, second = score(x, t[:1]), score(x, t[:1])
     assert not torch.equal(first, second)
+
+
+def test_a_fully_convolutional_score_can_take_a_larger_image_whole():
+    """``tiled_score(whole=m)``: an image larger than the tile goes to the score in one
+    piece, centred on a canvas padded to the next multiple of m (noise of the background's
+    std beyond it), and comes back at its own size; a smaller one still fills one tile."""
+    seen = []
+
+    def local(x, t):
+        seen.append(tuple(x.shape[-2:]))
+        return -2.0 * x + t.reshape(-1, 1, 1, 1)
+
+    score = tiled_score(local, 8, lambda t: torch.zeros_like(t), seed=0, whole=4)
+    t = torch.full((2,), 0.3)
+    for shape, canvas in [((20, 12), (20, 12)), ((21, 13), (24, 16)), ((5, 7), (8, 8))]:
+        x = torch.rand(2, 1, *shape)
+        seen.clear()
+        got = score(x, t)
+        assert seen == [canvas]
+        assert torch.allclose(got, local(x, t))
+
+    # No seams: a score that sees the whole canvas's mean gives one value everywhere.
+    def mean_score(x, t):
+        return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
+
+    x = torch.rand(1, 1, 24, 24)
+    got = tiled_score(mean_score, 8, lambda t: torch.zeros_like(t), whole=8)(x, t[:1])
+    assert torch.allclose(got, x.mean().expand_as(x))
