@@ -49,6 +49,7 @@ bench: setup
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality_real.py
 	$(PY) benchmarks/warm_start.py --write-card
+	$(PY) benchmarks/larger_images.py --write-card
 	$(PY) benchmarks/mri_multicoil.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/volume.py
