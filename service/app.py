@@ -40,6 +40,8 @@ from models.measurements import (
 )
 from models.physics import SpecError, needs_data, parse_spec
 from models.registry import ModelError, bundled_models, card_modality, load_card, resolve
+from service.api_docs import PAGES as DOC_PAGES
+from service.api_docs import add_docs
 from service.archives import ArchiveError, extract
 from service.auth import Principal, authenticate, create_key, list_keys, revoke_key
 from service.db import (
@@ -221,11 +223,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Score-based reconstruction of sparse-view CT and undersampled MRI.",
         lifespan=lifespan,
+        docs_url=None,  # served from the package, not a CDN (service/api_docs.py)
+        redoc_url=None,
     )
+    add_docs(app)
     app.state.settings, app.state.jobs, app.state.results = settings, jobs, results
     app.state.executor = executor
-    docs = (app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
-    app.add_middleware(SecurityHeaders, docs_paths=[p for p in docs if p])
+    app.add_middleware(SecurityHeaders, docs_paths=DOC_PAGES)
 
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:

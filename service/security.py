@@ -3,10 +3,11 @@
 The console (``/ui``) loads only its own script, style sheet and images, so its policy
 allows nothing else: no inline script, no other site, no framing, forms only to itself.
 API answers are data, never pages to run, so theirs allows nothing at all. ``/docs`` and
-``/redoc`` are FastAPI's Swagger UI and ReDoc pages, which load from a CDN
-(cdn.jsdelivr.net, Google Fonts) and start with an inline script; they get a policy naming
-those hosts and the SHA-256 of their own inline scripts (computed from the page the app
-generates, which holds no request data), so no other inline script would run there.
+``/redoc`` are FastAPI's Swagger UI and ReDoc pages, which load their assets from this
+server (service/api_docs.py: no CDN, a hospital network has no internet) and start with an
+inline script; they get a policy allowing this origin and the SHA-256 of their own inline
+scripts (computed from the page the app generates, which holds no request data), so no
+other inline script would run there.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ CONSOLE_CSP = (
     "frame-ancestors 'none'"
 )
 API_CSP = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-CDN = "https://cdn.jsdelivr.net"
 HEADERS = {
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
@@ -37,17 +37,16 @@ INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
 
 
 def docs_csp(html: bytes) -> str:
-    """The policy for a docs page: its CDN, and its own inline scripts by hash."""
+    """The policy for a docs page: this origin, and its own inline scripts by hash."""
     hashes = " ".join(
         f"'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'"
         for body in INLINE_SCRIPT.findall(html)
     )
     return (
-        f"default-src 'none'; script-src {CDN} {hashes}".rstrip()
-        + f"; style-src {CDN} https://fonts.googleapis.com 'unsafe-inline'; "
-        f"img-src 'self' data: {CDN} https://fastapi.tiangolo.com; "
-        "font-src https://fonts.gstatic.com; connect-src 'self'; worker-src blob:; "
-        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+        f"default-src 'none'; script-src 'self' {hashes}".rstrip()
+        + "; style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self'; "
+        "connect-src 'self'; worker-src blob:; object-src 'none'; base-uri 'none'; "
+        "form-action 'self'; frame-ancestors 'none'"
     )
 
 

@@ -242,6 +242,9 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("GET", "/docs"): Rule("public", 200),
     ("GET", "/docs/oauth2-redirect"): Rule("public", 200),
     ("GET", "/redoc"): Rule("public", 200),
+    ("MOUNT", "/docs-assets"): Rule(
+        "public", 200, request=lambda g: {"url": "/docs-assets/swagger-ui-bundle.js"}
+    ),
     ("MOUNT", "/ui/static"): Rule(
         "public", 200, request=lambda g: {"url": "/ui/static/console.js"}
     ),
@@ -1496,7 +1499,7 @@ def _expected_csp(path: str, html: bytes) -> str:
 def test_security_headers_on_api_console_and_docs(gw, record):
     """Every route (the matrix's requests, as the owner and as the admin), refusals,
     unknown paths and a refused forgery carry the four headers; the console's policy runs
-    only its own files, the API's nothing, the docs' only the CDN and their own inline
+    only its own files, the API's nothing, the docs' only this origin and their own inline
     scripts by hash."""
     wrong, seen = [], 0
     responses = []
@@ -1539,7 +1542,7 @@ def test_security_headers_on_api_console_and_docs(gw, record):
     assert not wrong, "\n".join(wrong)
     assert "'unsafe-inline'" not in CONSOLE_CSP and "script-src 'self';" in CONSOLE_CSP
     assert "frame-ancestors 'none'" in CONSOLE_CSP and "frame-ancestors 'none'" in API_CSP
-    assert inline and set(script_src.split()) == {"https://cdn.jsdelivr.net"} | hashes
+    assert inline and set(script_src.split()) == {"'self'"} | hashes
     assert gw.five_xx == 0
 
 
