@@ -5,6 +5,11 @@ Configured by ``SCORERECON_OIDC_ISSUER``, ``SCORERECON_OIDC_AUDIENCE`` and
 A token is accepted only with a valid signature (RS256/ES256, key chosen by ``kid``), the
 configured issuer and audience, and an unexpired ``exp``. The owner is the ``sub`` claim;
 scopes come from the space-separated ``scope`` claim, intersected with ours.
+
+Key rotation: the key set is cached for ``cache_s``; a token signed with a key id the cache
+does not hold makes the verifier fetch the set again at once, at most once per
+``refetch_s``, so tokens of a new key work from its first use while tokens with made-up key
+ids cannot make the gateway hammer the identity provider.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class OIDCVerifier:
-    def __init__(self, issuer: str, audience: str, jwks: str, cache_s: float = 300.0):
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        jwks: str,
+        cache_s: float = 300.0,
+        refetch_s: float = 30.0,
+    ):
         parts = urllib.parse.urlsplit(jwks)
         scheme, host = parts.scheme, parts.hostname
         if scheme not in ("", "https") and not (scheme == "http" and host in LOOPBACK):
@@ -35,13 +47,18 @@ class OIDCVerifier:
                 f"SCORERECON_OIDC_JWKS must be an https:// URL or a file path, not {jwks!r}"
             )
         self.issuer, self.audience, self.jwks, self.cache_s = issuer, audience, jwks, cache_s
+        self.refetch_s = refetch_s
         self._keys: dict | None = None
         self._loaded = 0.0
         self._lock = threading.Lock()
+        self.fetches = 0  # how often the key set was read (the rotation test counts them)
 
-    def _key_set(self) -> dict:
+    def _key_set(self, unknown_kid: bool = False) -> dict:
+        """The cached key set, read again when stale, or when a token named a key id it
+        lacks and the last read is older than ``refetch_s``."""
         with self._lock:
-            if self._keys is None or time.monotonic() - self._loaded > self.cache_s:
+            age = time.monotonic() - self._loaded
+            if self._keys is None or age > self.cache_s or (unknown_kid and age > self.refetch_s):
                 if self.jwks.startswith(("https://", "http://")):
                     # The operator's URL, https (or http on loopback): checked in __init__.
                     url = self.jwks
@@ -51,6 +68,7 @@ class OIDCVerifier:
                     data = json.loads(Path(self.jwks).read_text())
                 self._keys = {k.get("kid"): jwt.PyJWK(k) for k in data["keys"]}
                 self._loaded = time.monotonic()
+                self.fetches += 1
             return self._keys
 
     def verify(self, token: str) -> Principal | None:
@@ -58,6 +76,8 @@ class OIDCVerifier:
         try:
             kid = jwt.get_unverified_header(token).get("kid")
             key = self._key_set().get(kid)
+            if key is None:  # a rotated key, or a made-up id: one rate-limited refetch
+                key = self._key_set(unknown_kid=True).get(kid)
             if key is None:
                 return None
             claims = jwt.decode(

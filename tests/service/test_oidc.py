@@ -1,6 +1,7 @@
 """OIDC bearer tokens against a local key set: valid, expired, wrong audience or issuer,
 forged signature, unknown key id; scopes from the token; API keys still work."""
 
+import json
 import time
 
 import jwt
@@ -62,3 +63,27 @@ def test_tokens_are_verified_and_scoped(settings, idp):
         )
         assert r.status_code == 403
     app.state.jobs.engine.dispose()
+
+
+def test_a_rotated_key_works_at_once_and_unknown_ids_refetch_at_most_once(tmp_path, idp):
+    """The provider adds a key: a token signed with it is accepted on first use (one
+    refetch, although the cached set is not yet stale); made-up key ids do not refetch again within
+    refetch_s."""
+    from service.oidc import OIDCVerifier
+
+    jwks, token, _ = idp
+    verifier = OIDCVerifier(ISS, AUD, str(jwks), cache_s=300, refetch_s=30)
+    assert verifier.verify(token()) is not None and verifier.fetches == 1
+    old = jwks.read_text()
+    new_key = signing_key(tmp_path / "k2.json", kid="k2")
+    keys = json.loads(old)["keys"] + json.loads((tmp_path / "k2.json").read_text())["keys"]
+    jwks.write_text(json.dumps({"keys": keys}))
+    rotated = token(signer=new_key, kid="k2")
+    verifier._loaded -= 31  # the rotation comes a while after the last read, within cache_s
+    assert verifier.verify(rotated).owner == "dr.house" and verifier.fetches == 2
+    for kid in ("k7", "k8", "k9"):  # an attacker's ids: no more reads for refetch_s
+        assert verifier.verify(token(kid=kid)) is None
+    assert verifier.fetches == 2
+    verifier._loaded -= 31  # refetch_s later, one more read for an unknown id
+    assert verifier.verify(token(kid="k9")) is None and verifier.fetches == 3
+    assert verifier.verify(token()) is not None and verifier.fetches == 3
