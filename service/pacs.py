@@ -3,7 +3,7 @@ pulling training series from a DICOMweb PACS (QIDO-RS search, WADO-RS retrieve).
 
 Destinations are configured by name (``SCORERECON_PACS``, JSON), e.g.::
 
-    {"orthanc": {"kind": "stowrs", "url": "http://pacs:8042/dicom-web",
+    {"orthanc": {"kind": "stowrs", "url": "https://pacs.example/dicom-web",
                  "username": "scorerecon", "password": "..."},
      "modality-router": {"kind": "dimse", "host": "pacs", "port": 104,
                          "ae_title": "PACS", "calling_ae": "SCORERECON"},
@@ -11,6 +11,11 @@ Destinations are configured by name (``SCORERECON_PACS``, JSON), e.g.::
 
 A destination with ``deidentify`` receives the series de-identified by
 :mod:`service.deidentify` (PS3.15 basic profile) under ``SCORERECON_DEID_SALT``.
+
+A DICOMweb URL must be ``https://``: patient data over plain ``http://`` can be read and
+changed by anyone on the path. Plain http is accepted on loopback, or where the destination
+says ``"allow_http": true`` (a network the site protects otherwise, such as a compose or
+cluster network); the gateway refuses to start with any other.
 
 A refused association or a rejected instance is a :class:`PermanentError` (retrying cannot
 help: fix the configuration); an unreachable peer is a :class:`TransientError` (retried).
@@ -21,10 +26,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pydicom
 
 BATCH = 16  # instances per STOW-RS request
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class PermanentError(RuntimeError):
@@ -47,6 +54,7 @@ class Destination:
     ae_title: str = ""
     calling_ae: str = "SCORERECON"
     deidentify: bool = False
+    allow_http: bool = False  # plain http accepted off loopback (a protected network)
 
     @classmethod
     def from_settings(cls, name: str, config: dict[str, dict]) -> Destination:
@@ -59,7 +67,29 @@ class Destination:
         unknown = sorted(set(entry) - set(cls.__dataclass_fields__))
         if unknown:
             raise PermanentError(f"destination '{name}': unknown settings {unknown}")
-        return cls(name=name, **entry)
+        dest = cls(name=name, **entry)
+        if dest.kind == "stowrs":
+            parts = urlsplit(dest.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise PermanentError(
+                    f"destination '{name}': url must be the DICOMweb root, https://host[:port]/path"
+                )
+            if parts.scheme == "http" and not (dest.allow_http or parts.hostname in LOOPBACK):
+                raise PermanentError(
+                    f"destination '{name}': url {dest.url!r} is plain http, which exposes "
+                    'patient data on the network; use https://, or set "allow_http": true for '
+                    "a network the site protects otherwise"
+                )
+        return dest
+
+
+def check_destinations(config: dict[str, dict]) -> dict[str, dict]:
+    """``SCORERECON_PACS`` checked at start: every destination as an export would use it."""
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise PermanentError('SCORERECON_PACS must map names to settings: {"name": {...}}')
+    for name in config:
+        Destination.from_settings(name, config)
+    return config
 
 
 def push(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:

@@ -96,6 +96,17 @@ class Settings(BaseSettings):
             )
         return text.strip()
 
+    @field_validator("pacs")
+    @classmethod
+    def _pacs(cls, value: dict[str, dict]) -> dict[str, dict]:
+        """Each destination usable, and https unless it allows http (service/pacs.py)."""
+        from service.pacs import PermanentError, check_destinations
+
+        try:
+            return check_destinations(value)
+        except PermanentError as exc:
+            raise ValueError(f"SCORERECON_PACS: {exc}") from None
+
     @field_validator("metrics_allow")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:

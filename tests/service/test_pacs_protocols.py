@@ -96,3 +96,34 @@ def test_c_store_reaches_a_pacs_that_accepts_only_implicit_vr():
         server.shutdown()
     assert report["sent"] == 2
     assert stored == ["1.2.840.10008.1.2", "1.2.840.10008.1.2"]
+
+
+def test_plain_http_destinations_are_refused_unless_allowed(monkeypatch, tmp_path):
+    """Patient data over plain http off loopback: the gateway refuses to start, naming the
+    destination and the fix; https, loopback and an explicit ``allow_http`` start; an
+    export job with such a destination fails permanently with the same reason."""
+    from pydantic import ValidationError
+
+    from service.pacs import PermanentError
+    from service.settings import Settings
+
+    def settings(pacs: dict) -> Settings:
+        monkeypatch.setenv("SCORERECON_PACS", json.dumps(pacs))
+        return Settings(home=tmp_path)
+
+    plain = {"kind": "stowrs", "url": "http://pacs.hospital.example:8042/dicom-web"}
+    with pytest.raises(ValidationError, match=r"destination 'ward': url .* is plain http.*https"):
+        settings({"ward": plain})
+    with pytest.raises(ValidationError, match="url must be the DICOMweb root"):
+        settings({"ward": {"kind": "stowrs", "url": "pacs:8042"}})
+    with pytest.raises(ValidationError, match="kind must be 'stowrs' or 'dimse'"):
+        settings({"ward": {"kind": "ftp"}})
+    ok = {
+        "tls": {"kind": "stowrs", "url": "https://pacs.hospital.example/dicom-web"},
+        "local": {"kind": "stowrs", "url": "http://127.0.0.1:8042/dicom-web"},
+        "compose": {**plain, "allow_http": True},
+        "archive": {"kind": "dimse", "host": "pacs", "port": 104, "ae_title": "ARCHIVE"},
+    }
+    assert set(settings(ok).pacs) == set(ok)
+    with pytest.raises(PermanentError, match="plain http"):
+        Destination.from_settings("ward", {"ward": plain})  # what the export job runs
