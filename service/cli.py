@@ -28,7 +28,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _log_to_stderr()
     settings = Settings()
     print(f"scorerecon gateway on http://{args.host}:{args.port} (data in {settings.home})")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        proxy_headers=True,  # the scheme and client of X-Forwarded-*, from trusted proxies
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
     return 0
 
 
@@ -78,9 +85,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("serve", help="run the HTTP gateway")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    from service.settings import settings_help
+
+    s = sub.add_parser(
+        "serve",
+        help="run the HTTP gateway",
+        description="Run the HTTP gateway (FastAPI on uvicorn). Configured by SCORERECON_* "
+        "environment variables, the same for the gateway and its workers.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
     s.set_defaults(func=cmd_serve)
     w = sub.add_parser("worker", help="run a Celery worker (deployment)")
     w.add_argument("--queues", default="gpu,cpu")

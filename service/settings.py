@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     metrics_allow: list[str] = []  # networks (CIDR) whose direct peers may scrape without it
     # Console forms are accepted from the gateway's own origin (its Host header) and these.
     trusted_origins: list[str] = []  # e.g. ["https://scorerecon.hospital.example"]
+    # The TLS proxies whose X-Forwarded-For/-Proto uvicorn believes (comma-separated
+    # addresses or networks, or "*"): behind one, the console's cookies are Secure.
+    forwarded_allow_ips: str = "127.0.0.1"
     # Workers (Celery): limits, redelivery and recovery.
     job_soft_limit_s: int = 3300
     job_hard_limit_s: int = 3600
@@ -167,3 +170,31 @@ class Settings(BaseSettings):
         for path in (self.home, self.results, self.models):
             path.mkdir(parents=True, exist_ok=True)
         return self
+
+
+# What ``scorerecon serve --help`` shows: the settings a site sets first, one line each
+# (every other SCORERECON_* setting is a field of Settings above; docs/deployment.md).
+SITE_SETTINGS = {
+    "home": "one folder for the SQLite database, results and trained models",
+    "database_url": "the job database, e.g. postgresql+psycopg://user@db/scorerecon",
+    "executor": "embedded (jobs in the gateway's threads) or celery (workers)",
+    "broker_url": "Celery's Redis (REDIS_URL also selects celery on it)",
+    "result_store": "s3://bucket/prefix for results in object storage (default: home)",
+    "pacs": "export destinations, JSON by name (docs/pacs.md); DICOMweb over https",
+    "oidc_issuer": "with _AUDIENCE and _JWKS: the identity provider's tokens (OIDC)",
+    "trusted_origins": "origins besides the gateway's own whose console forms are accepted",
+    "forwarded_allow_ips": "TLS proxies trusted for X-Forwarded-Proto/-For",
+    "metrics_token": "bearer token that opens /metrics (or _METRICS_ALLOW: networks)",
+    "max_job_cost": "the largest job (NFE x samples x slices x pixels) one request may ask",
+}
+
+
+def settings_help() -> str:
+    """The site settings as environment variables, with their defaults, for ``--help``."""
+    lines = ["site settings (environment variables; docs/deployment.md lists them all):"]
+    for name, what in SITE_SETTINGS.items():
+        field = Settings.model_fields[name]
+        default = field.default_factory() if field.default_factory else field.default
+        shown = "" if default in (None, {}, []) else f" [default: {default}]"
+        lines.append(f"  SCORERECON_{name.upper():<22} {what}{shown}")
+    return "\n".join(lines)
