@@ -26,6 +26,17 @@ def default_home() -> Path:
     return Path(base) / "scorerecon"
 
 
+# Soft time limits per job kind (s): a reconstruction or sampling job the cost limit admits
+# takes at most ~48 min on a 2-core CPU (see max_job_cost), an export minutes, training days.
+TIME_LIMITS_S = {
+    "reconstruction": 3300,
+    "slab": 3300,
+    "sampling": 3300,
+    "export": 600,
+    "training": 86400,
+}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCORERECON_", extra="ignore")
 
@@ -46,7 +57,7 @@ class Settings(BaseSettings):
     # 3·10⁸ admits ct-default's nfe=1000 × 8 samples at 128² (1.3·10⁸) and admin sampling's
     # defaults (500 PC steps × 16 at 128², 2.6·10⁸), and refuses nfe=5000 × 64 (5.2·10⁹). At the
     # 0.09-0.16 s per sample-NFE of a 2-core CPU at 128² the largest admitted job takes
-    # 28-48 min, inside the workers' 55-min soft time limit (job_soft_limit_s).
+    # 28-48 min, inside the workers' 55-min soft time limit (time_limits_s).
     max_job_cost: int = Field(300_000_000, ge=1)
     max_owner_cost: int = Field(1_200_000_000, ge=1)  # queued + running, per owner: ~4 jobs
     max_queued_per_owner: int = Field(100, ge=1)  # a tenth of max_queue
@@ -75,10 +86,15 @@ class Settings(BaseSettings):
     # The TLS proxies whose X-Forwarded-For/-Proto uvicorn believes (comma-separated
     # addresses or networks, or "*"): behind one, the console's cookies are Secure.
     forwarded_allow_ips: str = "127.0.0.1"
-    # Workers (Celery): limits, redelivery and recovery.
-    job_soft_limit_s: int = 3300
-    job_hard_limit_s: int = 3600
-    visibility_timeout_s: int = 3900  # longer than the hard limit: no double delivery
+    # Workers (Celery): limits, redelivery and recovery. Each job kind has its own soft time
+    # limit (the job stops and fails, naming it), given as JSON for the kinds to change,
+    # e.g. {"training": 172800}; the hard limit (the process is killed) is a margin later.
+    time_limits_s: dict[str, int] = Field(default_factory=lambda: dict(TIME_LIMITS_S))
+    hard_limit_margin_s: int = Field(300, ge=1)
+    # Unacknowledged messages are redelivered after this (a killed worker's job). A job
+    # running longer (training) gets a duplicate message, which its claim drops (its
+    # heartbeat is fresh).
+    visibility_timeout_s: int = 3900
     max_tasks_per_child: int = 50
     max_retries: int = 3
     heartbeat_stale_s: float = 120.0  # a running job without heartbeat this long is orphaned
@@ -98,6 +114,21 @@ class Settings(BaseSettings):
                 "(for example the output of `openssl rand -hex 32`), or unset"
             )
         return text.strip()
+
+    @field_validator("time_limits_s")
+    @classmethod
+    def _time_limits(cls, value: dict[str, int]) -> dict[str, int]:
+        """The kinds given override the defaults; each a positive number of seconds."""
+        unknown = sorted(set(value) - set(TIME_LIMITS_S))
+        if unknown:
+            raise ValueError(
+                f"SCORERECON_TIME_LIMITS_S: unknown job kinds {unknown}; "
+                f"the kinds are {', '.join(TIME_LIMITS_S)}"
+            )
+        bad = [k for k, v in value.items() if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"SCORERECON_TIME_LIMITS_S: {bad} must be whole seconds >= 1")
+        return {**TIME_LIMITS_S, **value}
 
     @field_validator("pacs")
     @classmethod

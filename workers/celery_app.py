@@ -6,6 +6,11 @@ mid-job leaves its message unacknowledged; Redis redelivers it after ``visibilit
 went stale (see :func:`workers.tasks.run_job`). ``sweep`` re-enqueues jobs whose
 message was lost. CUDA is first touched inside the task, i.e. in the forked child.
 
+Each job kind is its own task (:data:`TASKS`), on its own queue (training on ``train``,
+exports and the sweep on ``cpu``, the rest on ``gpu``) with its own time limits
+(``SCORERECON_TIME_LIMITS_S``); the sweep re-sends a job as its kind's task, so a training
+job never lands on a GPU reconstruction worker.
+
 Fair use: a reconstruction or sampling job's message is sent only while its owner has fewer
 than ``owner_slots`` jobs sent or running; the others wait in the database as ``queued``
 and are sent round-robin by owner as slots free (by the worker that finished the owner's
@@ -25,8 +30,20 @@ from service.results import ResultStore, open_result_store
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-TASK = "scorerecon.reconstruct"
+TASK = "scorerecon.reconstruct"  # the reconstruction's task; it runs a job of any kind
+TASKS = {
+    "reconstruction": TASK,
+    "slab": "scorerecon.slab",
+    "sampling": "scorerecon.sampling",
+    "training": "scorerecon.training",
+    "export": "scorerecon.export",
+}
+QUEUES = {"training": "train", "export": "cpu"}  # every other kind: gpu
 SWEEP = "scorerecon.sweep"
+
+
+def queue_of(kind: str) -> str:
+    return QUEUES.get(kind, "gpu")
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -38,12 +55,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_soft_time_limit=settings.job_soft_limit_s,
-        task_time_limit=settings.job_hard_limit_s,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         worker_max_tasks_per_child=settings.max_tasks_per_child,
         task_default_queue="gpu",
-        task_routes={TASK: {"queue": "gpu"}, SWEEP: {"queue": "cpu"}},
+        task_routes={
+            **{name: {"queue": queue_of(kind)} for kind, name in TASKS.items()},
+            SWEEP: {"queue": "cpu"},
+        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
@@ -71,8 +89,7 @@ def _register(app: Celery, settings: Settings) -> None:
                 torch.set_num_threads(settings.torch_threads)
         return state["jobs"], state["results"]
 
-    @app.task(name=TASK, bind=True, max_retries=settings.max_retries)
-    def reconstruct_task(self, job_id: str) -> str:
+    def run(task, job_id: str) -> str:
         from workers.tasks import Transient, run_job
 
         jobs, results = stores()
@@ -88,11 +105,23 @@ def _register(app: Celery, settings: Settings) -> None:
             )
         except Transient as exc:
             # Database or storage briefly unavailable: retry with exponential backoff.
-            raise self.retry(exc=exc, countdown=min(60, 2**self.request.retries)) from None
+            raise task.retry(exc=exc, countdown=min(60, 2**task.request.retries)) from None
         finally:
             _next_of_owner(app, jobs, settings, job_id)
 
-    @app.task(name=SWEEP)
+    for kind, name in TASKS.items():
+        soft = settings.time_limits_s[kind]
+        app.task(
+            run,
+            name=name,
+            bind=True,
+            shared=False,  # this app's tasks only: another app in the process has its own
+            max_retries=settings.max_retries,
+            soft_time_limit=soft,
+            time_limit=soft + settings.hard_limit_margin_s,
+        )
+
+    @app.task(name=SWEEP, shared=False)
     def sweep_task() -> dict:
         from workers.tasks import sweep
 
@@ -132,10 +161,15 @@ BRIEF_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.3, "i
 
 
 def send(app: Celery, job_id: str, kind: str, retry_policy: dict | None = None) -> None:
-    """Queue a job id: training has its own queue (and GPUs), exports run on `cpu`, the rest
-    on `gpu`."""
-    queue = {"training": "train", "export": "cpu"}.get(kind, "gpu")
-    app.send_task(TASK, args=[job_id], queue=queue, retry=True, retry_policy=retry_policy)
+    """Queue a job id as its kind's task on its kind's queue: training has its own (and
+    GPUs), exports run on `cpu`, the rest on `gpu`."""
+    app.send_task(
+        TASKS.get(kind, TASK),
+        args=[job_id],
+        queue=queue_of(kind),
+        retry=True,
+        retry_policy=retry_policy,
+    )
 
 
 def dispatch(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -221,6 +222,20 @@ def _run_one(
         except OperationalError:
             pass  # the sweep will find the stale running job
         raise Transient(f"{type(exc).__name__}: {exc}") from exc
+    except SoftTimeLimitExceeded:
+        limit = settings.time_limits_s.get(job.kind) if settings is not None else None
+        jobs.transition(
+            job_id,
+            ["running"],
+            "failed",
+            finished_at=now(),
+            phase="failed",
+            error=f"stopped at the time limit of a {job.kind} job ({limit} s, "
+            "SCORERECON_TIME_LIMITS_S); ask for less work (fewer NFE, samples or slices), or "
+            "have the operator raise the limit",
+        )
+        log.error("job %s stopped at its time limit (%s s)", job_id, limit)
+        state = "failed"
     except Exception as exc:  # noqa: BLE001 - the job must reach a final state
         log.exception("job %s crashed", job_id)
         jobs.transition(

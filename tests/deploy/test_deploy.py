@@ -50,6 +50,7 @@ def test_compose_services_have_limits_health_checks_and_no_root_or_inline_secret
     assert {
         "gateway",
         "worker-gpu",
+        "worker-train",
         "worker-cpu",
         "redis",
         "postgres",
@@ -167,3 +168,38 @@ def test_prometheus_scrapes_metrics_with_the_gateways_token():
         assert data["secrets"][source] == {"environment": "SCORERECON_METRICS_TOKEN"}
     assert data["services"]["gateway"]["env_file"] == ".env"  # the gateway reads it there
     assert "SCORERECON_METRICS_TOKEN=CHANGE-ME" in (ROOT / ".env.example").read_text()
+
+
+def test_every_queue_the_workers_are_sent_has_a_consumer_in_compose_and_kubernetes():
+    """Each job kind's queue (workers.celery_app.queue_of) and the sweep's are read by some
+    worker of the compose file and some Deployment of the manifests, and the beat (the
+    recovery sweep) runs once in each."""
+    from workers.celery_app import TASKS, queue_of
+
+    wanted = {queue_of(kind) for kind in TASKS} | {"cpu"}
+
+    def queues(command: list[str]) -> set[str]:
+        return set(command[command.index("--queues") + 1].split(",")) if command else set()
+
+    commands = [s.get("command") or [] for s in compose()["services"].values()]
+    workers = [c for c in commands if c[:2] == ["scorerecon", "worker"]]
+    assert wanted <= set().union(*map(queues, workers)), workers
+    assert sum("--beat" in c for c in workers) == 1
+    deployments = [
+        c["command"]
+        for d in manifests()
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c.get("command", [])[:2] == ["scorerecon", "worker"]
+    ]
+    assert wanted <= set().union(*map(queues, deployments)), deployments
+    assert sum("--beat" in c for c in deployments) == 1
+
+
+def test_every_setting_is_documented_in_deployment_md():
+    """docs/deployment.md's table names every SCORERECON_* setting there is."""
+    from service.settings import Settings
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    missing = [n for n in Settings.model_fields if f"`SCORERECON_{n.upper()}`" not in doc]
+    assert not missing, missing

@@ -50,9 +50,9 @@ def _npy() -> bytes:
     return buf.getvalue()
 
 
-def start_worker(environ):
+def start_worker(environ, queues: str = "gpu,cpu"):
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--queues", "gpu,cpu"],
+        [sys.executable, "-m", "service.cli", "worker", "--queues", queues],
         env=environ,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -201,3 +201,125 @@ def test_a_volume_split_across_two_workers_equals_one_worker(env):
     assert len(ran_on) == 2, f"both slabs ran on {ran_on}"
     assert images[0].shape == images[1].shape == (8, 1, 32, 32)
     np.testing.assert_allclose(images[1], images[0], atol=1e-4 * float(np.ptp(images[0])))
+
+
+def _queued(jobs, kind: str, owner: str, sent_minutes_ago: float | None) -> str:
+    import datetime as dt
+
+    from service.db import Job, new_id, now
+
+    job_id = new_id()
+    sent = None if sent_minutes_ago is None else now() - dt.timedelta(minutes=sent_minutes_ago)
+    with jobs.session() as s:
+        s.add(
+            Job(
+                id=job_id,
+                kind=kind,
+                owner=owner,
+                model="tiny32",
+                spec={},
+                params={},
+                result_keys=[],
+                sent_at=sent,
+            )
+        )
+    return job_id
+
+
+def _messages(queue: str) -> list[tuple[str, str]]:
+    """(task name, job id) of each message waiting in a queue on the broker."""
+    import json
+
+    raw = redis.Redis.from_url(BROKER).lrange(queue, 0, -1)
+    return [
+        (m["headers"]["task"], m["headers"]["argsrepr"].strip("[]()',"))
+        for m in map(json.loads, raw)
+    ]
+
+
+def test_the_sweep_resends_each_job_to_its_own_queue_once_per_window(env):
+    """Jobs whose messages were lost (sent long ago, still queued) and a job never sent:
+    the sweep sends each as its kind's task to its kind's queue (training to train, export
+    to cpu, the rest to gpu), and a sweep right after sends nothing more, so the queue's
+    length (what an autoscaler reads) stays the number of jobs waiting."""
+    from workers.celery_app import SWEEP, TASKS, make_celery
+
+    _, settings = env
+    app = create_app(settings)
+    jobs = app.state.jobs
+    lost = {
+        kind: _queued(jobs, kind, f"owner-{kind}", 10)
+        for kind in ("training", "export", "reconstruction")
+    }
+    held = _queued(jobs, "sampling", "owner-sampling", None)  # waits for its owner's turn
+    celery = make_celery(settings)
+    for _ in range(3):
+        report = celery.tasks[SWEEP]()
+        assert _messages("train") == [(TASKS["training"], lost["training"])]
+        assert _messages("cpu") == [(TASKS["export"], lost["export"])]
+        assert sorted(_messages("gpu")) == sorted(
+            [(TASKS["reconstruction"], lost["reconstruction"]), (TASKS["sampling"], held)]
+        )
+    assert report["requeued"] == 0 and report["admitted"] == 0  # the last sweep: nothing new
+    jobs.engine.dispose()
+
+
+def test_training_runs_through_celery_and_each_kind_has_its_own_time_limit(env, tmp_path):
+    """A worker on the train queue runs a training job to a usable model; with
+    SCORERECON_TIME_LIMITS_S giving sampling 1 s, a long sampling job stops there and fails
+    naming its limit, while a reconstruction (its own limit) succeeds on the same worker."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    environ, settings = env
+    app = create_app(settings)
+    admin = create_key(app.state.jobs, ["admin"], "ops")[1]
+    key = create_key(app.state.jobs, ["recon:submit", "recon:read"], "alice")[1]
+    worker = start_worker(
+        {**environ, "SCORERECON_TIME_LIMITS_S": '{"sampling": 1}'}, queues="gpu,cpu,train"
+    )
+    try:
+        with TestClient(app) as client:
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w") as z:
+                for i in range(4):
+                    arr = io.BytesIO()
+                    np.save(arr, np.random.default_rng(i).random((16, 16)).astype(np.float32))
+                    z.writestr(f"ct/s{i}.npy", arr.getvalue())
+            r = client.post(
+                "/v1/admin/datasets",
+                files={"archive": ("ct.zip", buf.getvalue())},
+                headers=auth(admin),
+            )
+            assert r.status_code == 201, r.text
+            train = {
+                "dataset": r.json()["id"],
+                "model_id": "celery-ct",
+                "preset": "tiny",
+                "image_size": 16,
+                "steps": 2,
+                "batch_size": 2,
+                "checkpoint_every": 2,
+                "preview": 1,
+                "val_fraction": 0,
+            }
+            r = client.post("/v1/admin/training", json=train, headers=auth(admin))
+            assert r.status_code == 202, r.text
+            trained = wait(client, admin, r.json()["id"], timeout=180)
+            assert trained["state"] == "succeeded", trained["error"]
+            assert client.get("/v1/models/celery-ct", headers=auth(admin)).status_code == 200
+            body = {"model": "tiny32", "n": 16, "steps": 3000, "sampler": "pc"}
+            r = client.post("/v1/admin/sampling", json=body, headers=auth(admin))
+            assert r.status_code == 202, r.text
+            stopped = wait(client, admin, r.json()["id"], timeout=120)
+            assert stopped["state"] == "failed", stopped
+            assert (
+                "time limit of a sampling job (1 s, SCORERECON_TIME_LIMITS_S)" in stopped["error"]
+            )
+            done = wait(client, key, submit(client, key).json()["id"], timeout=90)
+            assert done["state"] == "succeeded", done["error"]
+    finally:
+        stop(worker)
+    app.state.jobs.engine.dispose()
