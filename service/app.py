@@ -209,6 +209,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     limiter = make_rate_limiter(
         settings.executor, settings.broker_url, settings.rate_limit_per_minute
     )
+    failures = make_rate_limiter(
+        settings.executor,
+        settings.broker_url,
+        settings.failed_auth_per_minute,
+        "scorerecon:auth-failed:",
+    )
     oidc = None
     if settings.oidc_issuer and settings.oidc_audience and settings.oidc_jwks:
         oidc = OIDCVerifier(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks)
@@ -262,17 +268,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers.update(exc.headers or {})
         return response
 
-    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
+    def principal(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
             raise Problem(
                 401, "Unauthorized", "send 'Authorization: Bearer <API key>'", "Authorization"
             )
-        credential = authorization.removeprefix("Bearer ").strip()
+        peer = request.client.host if request.client else ""
+        return credential_principal(authorization.removeprefix("Bearer ").strip(), peer)
+
+    def credential_principal(credential: str, peer: str) -> Principal:
+        """The principal of an API key or OIDC token, sent from ``peer``. An address with
+        too many failed credentials in the last minute is refused before the credential
+        is even checked (429), so keys cannot be guessed at speed; each failure is audited."""
+        wait = failures.peek(peer)
+        if wait is not None:
+            log.warning("refused credentials from %s: too many failures", peer)
+            raise Problem(
+                429,
+                "Too many failed credentials",
+                f"more than {settings.failed_auth_per_minute} failed credentials per minute "
+                "from this address (SCORERECON_FAILED_AUTH_PER_MINUTE); check the key and "
+                f"retry after {wait} s",
+                "Authorization",
+                retry_after=wait,
+            )
         if credential.startswith("sr_") or oidc is None:
             found = authenticate(jobs, credential)
         else:
             found = oidc.verify(credential)
         if found is None:
+            try:
+                failures.check(peer)
+            except RateLimited:
+                pass  # the next attempt from this address is refused above
+            jobs.audit("auth-failed", f"unknown, revoked or expired credential from {peer}")
             raise Problem(
                 401,
                 "Unauthorized",
@@ -282,7 +313,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             limiter.check(found.key_id)
         except RateLimited as exc:
-            raise Problem(429, "Too many requests", str(exc), retry_after=exc.retry_after) from None
+            raise Problem(
+                429,
+                "Too many requests",
+                f"{exc} with this key (SCORERECON_RATE_LIMIT_PER_MINUTE)",
+                retry_after=exc.retry_after,
+            ) from None
         return found
 
     def scope(name: str):
@@ -909,7 +945,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_ui(
         app,
         Handlers(
-            principal=lambda key: principal(f"Bearer {key}"),
+            principal=credential_principal,
             submit=submit,
             admin_sampling=admin_sampling,
             admin_training=admin_training,

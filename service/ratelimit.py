@@ -1,4 +1,5 @@
-"""Per-caller request limits: a sliding one-minute window per API key (or OIDC subject).
+"""Per-caller request limits: a sliding one-minute window per API key (or OIDC subject),
+and one per client address for failed credentials (a key guessed by brute force).
 
 With Celery on Redis the window lives in Redis, so every gateway replica counts against
 one limit (a site behind a load balancer with three gateways otherwise allows three times
@@ -23,8 +24,8 @@ WINDOW_S = 60.0
 class RateLimited(Exception):
     """More than the allowed requests in the last minute; retry after ``retry_after`` s."""
 
-    def __init__(self, per_minute: int, retry_after: int):
-        super().__init__(f"more than {per_minute} requests per minute with this key")
+    def __init__(self, per_minute: int, retry_after: int, what: str = "requests"):
+        super().__init__(f"more than {per_minute} {what} per minute")
         self.per_minute, self.retry_after = per_minute, retry_after
 
 
@@ -33,6 +34,10 @@ class RateLimiter(Protocol):
 
     def check(self, key_id: str) -> None:
         """Count one request of ``key_id``; raise :class:`RateLimited` past the limit."""
+
+    def peek(self, key_id: str) -> int | None:
+        """Seconds until ``key_id`` may be counted again if it is at the limit, else None
+        (counts nothing: a guard in front of work that :meth:`check` then counts)."""
 
 
 class LocalRateLimiter:
@@ -53,6 +58,14 @@ class LocalRateLimiter:
                 raise RateLimited(self.per_minute, int(WINDOW_S - (t - q[0])) + 1)
             q.append(t)
 
+    def peek(self, key_id: str) -> int | None:
+        t = time.monotonic()
+        with self.lock:
+            q = self.hits.get(key_id)
+            while q and t - q[0] > WINDOW_S:
+                q.popleft()
+            return int(WINDOW_S - (t - q[0])) + 1 if q and len(q) >= self.per_minute else None
+
 
 # One round trip, atomic: drop hits older than the window, count, add this one if allowed.
 # Times come from the Redis server's clock, so gateways on different hosts agree.
@@ -71,6 +84,20 @@ return false
 """
 
 
+# The same window, read only: the wait if the key is at the limit, else false.
+_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return tostring(window - (now - tonumber(oldest[2])))
+end
+return false
+"""
+
+
 class RedisRateLimiter:
     """The window in Redis (a sorted set of request times per key), shared by every gateway
     on that Redis; falls back to ``LocalRateLimiter`` while Redis does not answer."""
@@ -82,6 +109,7 @@ class RedisRateLimiter:
         self.errors = (redis.RedisError, OSError)
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.script = client.register_script(_SLIDING_WINDOW)
+        self.peek_script = client.register_script(_PEEK)
         self.fallback = LocalRateLimiter(per_minute)
         self._warned = False
         self._retry_at = 0.0  # after a failure, Redis is tried again only after RETRY_S
@@ -110,9 +138,21 @@ class RedisRateLimiter:
         if wait is not None:
             raise RateLimited(self.per_minute, int(float(wait)) + 1)
 
+    def peek(self, key_id: str) -> int | None:
+        if time.monotonic() < self._retry_at:
+            return self.fallback.peek(key_id)
+        try:
+            wait = self.peek_script(keys=[self.prefix + key_id], args=[WINDOW_S, self.per_minute])
+        except self.errors:
+            self._retry_at = time.monotonic() + self.RETRY_S
+            return self.fallback.peek(key_id)
+        return None if wait is None else int(float(wait)) + 1
 
-def make_rate_limiter(executor: str, broker_url: str, per_minute: int) -> RateLimiter:
+
+def make_rate_limiter(
+    executor: str, broker_url: str, per_minute: int, prefix: str = "scorerecon:rate:"
+) -> RateLimiter:
     """Site-wide in Redis when jobs go through Celery on Redis, else per process."""
     if executor == "celery" and broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisRateLimiter(broker_url, per_minute)
+        return RedisRateLimiter(broker_url, per_minute, prefix)
     return LocalRateLimiter(per_minute)

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(256, gt=0)
     max_queue: int = Field(1000, ge=1)
     rate_limit_per_minute: int = Field(120, ge=1)
+    # Failed credentials per client address per minute; past it the address is refused
+    # (429) before any credential is checked, so keys cannot be guessed at speed.
+    failed_auth_per_minute: int = Field(20, ge=1)
     # Fair use (issue 17): a job's cost is NFE × samples × slices × pixels (service/fairness).
     # 3·10⁸ admits ct-default's nfe=1000 × 8 samples at 128² (1.3·10⁸) and admin sampling's
     # defaults (500 PC steps × 16 at 128², 2.6·10⁸), and refuses nfe=5000 × 64 (5.2·10⁹). At the

@@ -52,7 +52,7 @@ MR_WINDOWS = {"full": (0.5, 1.0), "contrast": (0.35, 0.5)}
 class Handlers:
     """What the console needs from the gateway (the API's own functions)."""
 
-    principal: Callable[[str], Any]  # key → Principal, raises Problem
+    principal: Callable[[str, str], Any]  # (key, client address) → Principal, raises Problem
     submit: Callable[..., Any]
     admin_sampling: Callable[..., Any]
     admin_training: Callable[..., Any]
@@ -70,6 +70,11 @@ class Handlers:
     sampling_request: type
     training_request: type
     trusted_origins: tuple[str, ...] = ()  # besides the gateway's own (SCORERECON_TRUSTED_ORIGINS)
+
+
+def peer(request: Request) -> str:
+    """The client's address (the proxy's X-Forwarded-For where uvicorn trusts it)."""
+    return request.client.host if request.client else ""
 
 
 class CsrfRefused(Exception):
@@ -169,7 +174,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         if not key:
             return None
         try:
-            return h.principal(key)
+            return h.principal(key, peer(request))
         except h.problem:
             return None
 
@@ -207,7 +212,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
     @app.post("/ui/login", include_in_schema=False, dependencies=csrf)
     def login(request: Request, key: Annotated[str, Form()]) -> Response:
         try:
-            h.principal(key.strip())
+            h.principal(key.strip(), peer(request))
         except h.problem as exc:
             return page(request, "login.html", None, 401, error=error_text(exc))
         response = RedirectResponse("/ui/", 303)

@@ -91,6 +91,7 @@ def site(request, tmp_path_factory) -> Iterator[Gateway]:
         home=tmp / "home",
         database_url=url,
         rate_limit_per_minute=1_000_000,
+        failed_auth_per_minute=1_000_000,
         max_upload_mb=MAX_UPLOAD_MB,
     ).prepare()
     tiny_model(settings.models)

@@ -157,6 +157,7 @@ def gw(tmp_path):
         home=tmp_path / "home",
         database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
         rate_limit_per_minute=10**6,
+        failed_auth_per_minute=10**6,  # the matrix sends wrong credentials on purpose
         oidc_issuer=ISS,
         oidc_audience=AUD,
         oidc_jwks=str(jwks),
@@ -1553,6 +1554,7 @@ def _gateway(tmp_path: Path, **settings):
         home=tmp_path / "home",
         database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
         rate_limit_per_minute=10**6,
+        failed_auth_per_minute=10**6,  # the matrix sends wrong credentials on purpose
         **settings,
     ).prepare()
     app = create_app(s)
@@ -1717,6 +1719,7 @@ def fair(tmp_path, monkeypatch):
         home=tmp_path / "home",
         database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
         rate_limit_per_minute=10**6,
+        failed_auth_per_minute=10**6,  # the matrix sends wrong credentials on purpose
         max_queued_per_owner=3,
         max_owner_cost=10_000_000,
         max_queue=20,

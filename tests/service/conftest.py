@@ -58,6 +58,7 @@ def settings(tmp_path, db_url):
         home=tmp_path / "home",
         database_url=db_url,
         rate_limit_per_minute=10_000,
+        failed_auth_per_minute=10_000,
         metrics_token=METRICS_TOKEN,
     )
     s.prepare()

@@ -90,3 +90,54 @@ def test_two_gateways_enforce_one_limit(settings):
     for app in apps:
         app.state.jobs.engine.dispose()
     redis.Redis.from_url(REDIS).delete("scorerecon:rate:" + key_id)
+
+
+def test_peek_counts_nothing(prefix):
+    for limiter in (RedisRateLimiter(REDIS, 2, prefix), LocalRateLimiter(2)):
+        assert limiter.peek("k") is None
+        limiter.check("k")
+        assert limiter.peek("k") is None
+        limiter.check("k")
+        assert 1 <= limiter.peek("k") <= 61 and 1 <= limiter.peek("k") <= 61
+        with pytest.raises(RateLimited):
+            limiter.check("k")
+    assert redis.Redis.from_url(REDIS).zcard(prefix + "k") == 2
+
+
+@pytest.mark.parametrize("executor", ["embedded", "celery"])
+def test_failed_credentials_are_limited_per_address_and_audited(settings, executor):
+    """Wrong keys from one address: each is a 401 and an audit row, until the address has
+    used up SCORERECON_FAILED_AUTH_PER_MINUTE; then every request from it, a valid key's
+    too, is a 429 with Retry-After before any key is checked. A missing header is no
+    guess and is not counted; other addresses are not affected."""
+    from sqlalchemy import select
+
+    from service.db import AuditEntry
+
+    settings.executor, settings.broker_url = executor, REDIS
+    settings.failed_auth_per_minute = 3
+    app = create_app(settings)
+    key = create_key(app.state.jobs, ["recon:read"], "alice")[1]
+    with (
+        TestClient(app, client=("10.0.0.7", 5000)) as guesser,
+        TestClient(app, client=("10.0.0.8", 5000)) as other,
+    ):
+        for _ in range(3):
+            assert guesser.get("/v1/jobs").status_code == 401  # no header: not counted
+        for i in range(3):
+            r = guesser.get("/v1/jobs", headers=auth(f"sr_guess{i}"))
+            assert r.status_code == 401, r.text
+        refused = guesser.get("/v1/jobs", headers=auth(key))
+        assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 61
+        body = refused.json()
+        assert (
+            body["field"] == "Authorization"
+            and "SCORERECON_FAILED_AUTH_PER_MINUTE" in (body["detail"])
+        )
+        assert guesser.get("/v1/jobs", headers=auth("sr_again")).status_code == 429
+        assert other.get("/v1/jobs", headers=auth(key)).status_code == 200
+        with app.state.jobs.sessions() as s:
+            rows = s.scalars(select(AuditEntry).where(AuditEntry.action == "auth-failed")).all()
+        assert len(rows) == 3 and all("10.0.0.7" in r.outcome for r in rows)
+    app.state.jobs.engine.dispose()
+    redis.Redis.from_url(REDIS).delete("scorerecon:auth-failed:10.0.0.7")
