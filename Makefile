@@ -7,11 +7,16 @@ REALDATA ?= .cache/realdata
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+LOCKS := deploy/docker/requirements.lock deploy/docker/requirements-test.lock
+
+# The same pins as the images (scripts/lock.py writes them); torch's wheel is chosen apart.
+$(STAMP): pyproject.toml $(LOCKS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,test,priors,tune,s3,onnx]'
+	$(PY) -m pip install $(addprefix -r ,$(LOCKS))
+	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 orthanc:  # the test PACS; without it the PACS tests skip and say why

@@ -40,7 +40,7 @@ import subprocess  # apt-get and dpkg-deb with fixed argument lists, no shell
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -672,7 +672,7 @@ def _install(dest: Path, fetched: list[tuple[dict, Path]], failed: list[dict]) -
     if old:
         manifest = {
             "format": FORMAT,
-            "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "fetched_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "split": split_record(),
             "sources": [old[s.name] for s in SOURCES if s.name in old],
             "failed": failed,

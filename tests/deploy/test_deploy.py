@@ -203,3 +203,52 @@ def test_every_setting_is_documented_in_deployment_md():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
     missing = [n for n in Settings.model_fields if f"`SCORERECON_{n.upper()}`" not in doc]
     assert not missing, missing
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for lock in ("requirements.lock", "requirements-test.lock"):
+        for line in (ROOT / "deploy" / "docker" / lock).read_text().splitlines():
+            if line and not line.startswith("#"):
+                name, version = line.split("==")
+                assert name not in pins, f"{name} pinned twice"
+                pins[name] = version
+    return pins
+
+
+def test_one_lock_pins_every_dependency_for_ci_and_the_images():
+    """Every dependency pyproject.toml declares (extras included, torch apart) is pinned by
+    the locks at a version it allows; the images and `make setup` install those locks; and
+    this environment (what `make setup` built) has exactly the pinned versions."""
+    import re
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pins = _pins()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [
+        d for extra in project["optional-dependencies"].values() for d in extra
+    ]
+    for text in declared:
+        req = Requirement(text)
+        if canonical(req.name) == "torch":
+            continue
+        assert canonical(req.name) in pins, f"{req.name} is not in the locks (scripts/lock.py)"
+        assert req.specifier.contains(pins[canonical(req.name)]), (text, pins[req.name])
+    assert "torch" not in pins
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    assert "pip install -r /app/requirements.lock" in dockerfile
+    assert "torch==2.13.0" in dockerfile and "cu124" not in dockerfile
+    makefile = (ROOT / "Makefile").read_text()
+    assert "deploy/docker/requirements.lock deploy/docker/requirements-test.lock" in makefile
+    drift = {
+        name: (version, metadata.version(name))
+        for name, version in pins.items()
+        if metadata.version(name) != version
+    }
+    assert not drift, f"installed versions differ from the locks: {drift}"
