@@ -335,16 +335,26 @@ ROUTES: dict[tuple[str, str], Rule] = {
 }
 
 
+def _flat(routes, prefix: str = ""):
+    """(prefix, route) of each route, those of included routers (service/routers/) too."""
+    for r in routes:
+        inner = getattr(r, "original_router", None)
+        if inner is not None:
+            yield from _flat(inner.routes, prefix + r.include_context.prefix)
+        else:
+            yield prefix, r
+
+
 def app_routes(app: FastAPI) -> set[tuple[str, str]]:
     """(method, path) of every route the app serves; a mount is ('MOUNT', path)."""
     found = set()
-    for r in app.routes:
+    for prefix, r in _flat(app.routes):
         if isinstance(r, Mount):
-            found.add(("MOUNT", r.path))
+            found.add(("MOUNT", prefix + r.path))
         elif isinstance(r, Route):
-            found |= {(m, r.path) for m in r.methods if m != "HEAD"}
+            found |= {(m, prefix + r.path) for m in r.methods if m != "HEAD"}
         else:
-            found.add((type(r).__name__, getattr(r, "path", repr(r))))
+            found.add((type(r).__name__, getattr(r, "path", repr(r))[:200]))
     return found
 
 

@@ -514,9 +514,15 @@ def test_rate_limit_and_admission_control(settings):
     key = create_key(app.state.jobs, ["recon:submit", "recon:read"], "bob")[1]
     with TestClient(app) as client:
         first = submit(client, key, sampler="fast", nfe="4000")  # occupies the worker
+        end = time.monotonic() + 60
+        while client.get(first.headers["Location"], headers=auth(key)).json()["state"] == (
+            "queued"
+        ):
+            assert time.monotonic() < end, "the worker never took the first job"
+            time.sleep(0.05)
         second = submit(client, key)  # waits in the queue
         third = submit(client, key)
-        assert first.status_code == 202 and second.status_code == 202
+        assert first.status_code == 202 and second.status_code == 202, second.text
         assert third.status_code == 429 and "queued" in third.json()["detail"]
         for r in (first, second):
             client.delete(f"/v1/jobs/{r.json()['id']}", headers=auth(key))
