@@ -25,7 +25,6 @@ from service.auth import list_keys
 from service.catalogue import model_path, names
 from service.db import JobStore
 from service.deps import Context, check_scope, credential_principal, own_job
-from service.executor import make_executor
 from service.migrate import upgrade
 from service.oidc import OIDCVerifier
 from service.problems import Problem, ProblemDetail, install_handlers
@@ -37,6 +36,7 @@ from service.security import SecurityHeaders
 from service.settings import Settings
 from service.submission import Submission, submit
 from service.ui import Handlers, add_ui
+from workers.executor import make_executor
 
 __all__ = ["create_app", "SamplingRequest"]
 

@@ -33,7 +33,7 @@ class Context:
     settings: Settings
     jobs: JobStore
     results: ResultStore
-    executor: Any  # service.executor.Executor
+    executor: Any  # workers.executor.Executor
     limiter: RateLimiter  # requests per key
     failures: RateLimiter  # failed credentials per client address
     oidc: OIDCVerifier | None

@@ -8,7 +8,7 @@ cost over ``max_owner_cost`` (429).
 :class:`FairShare` lets the embedded executor share its ``embedded_workers`` slots among
 owners step by step: a job of another owner waits at most one step of a running job, not
 the whole job. With Celery the same end is served by per-owner admission to the broker
-(``workers.tasks.admit``).
+(``workers.lifecycle.admit``).
 """
 
 from __future__ import annotations

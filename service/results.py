@@ -32,7 +32,7 @@ NAMES = {
     "samples.npy",
     "metal_mask.npy",
     "phase.npy",
-    "slab.npz",  # a slab of a volume split across workers (workers/tasks.py), for assembly
+    "slab.npz",  # a slab of a volume split across workers (workers/kinds/reconstruct.py)
     "slab.json",
 }
 _JOB = re.compile(r"^[0-9a-f]{32}$")

@@ -3,7 +3,7 @@
 Messages carry only the job id (no patient data in the broker or in Flower). A worker killed
 mid-job leaves its message unacknowledged; Redis redelivers it after ``visibility_timeout``
 (longer than the hard time limit) and the new worker reclaims the job because its heartbeat
-went stale (see :func:`workers.tasks.run_job`). ``sweep`` re-enqueues jobs whose
+went stale (see :func:`workers.lifecycle.run_job`). ``sweep`` re-enqueues jobs whose
 message was lost. CUDA is first touched inside the task, i.e. in the forked child.
 
 Each job kind is its own task (:data:`TASKS`), on its own queue (training on ``train``,
@@ -90,7 +90,7 @@ def _register(app: Celery, settings: Settings) -> None:
         return state["jobs"], state["results"]
 
     def run(task, job_id: str) -> str:
-        from workers.tasks import Transient, run_job
+        from workers.lifecycle import Transient, run_job
 
         jobs, results = stores()
         try:
@@ -123,7 +123,7 @@ def _register(app: Celery, settings: Settings) -> None:
 
     @app.task(name=SWEEP, shared=False)
     def sweep_task() -> dict:
-        from workers.tasks import sweep
+        from workers.lifecycle import sweep
 
         jobs, _ = stores()
         return sweep(
@@ -145,7 +145,7 @@ def _resend(app: Celery, jobs: JobStore, job_id: str) -> None:
 def _next_of_owner(app: Celery, jobs: JobStore, settings: Settings, job_id: str) -> None:
     """After a job (whatever came of it), send its owner's next waiting jobs while the
     owner has a free slot, rather than leave them to the next sweep."""
-    from workers.tasks import admit
+    from workers.lifecycle import admit
 
     try:
         job = jobs.get(job_id)

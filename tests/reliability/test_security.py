@@ -1686,10 +1686,10 @@ class Metronome:
     ran when. Installed as the embedded worker's prior loader."""
 
     def __init__(self, step_s: float):
-        import workers.tasks
+        import workers.runner
 
         self.step_s, self.calls, self.lock = step_s, [], threading.Lock()
-        self.real = workers.tasks.load_prior
+        self.real = workers.runner.load_prior
 
     def load(self, model: str, bf16: bool | None = None):
         import dataclasses
@@ -1723,7 +1723,7 @@ class Metronome:
 def fair(tmp_path, monkeypatch):
     """An in-process gateway (embedded worker, SQLite) with small per-owner limits, keys for
     alice, bob, carol and an admin, and the metronome prior (``fair.metronome(step_s)``)."""
-    import workers.tasks
+    import workers.kinds.reconstruct
 
     settings = Settings(
         home=tmp_path / "home",
@@ -1748,7 +1748,7 @@ def fair(tmp_path, monkeypatch):
 
     def metronome(step_s: float) -> Metronome:
         m = Metronome(step_s)
-        monkeypatch.setattr(workers.tasks, "load_prior", m.load)
+        monkeypatch.setattr(workers.kinds.reconstruct, "load_prior", m.load)
         return m
 
     with TestClient(app, raise_server_exceptions=False) as client:

@@ -9,7 +9,7 @@ import time
 from service.db import Job, JobStore, new_id, now
 from service.fairness import Factor, FairShare, job_cost, over_cost
 from service.migrate import upgrade
-from workers.tasks import admit, sweep
+from workers.lifecycle import admit, sweep
 
 
 class Steps:

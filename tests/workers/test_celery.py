@@ -115,7 +115,7 @@ def test_jobs_run_on_real_workers_and_survive_a_killed_worker(env):
             stop(worker, signal.SIGKILL)
             time.sleep(4)  # the heartbeat goes stale
             worker = start_worker(environ)
-            from workers.tasks import sweep
+            from workers.lifecycle import sweep
 
             swept = sweep(app.state.jobs, lambda j: celery.send_task(TASK, args=[j]), 300, 3)
             assert swept["orphaned"] == 1

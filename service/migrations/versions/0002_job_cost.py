@@ -3,7 +3,7 @@
 ``cost`` is NFE × samples × slices × pixels of a reconstruction or sampling job (0 for
 training and export), summed per owner over queued and running jobs. ``sent_at`` is when a
 job's message went to the broker; a queued job without it waits in the database for its
-owner's turn (``workers.tasks.admit``).
+owner's turn (``workers.lifecycle.admit``).
 
 Revision ID: 0002
 Revises: 0001

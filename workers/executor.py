@@ -2,7 +2,7 @@
 
 ``EmbeddedExecutor`` runs jobs in threads of the gateway process (a laptop, the tests,
 ``make demo``), shared fairly among owners; the Celery executor (``workers/celery_app.py``)
-sends only the job id to the broker. Both call the same runner, :func:`workers.tasks.run_job`.
+sends only the job id to the broker. Both call the same runner, :func:`workers.lifecycle.run_job`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from service.db import FINAL, JobStore, now
 from service.fairness import FairShare
 from service.results import ResultStore
 from service.settings import Settings
+from workers.lifecycle import Transient, run_job, sweep
+from workers.runner import AT_STEP
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class EmbeddedExecutor:
 
     ``embedded_workers`` jobs run at a time, shared fairly among owners step by step
     (:class:`service.fairness.FairShare`): each running job passes a checkpoint at every
-    step (its cancel check, through ``workers.tasks.AT_STEP``), where it gives way to a
+    step (its cancel check, through ``workers.runner.AT_STEP``), where it gives way to a
     lighter owner's job and sees a cancel at once. The job table is the queue's durable
     record: at start, and every ``sweep_every_s``, queued jobs that no thread holds and
     running jobs whose heartbeat went stale (a previous process died) are picked up again.
@@ -80,7 +82,6 @@ class EmbeddedExecutor:
 
     def _run(self, job_id: str, kind: str) -> str:
         """Run the job; a transient failure is retried after an exponential back-off."""
-        from workers.tasks import AT_STEP, Transient, run_job
 
         AT_STEP.set(lambda: self.fair.checkpoint(job_id, lambda: self._waiting(job_id)))
         s = self.settings
@@ -106,7 +107,6 @@ class EmbeddedExecutor:
             self.fair.done(job_id)
 
     def _sweep_loop(self) -> None:
-        from workers.tasks import sweep
 
         requeue_after = 0.0  # at start every queued job is ours: no broker holds a message
         while not self.stop.is_set():
