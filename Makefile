@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REALDATA ?= .cache/realdata
 
-.PHONY: setup demo test lint bench clean orthanc bart dicom3tools chromium screenshots audit realdata
+.PHONY: setup demo test lint bench clean orthanc bart dicom3tools chromium screenshots audit realdata test-servers
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ bart:  # BART's ecalib, the external cross-check of our ESPIRiT maps; without it
 dicom3tools:  # dciodvfy, the DICOM validator the export tests run; without it they skip
 	bash scripts/install-deb.sh dciodvfy dicom3tools || echo "warning: dicom3tools could not be installed; DICOM validation tests will skip"
 
+test-servers:  # redis-server and PostgreSQL for the tests' own throwaway servers (tests/servers.py); without them those tests skip
+	bash scripts/install-deb.sh redis-server redis-server || echo "warning: redis-server could not be installed; Redis tests will skip"
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || bash scripts/install-deb.sh pg_ctlcluster postgresql || echo "warning: PostgreSQL could not be installed; PostgreSQL tests will skip"
+
 chromium:  # headless browser for the console's end-to-end tests; without it they skip
 	bash scripts/install-chromium.sh || echo "warning: Chromium could not be installed; console tests will skip"
 
@@ -41,9 +45,9 @@ screenshots: setup chromium  # docs/ui/*.png from the console test, on a phantom
 demo: setup
 	$(PY) -m service.demo --out out
 
-test: setup orthanc bart dicom3tools chromium realdata
+test: setup test-servers orthanc bart dicom3tools chromium realdata
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/operators.py

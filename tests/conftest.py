@@ -15,6 +15,8 @@ SUITES = {
     "realdata": "real data",
     "onnx": "onnx extra",
     "s3": "boto3",
+    "redis": "redis-server missing",
+    "postgres": "PostgreSQL missing",
 }
 _skipped: dict[str, list[str]] = {}
 
@@ -50,6 +52,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import servers
+
+    servers.stop_all()  # the Redis and PostgreSQL this session started, by their pids
     if _skipped and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from tests import servers
+
 SCORERECON = str(Path(sys.executable).parent / "scorerecon")
 
 
@@ -45,7 +47,7 @@ class Site:
 
     def __init__(self, home: Path, redis_db: int, env: dict[str, str] | None = None):
         self.home = Path(home)
-        self.broker = f"redis://127.0.0.1:6379/{redis_db}"
+        self.broker = f"{servers.redis_url()}/{redis_db}"
         self.env = {
             **os.environ,
             "SCORERECON_HOME": str(self.home),

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.service.conftest import CT_SPEC, PG, ct_measurement, tiny_model
+from tests import servers
+from tests.service.conftest import CT_SPEC, ct_measurement, tiny_model
 from tests.site import Site
 
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -34,7 +35,7 @@ def make_site(tmp_path: Path, database: str, redis_db: int, **env: str) -> Site:
     site = Site(
         tmp_path / "home",
         redis_db=redis_db,
-        env={**FAST_RECOVERY, "SCORERECON_DATABASE_URL": PG + database, **env},
+        env={**FAST_RECOVERY, "SCORERECON_DATABASE_URL": servers.database_url() + database, **env},
     )
     tiny_model(site.home / "models")
     return site

@@ -21,6 +21,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from tests import servers
 from tests.reliability.conftest import count
 from tests.reliability.jobs import (
     completions,
@@ -115,32 +116,7 @@ def test_worker_killed_mid_slab_of_a_split_volume(tmp_path, database, record):
 
 def _redis_server(port: int, workdir: Path) -> subprocess.Popen:
     """A private Redis without persistence: killing it loses every queued message."""
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    end = time.monotonic() + 20
-    while (
-        subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout
-        != b"PONG\n"
-    ):
-        assert time.monotonic() < end and proc.poll() is None, "redis-server did not start"
-        time.sleep(0.1)
-    return proc
+    return servers.start_redis(workdir, port)
 
 
 def test_redis_restarted_with_jobs_queued(tmp_path, database, record):
@@ -231,7 +207,7 @@ def test_gateway_killed_during_uploads_and_polls(tmp_path, database, record):
             jobs = wait_all(c, list(ids.values()), timeout=180)
             counts = summary(jobs, completions(site.all_logs()))
             whole = _check(c, jobs)
-        with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={database}") as db:
+        with psycopg.connect(servers.conninfo(database)) as db:
             per_key = db.execute(
                 "SELECT idempotency_key, count(*) FROM jobs GROUP BY idempotency_key"
             ).fetchall()
@@ -265,7 +241,7 @@ def test_database_connections_dropped(tmp_path, database, record):
             ids = [submit(c, sampler="fast", nfe="600") for _ in range(3)]
             wait_running(c, ids[0])
             for _ in range(drops):
-                with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres") as admin:
+                with psycopg.connect(servers.conninfo("postgres")) as admin:
                     admin.execute(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                         "WHERE datname = %s AND pid <> pg_backend_pid()",

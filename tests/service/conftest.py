@@ -1,5 +1,5 @@
-"""Gateway fixtures: a fresh database (SQLite file or a throwaway PostgreSQL database on
-127.0.0.1:5432), a tiny 32² model, keys for two owners and an admin."""
+"""Gateway fixtures: a fresh database (SQLite file or a throwaway PostgreSQL database on the
+session's own server, tests/servers.py), a tiny 32² model, keys for two owners and an admin."""
 
 import io
 import json
@@ -19,20 +19,23 @@ from models.sde import VESDE
 from service.app import create_app
 from service.auth import create_key
 from service.settings import Settings
+from tests import servers
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/"
 METRICS_TOKEN = "scrape-" + "m" * 24  # /metrics is closed without it (SCORERECON_METRICS_TOKEN)
 
 
 def _postgres_db():
+    """A new database on the session's PostgreSQL; the tests skip, saying why, where
+    PostgreSQL cannot be started."""
+    admin = servers.conninfo("postgres")  # skips, saying why, without PostgreSQL
     name = f"scorerecon_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as c:
+    with psycopg.connect(admin, autocommit=True) as c:
         c.execute(f'CREATE DATABASE "{name}"')
     return name
 
 
 def _drop_postgres_db(name):
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as c:
+    with psycopg.connect(servers.conninfo("postgres"), autocommit=True) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -42,7 +45,7 @@ def db_url(request, tmp_path):
         yield f"sqlite:///{tmp_path / 'jobs.db'}"
         return
     name = _postgres_db()
-    yield PG + name
+    yield servers.database_url() + name
     _drop_postgres_db(name)
 
 

@@ -10,9 +10,13 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.auth import create_key
 from service.ratelimit import LocalRateLimiter, RateLimited, RedisRateLimiter, make_rate_limiter
+from tests import servers
 from tests.service.conftest import auth
 
-REDIS = "redis://127.0.0.1:6379/11"
+
+def redis_db_url() -> str:
+    """Database 11 of the session's own Redis (tests/servers.py)."""
+    return f"{servers.redis_url()}/11"
 
 
 @pytest.fixture
@@ -20,7 +24,7 @@ def prefix():
     """A key prefix of this test's own; its keys are deleted afterwards."""
     p = f"scorerecon-test:{uuid.uuid4().hex}:"
     yield p
-    r = redis.Redis.from_url(REDIS)
+    r = redis.Redis.from_url(redis_db_url())
     for key in r.scan_iter(p + "*"):
         r.delete(key)
 
@@ -32,24 +36,24 @@ def closed_port() -> int:
 
 
 def test_two_limiters_on_one_redis_share_the_window(prefix):
-    a, b = RedisRateLimiter(REDIS, 5, prefix), RedisRateLimiter(REDIS, 5, prefix)
+    a, b = RedisRateLimiter(redis_db_url(), 5, prefix), RedisRateLimiter(redis_db_url(), 5, prefix)
     for limiter in (a, b, a, b, a):
         limiter.check("key1")
     with pytest.raises(RateLimited) as exc:
         b.check("key1")
     assert 1 <= exc.value.retry_after <= 61
     b.check("key2")  # another key has its own window
-    assert redis.Redis.from_url(REDIS).ttl(prefix + "key1") in range(1, 62)
+    assert redis.Redis.from_url(redis_db_url()).ttl(prefix + "key1") in range(1, 62)
 
 
 def test_refused_requests_do_not_extend_the_window(prefix):
-    limiter = RedisRateLimiter(REDIS, 2, prefix)
+    limiter = RedisRateLimiter(redis_db_url(), 2, prefix)
     limiter.check("k")
     limiter.check("k")
     for _ in range(5):
         with pytest.raises(RateLimited):
             limiter.check("k")
-    assert redis.Redis.from_url(REDIS).zcard(prefix + "k") == 2
+    assert redis.Redis.from_url(redis_db_url()).zcard(prefix + "k") == 2
 
 
 def test_without_redis_each_process_still_counts(caplog, monkeypatch):
@@ -70,14 +74,14 @@ def test_without_redis_each_process_still_counts(caplog, monkeypatch):
 
 
 def test_the_limiter_follows_the_executor():
-    assert isinstance(make_rate_limiter("embedded", REDIS, 10), LocalRateLimiter)
-    assert isinstance(make_rate_limiter("celery", REDIS, 10), RedisRateLimiter)
+    assert isinstance(make_rate_limiter("embedded", redis_db_url(), 10), LocalRateLimiter)
+    assert isinstance(make_rate_limiter("celery", redis_db_url(), 10), RedisRateLimiter)
 
 
 def test_two_gateways_enforce_one_limit(settings):
     """Two gateway apps (as two replicas behind a load balancer) on one database and one
     Redis: a key's fourth request is refused whichever gateway it reaches."""
-    settings.executor, settings.broker_url = "celery", REDIS
+    settings.executor, settings.broker_url = "celery", redis_db_url()
     settings.rate_limit_per_minute = 3
     apps = [create_app(settings), create_app(settings)]
     key_id, key = create_key(apps[0].state.jobs, ["recon:read"], "alice")
@@ -89,11 +93,11 @@ def test_two_gateways_enforce_one_limit(settings):
         assert "per minute" in refused.json()["detail"]
     for app in apps:
         app.state.jobs.engine.dispose()
-    redis.Redis.from_url(REDIS).delete("scorerecon:rate:" + key_id)
+    redis.Redis.from_url(redis_db_url()).delete("scorerecon:rate:" + key_id)
 
 
 def test_peek_counts_nothing(prefix):
-    for limiter in (RedisRateLimiter(REDIS, 2, prefix), LocalRateLimiter(2)):
+    for limiter in (RedisRateLimiter(redis_db_url(), 2, prefix), LocalRateLimiter(2)):
         assert limiter.peek("k") is None
         limiter.check("k")
         assert limiter.peek("k") is None
@@ -101,7 +105,7 @@ def test_peek_counts_nothing(prefix):
         assert 1 <= limiter.peek("k") <= 61 and 1 <= limiter.peek("k") <= 61
         with pytest.raises(RateLimited):
             limiter.check("k")
-    assert redis.Redis.from_url(REDIS).zcard(prefix + "k") == 2
+    assert redis.Redis.from_url(redis_db_url()).zcard(prefix + "k") == 2
 
 
 @pytest.mark.parametrize("executor", ["embedded", "celery"])
@@ -114,7 +118,7 @@ def test_failed_credentials_are_limited_per_address_and_audited(settings, execut
 
     from service.db import AuditEntry
 
-    settings.executor, settings.broker_url = executor, REDIS
+    settings.executor, settings.broker_url = executor, redis_db_url()
     settings.failed_auth_per_minute = 3
     app = create_app(settings)
     key = create_key(app.state.jobs, ["recon:read"], "alice")[1]
@@ -140,4 +144,4 @@ def test_failed_credentials_are_limited_per_address_and_audited(settings, execut
             rows = s.scalars(select(AuditEntry).where(AuditEntry.action == "auth-failed")).all()
         assert len(rows) == 3 and all("10.0.0.7" in r.outcome for r in rows)
     app.state.jobs.engine.dispose()
-    redis.Redis.from_url(REDIS).delete("scorerecon:auth-failed:10.0.0.7")
+    redis.Redis.from_url(redis_db_url()).delete("scorerecon:auth-failed:10.0.0.7")

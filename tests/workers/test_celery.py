@@ -1,6 +1,6 @@
-"""Real Celery workers on the real Redis (database 15, flushed): a job from submit to result,
-a spec error that fails without retry, and a worker killed mid-job whose job completes on
-another worker exactly once."""
+"""Real Celery workers on a real Redis (the session's own, database 15, flushed): a job from
+submit to result, a spec error that fails without retry, and a worker killed mid-job whose
+job completes on another worker exactly once."""
 
 import os
 import signal
@@ -15,19 +15,23 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.auth import create_key
 from service.settings import Settings
+from tests import servers
 from tests.service.conftest import auth, tiny_model
 from tests.service.test_gateway import submit, wait
 
-BROKER = "redis://127.0.0.1:6379/15"
+
+def broker_url() -> str:
+    """Database 15 of the session's own Redis (tests/servers.py)."""
+    return f"{servers.redis_url()}/15"
 
 
 @pytest.fixture
 def env(tmp_path):
-    redis.Redis.from_url(BROKER).flushdb()
+    redis.Redis.from_url(broker_url()).flushdb()
     home = tmp_path / "home"
     values = {
         "SCORERECON_HOME": str(home),
-        "SCORERECON_BROKER_URL": BROKER,
+        "SCORERECON_BROKER_URL": broker_url(),
         "SCORERECON_EXECUTOR": "celery",
         "SCORERECON_HEARTBEAT_STALE_S": "3",
         "SCORERECON_TORCH_THREADS": "1",
@@ -37,7 +41,7 @@ def env(tmp_path):
     settings.prepare()
     tiny_model(settings.models)
     yield {**os.environ, **values}, settings
-    redis.Redis.from_url(BROKER).flushdb()
+    redis.Redis.from_url(broker_url()).flushdb()
 
 
 def _npy() -> bytes:
@@ -230,7 +234,7 @@ def _messages(queue: str) -> list[tuple[str, str]]:
     """(task name, job id) of each message waiting in a queue on the broker."""
     import json
 
-    raw = redis.Redis.from_url(BROKER).lrange(queue, 0, -1)
+    raw = redis.Redis.from_url(broker_url()).lrange(queue, 0, -1)
     return [
         (m["headers"]["task"], m["headers"]["argsrepr"].strip("[]()',"))
         for m in map(json.loads, raw)
