@@ -5,8 +5,11 @@
 # their own, tests/servers.py; one that touched the machine's would fail there). Writes the
 # timings to docs/benchmarks/setup.md. Needs root for the namespace (unshare --net).
 #
+# `make demo` (embedded mode, no broker) runs in the namespace too.
+#
 #   bash scripts/bare-machine-check.sh                        # the whole suite, twice
 #   PYTEST_ARGS="tests/service tests/workers" bash scripts/bare-machine-check.sh   # a part
+#   RUNS=bare bash scripts/bare-machine-check.sh              # only without the servers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTEST_ARGS="${PYTEST_ARGS:-}"
@@ -29,7 +32,9 @@ PY
 }
 
 rows=()
-for where in "system Redis and PostgreSQL running" "no server reachable (own network namespace)"; do
+wheres=("system Redis and PostgreSQL running" "no server reachable (own network namespace)")
+[[ ${RUNS:-both} == bare ]] && wheres=("${wheres[1]}")
+for where in "${wheres[@]}"; do
   start=$(date +%s)
   if [[ $where == no* ]]; then
     cmd='ip link set lo up && closed && make test'
@@ -46,17 +51,26 @@ for where in "system Redis and PostgreSQL running" "no server reachable (own net
   cp "$logs/run.log" "$logs/run-$status-$seconds.log"
 done
 
+start=$(date +%s)
+status=0
+unshare --net bash -c "$(declare -f closed); ip link set lo up && closed && make demo" \
+  >"$logs/demo.log" 2>&1 || status=$?
+seconds=$(( $(date +%s) - start ))
+echo "make demo, no server reachable: exit $status after ${seconds} s"
+demo="| \`make demo\`, no server reachable (own network namespace) | $status | $seconds | $(ls out | wc -l) files in out/ |"
+
 {
   echo "# Setup: \`make test\` with and without the machine's Redis and PostgreSQL"
   echo
-  echo "Measured by \`scripts/bare-machine-check.sh\` on $(uname -m), $(nproc) cores ($(date +%F))."
+  echo "Measured by \`scripts/bare-machine-check.sh\` on $(uname -m), $(getconf _NPROCESSORS_ONLN) cores ($(date +%F))."
   echo "The tests start their own Redis and PostgreSQL on free loopback ports"
   echo "(\`tests/servers.py\`) and stop them by pid; the second run is in a network namespace"
   echo "of its own, where nothing answers on 127.0.0.1:6379 or :5432, so a test that used"
   echo "the machine's servers would fail there. Tests run: \`${PYTEST_ARGS:-the whole suite}\`."
   echo
-  echo "| machine's servers | exit status | seconds | pytest |"
+  echo "| run | exit status | seconds | result |"
   echo "|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
+  echo "$demo"
 } >"$out"
 echo "wrote $out (logs in $logs)"
