@@ -67,8 +67,9 @@ def check_model(
     name: str, image_size: int | tuple[int, int], settings: Settings, modality: str
 ) -> dict:
     """The model's card, once the model exists, is usable and fits the modality; a CT image
-    of another size than the prior's is reconstructed with the prior applied patch-wise, up
-    to PATCH_WISE_MAX times its side (docs/benchmarks/speed.md measures 256² with a 128²
+    of another size than the prior's is reconstructed with the prior applied patch-wise or
+    to the whole image (as its card says: docs/benchmarks/larger_images.md), up to
+    PATCH_WISE_MAX times its side (docs/benchmarks/speed.md measures 256² with a 128²
     prior; MR images of any size are, as their matrices are rectangular)."""
     if name not in names(settings):
         raise Problem(
@@ -94,7 +95,7 @@ def check_model(
             422,
             "Image size too large",
             f"model '{name}' reconstructs CT images up to {limit}² (its {trained}² prior "
-            f"applied patch-wise); set the spec's image_size to {limit} or less",
+            f"applied patch-wise or whole); set the spec's image_size to {limit} or less",
             "spec.image_size",
         )
     return card
