@@ -48,10 +48,10 @@ from service.app import create_app
 from service.auth import create_key
 from service.db import ApiKey, Job
 from service.settings import Settings
+from tests import servers
 from tests.reliability.conftest import count
 from tests.service.conftest import (
     CT_SPEC,
-    PG,
     _drop_postgres_db,
     _postgres_db,
     auth,
@@ -86,7 +86,7 @@ class Gateway:
 def site(request, tmp_path_factory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp(f"bad-input-{request.param}")
     pg = _postgres_db() if request.param == "postgresql" else None
-    url = PG + pg if pg else f"sqlite:///{tmp / 'jobs.db'}"
+    url = servers.database_url() + pg if pg else f"sqlite:///{tmp / 'jobs.db'}"
     settings = Settings(
         home=tmp / "home",
         database_url=url,
