@@ -23,6 +23,7 @@ help: fix the configuration); an unreachable peer is a :class:`TransientError` (
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 import pydicom
 
 BATCH = 16  # instances per STOW-RS request
+ASSOCIATION_TRIES = 3  # DIMSE associations asked for within one attempt of an export
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -202,7 +204,14 @@ def _c_store(dest: Destination, datasets: Sequence[pydicom.Dataset]) -> dict:
     ae = AE(ae_title=dest.calling_ae)
     for sop in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop, TRANSFER_SYNTAXES)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    for attempt in range(ASSOCIATION_TRIES):
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if assoc.is_established or assoc.is_rejected:
+            break
+        # An abort instead of an answer: a peer that closes the connection as it rejects
+        # (its A-ASSOCIATE-RJ can be lost with the socket) or a busy one. Asking again tells
+        # a rejection (permanent) from an unreachable peer (retried by the job, later).
+        time.sleep(0.5 * (attempt + 1))
     if assoc.is_rejected:
         raise PermanentError(f"C-STORE: {dest.name} rejected the association (check AE titles)")
     if not assoc.is_established:
