@@ -38,8 +38,6 @@ from service.submission import Submission, submit
 from service.ui import Handlers, add_ui
 from workers.executor import make_executor
 
-__all__ = ["create_app", "SamplingRequest"]
-
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = (settings or Settings()).prepare()

@@ -51,6 +51,11 @@ bearer = HTTPBearer(
 )
 
 
+def client_address(request: Request) -> str:
+    """The client's address (a trusted proxy's X-Forwarded-For, as uvicorn resolves it)."""
+    return request.client.host if request.client else ""
+
+
 def principal(
     request: Request,
     ctx: Ctx,
@@ -61,8 +66,7 @@ def principal(
         raise Problem(
             401, "Unauthorized", "send 'Authorization: Bearer <API key>'", "Authorization"
         )
-    peer = request.client.host if request.client else ""
-    return credential_principal(ctx, credentials.credentials.strip(), peer)
+    return credential_principal(ctx, credentials.credentials.strip(), client_address(request))
 
 
 def credential_principal(ctx: Context, credential: str, peer: str) -> Principal:

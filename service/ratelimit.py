@@ -49,26 +49,31 @@ class LocalRateLimiter:
         self.lock = threading.Lock()
 
     def check(self, key_id: str) -> None:
+        wait = self._count(key_id, add=True)
+        if wait is not None:
+            raise RateLimited(self.per_minute, wait)
+
+    def peek(self, key_id: str) -> int | None:
+        return self._count(key_id, add=False)
+
+    def _count(self, key_id: str, add: bool) -> int | None:
+        """Seconds to wait if ``key_id`` is at the limit; else None (and, with ``add``,
+        this hit counted)."""
         t = time.monotonic()
         with self.lock:
             q = self.hits[key_id]
             while q and t - q[0] > WINDOW_S:
                 q.popleft()
             if len(q) >= self.per_minute:
-                raise RateLimited(self.per_minute, int(WINDOW_S - (t - q[0])) + 1)
-            q.append(t)
-
-    def peek(self, key_id: str) -> int | None:
-        t = time.monotonic()
-        with self.lock:
-            q = self.hits.get(key_id)
-            while q and t - q[0] > WINDOW_S:
-                q.popleft()
-            return int(WINDOW_S - (t - q[0])) + 1 if q and len(q) >= self.per_minute else None
+                return int(WINDOW_S - (t - q[0])) + 1
+            if add:
+                q.append(t)
+            return None
 
 
-# One round trip, atomic: drop hits older than the window, count, add this one if allowed.
-# Times come from the Redis server's clock, so gateways on different hosts agree.
+# One round trip, atomic: drop hits older than the window, count, add this one if allowed
+# (ARGV[3], the hit's unique member; empty: only look, as ``peek`` does). Times come from the
+# Redis server's clock, so gateways on different hosts agree.
 _SLIDING_WINDOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -78,22 +83,11 @@ if redis.call('ZCARD', KEYS[1]) >= limit then
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return tostring(window - (now - tonumber(oldest[2])))
 end
+if ARGV[3] == '' then
+  return false
+end
 redis.call('ZADD', KEYS[1], now, ARGV[3])
 redis.call('EXPIRE', KEYS[1], math.ceil(window) + 1)
-return false
-"""
-
-
-# The same window, read only: the wait if the key is at the limit, else false.
-_PEEK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) >= limit then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return tostring(window - (now - tonumber(oldest[2])))
-end
 return false
 """
 
@@ -109,7 +103,6 @@ class RedisRateLimiter:
         self.errors = (redis.RedisError, OSError)
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.script = client.register_script(_SLIDING_WINDOW)
-        self.peek_script = client.register_script(_PEEK)
         self.fallback = LocalRateLimiter(per_minute)
         self._warned = False
         self._retry_at = 0.0  # after a failure, Redis is tried again only after RETRY_S
@@ -142,7 +135,7 @@ class RedisRateLimiter:
         if time.monotonic() < self._retry_at:
             return self.fallback.peek(key_id)
         try:
-            wait = self.peek_script(keys=[self.prefix + key_id], args=[WINDOW_S, self.per_minute])
+            wait = self.script(keys=[self.prefix + key_id], args=[WINDOW_S, self.per_minute, ""])
         except self.errors:
             self._retry_at = time.monotonic() + self.RETRY_S
             return self.fallback.peek(key_id)

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.db import Job, auto_export_id
 
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
-SAMPLING_SAMPLERS = ("pc", "em", "ancestral", "ode", "ald", "fast")
 
 # --- requests ------------------------------------------------------------------------------
 

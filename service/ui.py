@@ -36,6 +36,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from service.deps import client_address
+
 HERE = Path(__file__).parent
 COOKIE = "scorerecon_key"
 CSRF_COOKIE = "scorerecon_csrf"
@@ -70,11 +72,6 @@ class Handlers:
     sampling_request: type
     training_request: type
     trusted_origins: tuple[str, ...] = ()  # besides the gateway's own (SCORERECON_TRUSTED_ORIGINS)
-
-
-def peer(request: Request) -> str:
-    """The client's address (the proxy's X-Forwarded-For where uvicorn trusts it)."""
-    return request.client.host if request.client else ""
 
 
 class CsrfRefused(Exception):
@@ -174,7 +171,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
         if not key:
             return None
         try:
-            return h.principal(key, peer(request))
+            return h.principal(key, client_address(request))
         except h.problem:
             return None
 
@@ -212,7 +209,7 @@ def add_ui(app: FastAPI, h: Handlers, results, job_json: Callable) -> None:
     @app.post("/ui/login", include_in_schema=False, dependencies=csrf)
     def login(request: Request, key: Annotated[str, Form()]) -> Response:
         try:
-            h.principal(key.strip(), peer(request))
+            h.principal(key.strip(), client_address(request))
         except h.problem as exc:
             return page(request, "login.html", None, 401, error=error_text(exc))
         response = RedirectResponse("/ui/", 303)

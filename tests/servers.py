@@ -68,6 +68,7 @@ def start_redis(directory: Path | None = None, port: int | None = None) -> subpr
         start_new_session=True,
     )
     proc.port = port  # type: ignore[attr-defined]
+    proc.stop_signal = signal.SIGTERM  # type: ignore[attr-defined]
 
     def answers() -> bool:
         try:
@@ -117,18 +118,24 @@ def database_url() -> str:
     (or SCORERECON_TEST_DATABASE_URL); append a database name."""
     if url := os.environ.get(DATABASE_ENV):
         return url.rstrip("/") + "/"
-    initdb, postgres = _or_skip(lambda: (_postgres_binary("initdb"), _postgres_binary("postgres")))
-    data = Path(tempfile.mkdtemp(dir=_root, prefix="pg-"))
+    return _or_skip(start_postgres)
+
+
+def start_postgres() -> str:
+    """A PostgreSQL cluster of our own (initdb, then the server in the foreground, so its
+    pid is the one we stop); its URL."""
+    initdb, postgres = _postgres_binary("initdb"), _postgres_binary("postgres")
     as_user: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root: its own system user runs it
         try:
             user = pwd.getpwnam("postgres")
         except KeyError:
-            _or_skip(lambda: _raise("running as root, and no 'postgres' user to run PostgreSQL"))
-            raise
+            raise Unavailable("running as root, and no 'postgres' user to run PostgreSQL") from None
+        as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+    data = Path(tempfile.mkdtemp(dir=_root, prefix="pg-"))
+    if as_user:
         os.chmod(_root, 0o755)
         os.chown(data, user.pw_uid, user.pw_gid)
-        as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
     log = data / "server.log"
     subprocess.run(
         [*as_user, initdb, "-D", str(data / "db"), "-U", "postgres", "-A", "trust"]
@@ -145,6 +152,7 @@ def database_url() -> str:
         stderr=open(log, "wb"),  # noqa: SIM115 - the server's own, closed with it
         start_new_session=True,
     )
+    proc.stop_signal = signal.SIGINT  # type: ignore[attr-defined]  # fast shutdown
     _started.append(proc)
     url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/"
 
@@ -161,10 +169,6 @@ def database_url() -> str:
     return url
 
 
-def _raise(why: str):
-    raise Unavailable(why)
-
-
 def conninfo(dbname: str, base: str | None = None) -> str:
     """A psycopg connection string for ``dbname`` on the session's PostgreSQL."""
     parts = urlsplit(base or database_url())
@@ -175,7 +179,7 @@ def conninfo(dbname: str, base: str | None = None) -> str:
 def stop(proc: subprocess.Popen, grace: float = 20) -> None:
     """Stop a server we started, by its process group (SIGKILL after ``grace`` s)."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM if "redis" in str(proc.args[0]) else signal.SIGINT)
+        os.killpg(proc.pid, getattr(proc, "stop_signal", signal.SIGTERM))
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:

@@ -153,10 +153,7 @@ def _run_one(
         jobs.transition(job_id, ["running"], "cancelled", finished_at=now(), phase="cancelled")
         state = "cancelled"
     except (SpecError, ModelError, ValueError) as exc:
-        jobs.transition(
-            job_id, ["running"], "failed", finished_at=now(), phase="failed", error=str(exc)
-        )
-        state = "failed"
+        state = _fail(jobs, job_id, str(exc))
     except (OperationalError, OSError) as exc:
         # Back to the queue (if the database lets us) and retried by the caller.
         try:
@@ -166,34 +163,32 @@ def _run_one(
         raise Transient(f"{type(exc).__name__}: {exc}") from exc
     except SoftTimeLimitExceeded:
         limit = settings.time_limits_s.get(job.kind) if settings is not None else None
-        jobs.transition(
+        log.error("job %s stopped at its time limit (%s s)", job_id, limit)
+        state = _fail(
+            jobs,
             job_id,
-            ["running"],
-            "failed",
-            finished_at=now(),
-            phase="failed",
-            error=f"stopped at the time limit of a {job.kind} job ({limit} s, "
+            f"stopped at the time limit of a {job.kind} job ({limit} s, "
             "SCORERECON_TIME_LIMITS_S); ask for less work (fewer NFE, samples or slices), or "
             "have the operator raise the limit",
         )
-        log.error("job %s stopped at its time limit (%s s)", job_id, limit)
-        state = "failed"
     except Exception as exc:  # noqa: BLE001 - the job must reach a final state
         log.exception("job %s crashed", job_id)
-        jobs.transition(
+        state = _fail(
+            jobs,
             job_id,
-            ["running"],
-            "failed",
-            finished_at=now(),
-            phase="failed",
-            error=f"internal error ({type(exc).__name__}); the operator's logs have the details",
+            f"internal error ({type(exc).__name__}); the operator's logs have the details",
         )
-        state = "failed"
     log.info("job %s %s", job_id, state)
     if state == "succeeded" and job.params.get("export_to"):
         failpoint("before-export")
         _chain_export(job_id, job.params["export_to"], jobs, enqueue)
     return state
+
+
+def _fail(jobs: JobStore, job_id: str, error: str) -> str:
+    """A running job failed, with the reason the client reads."""
+    jobs.transition(job_id, ["running"], "failed", finished_at=now(), phase="failed", error=error)
+    return "failed"
 
 
 def failpoint(name: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.deps import Ctx
+from service.deps import Ctx, client_address
 from service.problems import Problem, problem_responses
 from service.schemas import Health, Readiness
 
@@ -45,7 +45,7 @@ def scraper(request: Request, ctx: Ctx) -> None:
     token) or for peers in ``SCORERECON_METRICS_ALLOW``. API keys do not open it: a scraper
     needs no job scopes, and a job key should not reach the metrics."""
     settings = ctx.settings
-    peer = request.client.host if request.client else ""
+    peer = client_address(request)
     if in_networks(peer, settings.metrics_networks):
         return
     token = settings.metrics_token

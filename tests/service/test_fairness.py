@@ -186,8 +186,8 @@ def test_concurrent_dispatchers_never_exceed_an_owners_slots(db_url):
 
 def test_admin_sampling_defaults_fit_the_cap():
     """The sampling endpoint's (and the console form's) defaults: 16 samples, 500 PC steps."""
-    from service.app import SamplingRequest
     from service.fairness import sampling_nfe
+    from service.schemas import SamplingRequest
     from service.settings import Settings
 
     d = SamplingRequest(model="ct-default")
