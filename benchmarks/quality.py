@@ -228,7 +228,43 @@ def render(results: dict, machine: str) -> list[str]:
             "the measured wall time per slice including them.",
             "",
         ]
-    return lines
+    return lines + coverage_section()
+
+
+def coverage_section() -> list[str]:
+    """±2σ coverage on real held-out slices, before and after the σ calibration that
+    ``benchmarks/ood.py`` fits on validation slices and stores in the cards."""
+    store = DOCS / "ood.json"
+    if not store.exists():
+        return ["Coverage on real slices: not measured yet (`python benchmarks/ood.py`).", ""]
+    lines = [
+        "## ±2σ coverage on real held-out slices (`benchmarks/ood.py`)",
+        "",
+        "Real test slices under the evaluation protocol, each prior's card defaults. The "
+        "posterior std reported is c κ(K) s_K: s_K the std of the K samples, κ(K) the "
+        "Student-t factor for a further draw given K, c fitted on the validation slices so "
+        "that 95 % of the object's pixels lie within ±2 std (models.inverse.calibrated_std).",
+        "",
+        "| prior | task | K | c | object: before | object: after | all pixels: before "
+        "| all pixels: after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in json.loads(store.read_text()):
+        cov = a["coverage_test"]
+        lines.append(
+            f"| {a['prior']} | {a['task']} | {a['samples']} | {a['std_scale']:.3f} "
+            f"| {100 * cov['object']['before']:.1f} % | {100 * cov['object']['after']:.1f} % "
+            f"| {100 * cov['all']['before']:.1f} % | {100 * cov['all']['after']:.1f} % |"
+        )
+    return [*lines, "", "Details and the out-of-distribution scores: [ood.md](ood.md).", ""]
+
+
+def write_page() -> None:
+    """quality.md again from quality.json (after another script measured a section)."""
+    store = DOCS / "quality.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    machine = results.get("machine", f"{platform.machine()}, torch {torch.__version__}")
+    (DOCS / "quality.md").write_text("\n".join(render(results, machine)))
 
 
 def main() -> None:
@@ -250,6 +286,7 @@ def main() -> None:
     results["samples"] = args.samples
     available = bundled_models()
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    results["machine"] = machine
     for section in args.sections:
         needs = "mri-default" if section == "mri" else "ct-default"
         if section != "timing" and needs not in available:

@@ -25,6 +25,7 @@ from models.inverse import (
 )
 from models.io import load_problems, save_png
 from models.metrics import psnr, ssim
+from models.ood import summary as ood_summary
 from models.physics import needs_data, parse_spec
 from models.physics.ct import remove_metal_trace
 
@@ -85,6 +86,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         "residual": rec.residual,
         "noise_std_used": rec.noise_std_used,
         "warnings": rec.warnings,
+        "ood": ood_summary(rec.ood),
         "provenance": {**rec.provenance, "spec": spec.model_dump(exclude_none=True)},
         "preview": "reconstruction | posterior std (scaled to its max "
         f"{std_scale:.4g}) | {baseline_name(op)}",

@@ -79,6 +79,8 @@ class Job(Base):
     cost: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # When the job's message went to the broker (Celery); None while it waits its turn.
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A reconstruction's out-of-distribution verdict (models.ood.summary); None otherwise.
+    ood: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

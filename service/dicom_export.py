@@ -298,6 +298,7 @@ def series(
     when: dt.datetime | None = None,
     model_hash: str = "",
     slices: Sequence[dict] | None = None,
+    comments: Sequence[str] | None = None,
 ) -> list[FileDataset]:
     """One dataset per slice of ``images`` (Z, H, W): HU for CT, [0, 1] magnitude for MR.
 
@@ -305,6 +306,8 @@ def series(
     second series, in HU for CT, rescaled so it never clips). ``model_hash``: the prior's
     weights hash, named in the derivation. ``slices``: each slice's source instance
     (:data:`SLICE_KEYWORDS`), in slice order; a single slice may take ``source``'s own.
+    ``comments``: a line per slice added to its ImageComments (the out-of-distribution
+    verdict, :func:`models.ood.slice_comment`).
     """
     if modality not in ("CT", "MR"):
         raise ValueError("modality must be 'CT' or 'MR'")
@@ -366,8 +369,10 @@ def series(
         ds.InstanceNumber = k + 1
         ds.SeriesDescription = fit(f"RESEARCH {kind} ({model})")
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.ImageComments = RESEARCH_NOTICE + (
-            "" if per_slice is not None else " " + NOMINAL_GEOMETRY
+        ds.ImageComments = (
+            (comments[k] + " " if comments else "")
+            + RESEARCH_NOTICE
+            + ("" if per_slice is not None else " " + NOMINAL_GEOMETRY)
         )
         ds.SeriesDate = ds.ContentDate = when.strftime("%Y%m%d")
         ds.SeriesTime = ds.ContentTime = when.strftime("%H%M%S")
@@ -517,6 +522,7 @@ def job_series(job, results) -> list[FileDataset]:
     """The series of a finished reconstruction job: the mean, and the posterior std as a
     second series when K > 1 (CT in HU through the model card's mapping)."""
     from models.io import HUMapping
+    from models.ood import slice_comment
 
     mean = np.load(io.BytesIO(results.get(job.id, "recon.npy")), allow_pickle=False)[:, 0]
     std = np.load(io.BytesIO(results.get(job.id, "std.npy")), allow_pickle=False)[:, 0]
@@ -531,6 +537,8 @@ def job_series(job, results) -> list[FileDataset]:
     if results.exists(job.id, "report.json"):  # the weights hash the worker recorded
         report = json.loads(results.get(job.id, "report.json"))
         kw["model_hash"] = str(report.get("provenance", {}).get("model_sha256") or "")
+        if report.get("ood"):
+            kw["comments"] = [slice_comment(report["ood"], i) for i in range(len(mean))]
     model = job.model or ""
     datasets = series(mean, modality, job.id, model, source, **kw)
     if float(np.max(std)) > 0:

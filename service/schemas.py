@@ -86,6 +86,18 @@ class Progress(BaseModel):
     fraction: float
 
 
+class OODVerdict(BaseModel):
+    """Whether the input was unlike the prior's training data (issue 24): the worst slice's
+    score against the threshold calibrated on the prior's validation slices."""
+
+    score: float
+    threshold: float
+    flag: bool
+    method: str
+    flagged_slices: list[int]
+    scores: list[float]
+
+
 class JobOut(BaseModel):
     """A job: its state, progress, parameters and links (to its results once succeeded)."""
 
@@ -101,6 +113,9 @@ class JobOut(BaseModel):
     created_at: str | None
     started_at: str | None
     finished_at: str | None
+    ood: OODVerdict | None = Field(
+        None, description="out-of-distribution verdict of a reconstruction (None: not checked)"
+    )
     links: dict[str, str] = Field(
         ..., examples=[{"self": "/v1/jobs/…", "result_npy": "/v1/jobs/…/result?format=npy"}]
     )
@@ -224,5 +239,6 @@ def job_json(job: Job) -> dict:
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "ood": job.ood,
         "links": links,
     }

@@ -44,10 +44,21 @@ CANCEL_POLL_S = 0.05  # the cancel flag is read from the database at most this o
 AT_STEP: ContextVar[Callable[[], bool] | None] = ContextVar("at_step", default=None)
 
 
-@lru_cache(maxsize=4)
 def load_prior(model: str, bf16: bool | None = None) -> Prior:
     """Priors are cached per process: loading and checking a model costs more than a step.
-    ``bf16``: the site's setting (``None``: where the hardware runs it fast)."""
+    A card rewritten since (a new tuning or OOD calibration) is read again. ``bf16``: the
+    site's setting (``None``: where the hardware runs it fast)."""
+    from models.registry import CARD, resolve
+
+    try:
+        stamp = (resolve(model) / CARD).stat().st_mtime_ns
+    except (OSError, ValueError):
+        stamp = 0  # Prior.load says what is wrong with it
+    return _load_prior(model, bf16, stamp)
+
+
+@lru_cache(maxsize=4)
+def _load_prior(model: str, bf16: bool | None, card_stamp: int) -> Prior:
     return Prior.load(model, bf16=bf16)
 
 

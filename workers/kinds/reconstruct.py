@@ -27,6 +27,7 @@ from models.inverse import (
     reconstruct,
 )
 from models.io import save_png
+from models.ood import summary as ood_summary
 from models.physics import needs_data, parse_spec, slice_problems
 from models.physics.ct import remove_metal_trace
 from service.db import (
@@ -190,11 +191,13 @@ def store_reconstruction(
         "provenance": {**rec.provenance, "spec": job.spec, "batch_slices": info["batch_slices"]},
         "preview": f"reconstruction | posterior std (max {scale:.4g}) | {info['baseline']}",
         "baseline": info["baseline"],
+        "ood": ood_summary(rec.ood),
     }
     for key in ("coil_noise_source", "slabs", "reconstructed_columns"):
         if key in info:
             report[key] = info[key]
     fields = {"progress_step": info["steps"], "progress_total": info["steps"]}
+    fields["ood"] = report["ood"]
     keys = ["recon.npy", "std.npy", "baseline.npy", "preview.png"]
     keys += ["phase.npy"] if rec.phase is not None else []
     return succeed(job, jobs, results, report, keys, **fields)
@@ -279,6 +282,7 @@ def _slab(
         "provenance": rec.provenance,
         "noise_std_used": rec.noise_std_used,
         "warnings": rec.warnings,
+        "ood": rec.ood,
         "info": info,
     }
     results.put(job.id, "slab.json", json.dumps(meta).encode())
@@ -382,6 +386,7 @@ def settle(volume_id: str, jobs: JobStore, results: ResultStore) -> str:
                 noise_std_used=meta["noise_std_used"],
                 phase=torch.from_numpy(arrays["phase"]) if "phase" in arrays.files else None,
                 warnings=meta["warnings"],
+                ood=meta.get("ood", []),
             )
         )
         bases.append(torch.from_numpy(arrays["baseline"]))

@@ -1,0 +1,168 @@
+"""The out-of-distribution check (models/ood.py) and the calibrated posterior std (issue 24).
+
+Closed forms first: the DSM loss of an exact Gaussian score, the two-sided typicality score,
+AUROC, the threshold's percentile and the K-sample factor's coverage. Then the bundled
+``ct-default`` on real held-out slices under the evaluation protocol: a CT slice is not
+flagged, an MR slice measured as a CT sinogram is. Needs the real data (``make realdata``).
+"""
+
+import math
+
+import pytest
+import torch
+
+from models.inverse import Prior, ReconConfig, calibrated_std, k_sample_factor, reconstruct
+from models.ood import (
+    OODCheck,
+    auroc,
+    calibrate,
+    dsm_losses,
+    log_ratio,
+    slice_comment,
+    summary,
+    to_prior_grid,
+)
+from models.protocol import fine_slices, simulate
+from models.realdata import available
+from models.sde import VESDE
+
+
+def _gaussian_score(sde: VESDE, mu: float, s: float):
+    """The exact score of x_t when x ~ N(μ, s² I): −(x_t − μ) / (s² + σ(t)²)."""
+
+    def score(x, t):
+        var = s**2 + sde.sigma(t).reshape(-1, 1, 1, 1) ** 2
+        return -(x - mu) / var
+
+    return score
+
+
+def test_the_dsm_loss_of_an_exact_score_is_its_closed_form():
+    """For x ~ N(μ, s² I) and the exact score, E(σ s(x + σz) + z)² = s² / (s² + σ²)."""
+    sde, mu, s = VESDE(0.01, 10.0), 0.4, 0.2
+    g = torch.Generator().manual_seed(1234)  # not the losses' noise stream (seeds 0-3)
+    x = mu + s * torch.randn(4, 1, 64, 64, generator=g)
+    times = (0.1, 0.3, 0.5)
+    losses = dsm_losses(_gaussian_score(sde, mu, s), sde, x, times)
+    sigma = sde.sigma(torch.tensor(times, dtype=torch.float64))
+    expected = s**2 / (s**2 + sigma**2)
+    assert torch.allclose(losses.mean(dim=0), expected, rtol=0.03), (losses.mean(0), expected)
+    # A score whose mean is off by δ: s²/v + σ²δ²/v², v = s² + σ².
+    delta, v = 0.3, s**2 + sigma**2
+    wrong = dsm_losses(_gaussian_score(sde, mu + delta, s), sde, x, times)
+    assert torch.allclose(wrong.mean(dim=0), s**2 / v + sigma**2 * delta**2 / v**2, rtol=0.03)
+
+
+def test_a_slice_scores_the_same_alone_or_in_a_stack():
+    sde = VESDE(0.01, 10.0)
+    x = torch.rand(3, 1, 16, 16)
+    score = _gaussian_score(sde, 0.5, 0.3)
+    stack = dsm_losses(score, sde, x, seed=5)
+    alone = dsm_losses(score, sde, x[2:3], seed=7)
+    assert torch.equal(stack[2], alone[0])
+
+
+def test_the_score_is_two_sided_and_zero_at_the_reference():
+    ref = torch.tensor([0.5, 0.1])
+    losses = torch.stack([ref, 2 * ref, ref / 2])
+    s = log_ratio(losses, ref)
+    assert (
+        s[0] == 0
+        and math.isclose(float(s[1]), math.log(2), rel_tol=1e-6)
+        and torch.isclose(s[1], s[2])
+    )
+
+
+def test_auroc_is_the_probability_an_outlier_outscores_an_inlier():
+    assert auroc([1, 2, 3], [4, 5]) == 1.0
+    assert auroc([4, 5], [1, 2, 3]) == 0.0
+    assert auroc([1, 2], [1, 2]) == 0.5
+    assert auroc([0, 10], [5]) == 0.5
+    with pytest.raises(ValueError, match="at least one"):
+        auroc([], [1.0])
+
+
+def test_calibration_puts_the_threshold_at_the_percentile_of_validation_scores():
+    torch.manual_seed(0)
+    val = torch.exp(0.1 * torch.randn(200, 3)) * torch.tensor([0.8, 0.3, 0.05])
+    check = calibrate(val, (0.1, 0.2, 0.3), percentile=90.0)
+    scores = log_ratio(val.double(), torch.tensor(check.reference, dtype=torch.float64))
+    assert abs(float((scores > check.threshold).float().mean()) - 0.10) < 0.01
+    assert torch.allclose(torch.tensor(check.reference), val.median(dim=0).values)
+    again = OODCheck.from_card({"ood": check.to_card()})
+    assert again == check
+    assert OODCheck.from_card({}) is None
+    with pytest.raises(ValueError, match="ood.method"):
+        OODCheck.from_card({"ood": {**check.to_card(), "method": "magic"}})
+    with pytest.raises(ValueError, match="two validation"):
+        calibrate(val[:1], (0.1, 0.2, 0.3))
+
+
+def test_a_stack_verdict_names_its_flagged_slices_and_each_slice_its_comment():
+    verdicts = [
+        {"score": 0.1, "threshold": 0.5, "flag": False, "method": "dsm on the reconstruction"},
+        {"score": 0.9, "threshold": 0.5, "flag": True, "method": "dsm on the reconstruction"},
+    ]
+    s = summary(verdicts)
+    assert (
+        s["flag"] and s["flagged_slices"] == [1] and s["score"] == 0.9 and s["scores"] == [0.1, 0.9]
+    )
+    assert slice_comment(s, 1).startswith(
+        "OUT OF DISTRIBUTION"
+    ) and "0.9 > threshold 0.5" in slice_comment(s, 1)
+    assert slice_comment(s, 0).startswith("In-distribution check passed (score 0.1")
+    assert summary([]) is None
+
+
+def test_slices_are_brought_to_the_priors_grid_as_its_validation_slices_were():
+    """Padded with air to a square, then resized with anti-aliasing (models.realdata)."""
+    import numpy as np
+
+    from models.realdata import _square
+
+    g = torch.Generator().manual_seed(0)
+    rect = torch.rand(1, 1, 96, 64, generator=g)
+    ours = to_prior_grid(rect, 32)[0, 0].numpy()
+    theirs = _square(rect[0, 0].double().numpy(), 32)
+    assert ours.shape == (32, 32) and abs(ours[:, :3]).max() < 0.05  # air at the sides
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.95
+    same = torch.rand(2, 1, 32, 32, generator=g)
+    assert torch.equal(to_prior_grid(same, 32), same)
+
+
+def test_the_k_sample_factor_gives_95_percent_coverage_of_a_further_draw():
+    """K draws of N(0, 1) and a further one (the truth, were the posterior exact):
+    |x − x̄| ≤ 2 κ(K) s_K holds about 95 % of the time (2 rather than 1.96: a little over)."""
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 4, 8):
+        draws = torch.randn(200_000, k + 1, generator=g, dtype=torch.float64)
+        samples, truth = draws[:, :k], draws[:, k]
+        std = samples.std(dim=1)
+        inside = (truth - samples.mean(dim=1)).abs() <= 2 * calibrated_std(std, k, 1.0)
+        assert 0.95 <= float(inside.double().mean()) <= 0.962, (k, float(inside.double().mean()))
+        raw = (truth - samples.mean(dim=1)).abs() <= 2 * std
+        assert float(raw.double().mean()) < 0.93  # what the raw std of K draws covers
+    assert math.isclose(k_sample_factor(4), 3.182446 * math.sqrt(1.25) / 1.959964, rel_tol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def ct_prior():
+    if not available():
+        pytest.skip("no real data fetched (make realdata / scorerecon data fetch)")
+    prior = Prior.load("ct-default", bf16=None)
+    assert OODCheck.from_card(prior.card) is not None, "ct-default's card has no OOD check"
+    return prior
+
+
+@pytest.mark.parametrize("modality, flagged", [("ct", False), ("mri", True)])
+def test_ct_default_flags_an_mr_slice_and_not_a_ct_slice(ct_prior, modality, flagged):
+    """Held-out test slices, measured as 23-view CT sinograms on a grid twice as fine with
+    the protocol's noise, reconstructed with the card's defaults (and its check)."""
+    fine = fine_slices(modality, "test", 128, 3)[1:2]
+    sim = simulate(fine, "ct-sparse", 23, "gaussian:0.005", seed=3)
+    config = ReconConfig.for_prior(ct_prior, "ct")
+    rec = reconstruct(sim.operator, sim.y, ct_prior, config, None, 3)
+    (verdict,) = rec.ood
+    assert verdict["flag"] is flagged, verdict
+    assert verdict["method"] == "dsm on the reconstruction"
+    assert any("OUT OF DISTRIBUTION" in w for w in rec.warnings) is flagged
