@@ -8,13 +8,16 @@ larger image in two ways (ReconConfig.patch_wise, models/nets/patch.py ``tiled_s
   evaluation (the network sees tiles of its trained size, the seams move);
 * whole: the network is fully convolutional, so it takes the whole image in one evaluation
   (padded to a multiple of its downsampling), with no seams, at the cost of seeing anatomy
-  at another scale than it was trained on.
+  at another scale than it was trained on;
+* whole, windowed attention: the same, its attention layers attending within windows of the
+  span they were trained on (models.nets.ncsnpp.ATTENTION_WINDOW), at 1/k² of their cost
+  for an image k times the prior's side.
 
 This script measures both on real validation slices at ``--size`` (the protocol: a grid
 twice as fine, realistic noise), with everything else at the card's defaults (sampler,
 warm start, NFE, K posterior samples), and chooses per card: the higher PSNR, or the faster
 where they are within ``MAX_LOSS`` dB. ``--write-card`` stores the choice as the card's
-``patch_wise`` (the solver's default for that modality).
+``patch_wise`` and ``windowed_attention`` (the solver's defaults for that modality).
 
 Run: ``python benchmarks/larger_images.py [--tasks ct mri] [--n-val 2] [--size 256]
 [--write-card]``. Writes docs/benchmarks/larger_images.{md,json,png}.
@@ -45,14 +48,19 @@ TASKS = {  # the tasks the cards were tuned on (benchmarks/quality_real.py)
     "ct": ("ct-sparse", 23, "gaussian:0.005", "ct-default"),
     "mri": ("mri", 8, "complex:0.01", "mri-default"),
 }
-MODES = {"patch-wise": True, "whole": False}
+# application → (ReconConfig.patch_wise, ReconConfig.windowed_attention)
+MODES = {
+    "patch-wise": (True, False),
+    "whole": (False, False),
+    "whole, windowed attention": (False, True),
+}
 MAX_LOSS = 0.2  # dB within which the faster application is chosen
 
 
-def evaluate(prior: Prior, val, modality: str, patch_wise: bool) -> dict:
+def evaluate(prior: Prior, val, modality: str, mode: tuple[bool, bool]) -> dict:
     """Mean PSNR, SSIM, seconds per slice, the first slice's mean image."""
     config = ReconConfig.for_prior(prior, modality)
-    config.patch_wise = patch_wise
+    config.patch_wise, config.windowed_attention = mode
     scores, structure, seconds, first = [], [], [], None
     for i in range(len(val.y)):
         t0 = time.perf_counter()
@@ -89,8 +97,8 @@ def run(name: str, size: int, n_val: int, write_card: bool) -> dict:
         flush=True,
     )
     rows = {}
-    for mode, patch_wise in MODES.items():
-        rows[mode] = evaluate(prior, val, name, patch_wise)
+    for mode, setting in MODES.items():
+        rows[mode] = evaluate(prior, val, name, setting)
         r = rows[mode]
         print(f"  {mode}: {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, {r['seconds']:.1f} s")
     chosen = choose(rows)
@@ -98,7 +106,8 @@ def run(name: str, size: int, n_val: int, write_card: bool) -> dict:
         recon = {**(prior.card.get("recon") or {})}
         recon[name] = {
             **recon.get(name, {}),
-            "patch_wise": MODES[chosen],
+            "patch_wise": MODES[chosen][0],
+            "windowed_attention": MODES[chosen][1],
             "patch_wise_tuned_by": f"benchmarks/larger_images.py ({len(val.y)} real val "
             f"slices at {size}², the higher PSNR, the faster within {MAX_LOSS} dB)",
         }
@@ -147,11 +156,12 @@ def render(results: dict, machine: str) -> str:
         f"Measured by `python benchmarks/larger_images.py` on {machine} "
         f"({time.strftime('%Y-%m-%d')}): each card's whole-image 128² prior applied to "
         "larger real validation slices patch-wise (a shifted partition into 128² tiles at "
-        "every evaluation) or whole (one evaluation of the fully convolutional network), "
+        "every evaluation) or whole (one evaluation of the fully convolutional network; "
+        "its attention over the whole image or within windows of the trained span), "
         "everything else at the card's defaults, under the evaluation protocol (grid twice "
         f"as fine, realistic noise). Chosen: the higher PSNR, the faster within {MAX_LOSS} "
-        "dB; stored in the card as `patch_wise`. Seconds are on this machine "
-        "(docs/benchmarks/speed.md times the test slices against FISTA-TV).",
+        "dB; stored in the card as `patch_wise` and `windowed_attention`. Seconds are on this "
+        "machine (docs/benchmarks/speed.md times the test slices against FISTA-TV).",
         "",
         "| task | model | size | K | start / NFE | application | PSNR (dB) | SSIM | s / slice |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -10,6 +10,7 @@ predicts −z (the noise direction) at unit scale.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 
 import torch
@@ -100,8 +101,30 @@ class ResBlock(nn.Module):
         return (self.skip(x) + h) / math.sqrt(2.0)
 
 
+# Attention within windows of the feature map instead of over all of it: the fraction of
+# each side (rows, columns) a window spans; None, the whole map. A whole-image prior applied
+# to an image k times its trained side then attends over the span it was trained on, at
+# 1/k² of the cost (models.nets.patch.tiled_score sets it).
+ATTENTION_WINDOW: ContextVar[tuple[float, float] | None] = ContextVar(
+    "attention_window", default=None
+)
+
+
+def _windows(h: int, w: int) -> tuple[int, int] | None:
+    """The window (rows, cols) in tokens for a map of h × w, or None: the whole map (no
+    window set, one as large as the map, or one that does not tile it)."""
+    frac = ATTENTION_WINDOW.get()
+    if frac is None:
+        return None
+    wh, ww = max(1, round(h * frac[0])), max(1, round(w * frac[1]))
+    if (wh, ww) == (h, w) or h % wh or w % ww:
+        return None
+    return wh, ww
+
+
 class AttnBlock(nn.Module):
-    """Single-head self-attention over pixels, residual and rescaled by 1/√2."""
+    """Single-head self-attention over pixels (or windows of them, :data:`ATTENTION_WINDOW`),
+    residual and rescaled by 1/√2."""
 
     def __init__(self, ch: int):
         super().__init__()
@@ -112,9 +135,22 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return (x + self.out(a.transpose(1, 2).reshape(b, c, h, w))) / math.sqrt(2.0)
+        qkv = self.qkv(self.norm(x))  # normalised over the whole map, as trained
+        window = _windows(h, w)
+        if window is None:
+            q, k, v = qkv.reshape(b, 3, c, h * w).unbind(1)
+            a = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )
+            return (x + self.out(a.transpose(1, 2).reshape(b, c, h, w))) / math.sqrt(2.0)
+        wh, ww = window
+        nh, nw = h // wh, w // ww
+        # (b, 3c, h, w) → (b·nh·nw, 3, wh·ww, c): each window a sequence of its own.
+        tiles = qkv.reshape(b, 3, c, nh, wh, nw, ww).permute(0, 3, 5, 1, 4, 6, 2)
+        q, k, v = tiles.reshape(b * nh * nw, 3, wh * ww, c).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)
+        a = a.reshape(b, nh, nw, wh, ww, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return (x + self.out(a)) / math.sqrt(2.0)
 
 
 class NCSNpp(nn.Module):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.nets.ncsnpp import NCSNpp
+from models.nets.ncsnpp import ATTENTION_WINDOW, NCSNpp
 
 
 def positions(
@@ -135,6 +135,7 @@ def tiled_score(
     pad_std: Callable[[torch.Tensor], torch.Tensor],
     seed: int = 0,
     whole: int | None = None,
+    windowed: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A whole-image score of side ``tile`` applied to images of any size. An image that
     fits is padded: centred on one tile×tile canvas whose margin is noise of std
@@ -142,7 +143,9 @@ def tiled_score(
     scored patch-wise, on a shifted partition into tile×tile pieces (:func:`partition_apply`)
     whose seams move at every call; or, with ``whole`` (the network's size multiple, for a
     fully convolutional one), whole, on a canvas padded the same way to the next multiple
-    of ``whole``: one evaluation of the network at the image's size, no seams."""
+    of ``whole``: one evaluation of the network at the image's size, no seams; with
+    ``windowed``, its attention layers then attend within windows of the span they were
+    trained on (:data:`models.nets.ncsnpp.ATTENTION_WINDOW`) rather than over the image."""
     gen = torch.Generator().manual_seed(seed)
 
     def padded(x: torch.Tensor, t: torch.Tensor, std: torch.Tensor, rows: int, cols: int):
@@ -161,7 +164,14 @@ def tiled_score(
         if h <= tile and w <= tile:
             return padded(x, t, std, tile, tile)
         if whole:
-            return padded(x, t, std, -(-h // whole) * whole, -(-w // whole) * whole)
+            rows, cols = -(-h // whole) * whole, -(-w // whole) * whole
+            if not windowed:
+                return padded(x, t, std, rows, cols)
+            token = ATTENTION_WINDOW.set((tile / rows, tile / cols))
+            try:
+                return padded(x, t, std, rows, cols)
+            finally:
+                ATTENTION_WINDOW.reset(token)
         return partition_apply(x, t, tile, std, lambda v, _a, _b, tt: score_fn(v, tt), gen)
 
     return score

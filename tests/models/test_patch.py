@@ -188,3 +188,53 @@ def test_a_fully_convolutional_score_can_take_a_larger_image_whole():
     x = torch.rand(1, 1, 24, 24)
     got = tiled_score(mean_score, 8, lambda t: torch.zeros_like(t), whole=8)(x, t[:1])
     assert torch.allclose(got, x.mean().expand_as(x))
+
+
+def test_windowed_attention_attends_within_each_window_of_the_trained_span():
+    """With ATTENTION_WINDOW (½, ½) an attention layer on an 8×8 map acts on each 4×4
+    quadrant as on a map of its own (the normalisation, before it, still sees the whole
+    map); without one, or with a window that does not tile the map, it attends globally."""
+    from models.nets.ncsnpp import ATTENTION_WINDOW, AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(8)
+    nn.init.normal_(block.out.weight, std=0.2)  # zero at init: the attention must show
+    block.norm = nn.Identity()
+    x = torch.randn(2, 8, 8, 8)
+    token = ATTENTION_WINDOW.set((0.5, 0.5))
+    try:
+        windowed = block(x)
+        assert torch.allclose(block(x[..., :3, :]), _global(block, x[..., :3, :]))  # 3 ∤ 2
+    finally:
+        ATTENTION_WINDOW.reset(token)
+    for r in (0, 4):
+        for c in (0, 4):
+            quadrant = x[..., r : r + 4, c : c + 4]
+            assert torch.allclose(windowed[..., r : r + 4, c : c + 4], block(quadrant), atol=1e-5)
+    assert not torch.allclose(windowed, block(x), atol=1e-3)  # global attention differs
+
+
+def _global(block, x):
+    from models.nets.ncsnpp import ATTENTION_WINDOW
+
+    token = ATTENTION_WINDOW.set(None)
+    try:
+        return block(x)
+    finally:
+        ATTENTION_WINDOW.reset(token)
+
+
+def test_a_whole_image_score_with_windowed_attention_sets_the_trained_span():
+    """tiled_score(whole, windowed): the network sees the larger canvas in one piece, with
+    windows of tile / canvas of each side; the setting ends with the call."""
+    from models.nets.ncsnpp import ATTENTION_WINDOW
+
+    seen = []
+
+    def local(x, t):
+        seen.append((tuple(x.shape[-2:]), ATTENTION_WINDOW.get()))
+        return -x
+
+    score = tiled_score(local, 8, lambda t: torch.zeros_like(t), whole=4, windowed=True)
+    score(torch.rand(1, 1, 16, 24), torch.full((1,), 0.3))
+    assert seen == [((16, 24), (0.5, 8 / 24))] and ATTENTION_WINDOW.get() is None
