@@ -655,8 +655,6 @@ def reconstruct(
     samples = images.reshape(b, k, h, w)
     mean = samples.mean(dim=1, keepdim=True)
     std = samples.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(mean)
-    if config.std_scale > 0 and k > 1:
-        std = calibrated_std(std, k, config.std_scale)
     phase = None
     if domain.complex:
         phase = domain.angle(u).reshape(b, k, h, w)[:, :1]
@@ -667,7 +665,9 @@ def reconstruct(
         math.sqrt(float(real_inner(r[i], r[i])) / max(float(real_inner(y[i], y[i])), 1e-30))
         for i in range(b)
     ]
-    diverged, warnings = _check(mean, std, residual, sigma, y)
+    diverged, warnings = _check(mean, std, residual, sigma, y)  # on the draws' own spread
+    if config.std_scale > 0 and k > 1:
+        std = calibrated_std(std, k, config.std_scale)
     check = OODCheck.from_card(prior.card) if config.ood else None
     verdicts = []
     if check is not None:  # on the prior's own grid, as it was calibrated

@@ -166,3 +166,24 @@ def test_ct_default_flags_an_mr_slice_and_not_a_ct_slice(ct_prior, modality, fla
     assert verdict["flag"] is flagged, verdict
     assert verdict["method"] == "dsm on the reconstruction"
     assert any("OUT OF DISTRIBUTION" in w for w in rec.warnings) is flagged
+
+
+def test_reconstruct_reports_the_calibrated_std_and_checks_divergence_on_the_raw_one():
+    """std_scale c: the std reported is c κ(K) times the K draws' (same seed, same draws)."""
+    from tests.models.gaussian import S0, OrthogonalMaskOperator, gaussian_score
+
+    sde = VESDE(0.01, 5.0)
+    op = OrthogonalMaskOperator(8, 40, 0)
+    x = S0 * torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    prior = Prior(gaussian_score(sde), sde, 8)
+    config = ReconConfig(n_steps=20)
+    raw = reconstruct(op, op.forward(x), prior, config, 4, 0, 0.01)
+    config.std_scale = 2.0
+    calibrated = reconstruct(op, op.forward(x), prior, config, 4, 0, 0.01)
+    assert torch.equal(raw.mean, calibrated.mean)
+    assert torch.allclose(calibrated.std, 2.0 * k_sample_factor(4) * raw.std)
+    # A scale large enough to put the reported std past the saturation bound changes nothing
+    # of the verdict: divergence is judged on the draws' own spread.
+    config.std_scale = 0.3 / max(float(raw.std.mean()), 1e-6)
+    assert reconstruct(op, op.forward(x), prior, config, 4, 0, 0.01).diverged is None
+    assert prior.card == {} and raw.ood == []  # no card, no check
