@@ -66,7 +66,7 @@ class OODCheck:
     """A prior's calibrated out-of-distribution check, as its card stores it (``ood``)."""
 
     method: str = "dsm"
-    on: str = "reconstruction"  # what is scored: the reconstruction (or the baseline image)
+    on: str = "reconstruction"  # what is scored: the reconstruction, or the classical image
     times: tuple[float, ...] = DEFAULT_TIMES
     reference: list[float] = field(default_factory=list)  # r_t: median ℓ_t on validation
     threshold: float = math.inf  # the score above which a slice is flagged
@@ -81,6 +81,8 @@ class OODCheck:
             return None
         if d.get("method") not in METHODS:
             raise ValueError(f"card ood.method must be one of {', '.join(METHODS)}")
+        if d.get("on", "reconstruction") not in ("reconstruction", "baseline"):
+            raise ValueError("card ood.on must be 'reconstruction' or 'baseline'")
         if len(d.get("reference") or []) != len(d.get("times") or [None]):
             raise ValueError("card ood: one reference loss per time is needed")
         return cls(
