@@ -9,13 +9,15 @@ network predicts the noise,
 
     ℓ_t(x) = mean over pixels of (β(t) s_θ(x_t, t) + z)²,
 
-which is about constant for images like the training data and changes where the network
-meets what it never saw: it grows on structures and noise it cannot explain, and shrinks on
-images simpler than its training data (a CT slice's flat soft tissue through an MR prior
-is easier to denoise than brain), the failure of likelihoods that typicality tests fix. So
-the slice's score is two-sided, the root mean square over t of log(ℓ_t / r_t), r_t the
-median on validation slices: 0 is a typical validation slice, either direction is atypical.
-It costs one batch of len(times) network evaluations, a few percent of a reconstruction.
+which changes where the network meets what it never saw: it grows on structures and noise
+it cannot explain, and shrinks on images simpler than its training data (a CT slice's flat
+soft tissue through an MR prior is easier to denoise than brain), the failure of
+likelihoods that typicality tests fix. Its level also varies with the anatomy in the slice
+(the vertex against the skull base), but together over t, while an image of another kind
+changes the profile across t. So the slice's score is two-sided and multivariate: the
+Mahalanobis distance of (log ℓ_t)_t from the in-domain calibration slices' mean, under
+their covariance. It costs one batch of len(times) network evaluations, a few percent of a
+reconstruction.
 
 The other candidates of ``benchmarks/ood.py`` (bits/dim through the probability-flow ODE,
 :mod:`models.likelihood`; an AR-CSM's patch likelihood, :mod:`models.arcsm`; the mean
@@ -68,7 +70,8 @@ class OODCheck:
     method: str = "dsm"
     on: str = "reconstruction"  # what is scored: the reconstruction, or the classical image
     times: tuple[float, ...] = DEFAULT_TIMES
-    reference: list[float] = field(default_factory=list)  # r_t: median ℓ_t on validation
+    centre: list[float] = field(default_factory=list)  # mean log ℓ_t of the calibration slices
+    precision: list[list[float]] = field(default_factory=list)  # inverse covariance of log ℓ_t
     threshold: float = math.inf  # the score above which a slice is flagged
     percentile: float = 99.0  # of the validation scores, where the threshold lies
     tuned_by: str = ""
@@ -83,13 +86,15 @@ class OODCheck:
             raise ValueError(f"card ood.method must be one of {', '.join(METHODS)}")
         if d.get("on", "reconstruction") not in ("reconstruction", "baseline"):
             raise ValueError("card ood.on must be 'reconstruction' or 'baseline'")
-        if len(d.get("reference") or []) != len(d.get("times") or [None]):
-            raise ValueError("card ood: one reference loss per time is needed")
+        n = len(d.get("times") or [])
+        if not n or len(d.get("centre") or []) != n or len(d.get("precision") or []) != n:
+            raise ValueError("card ood: times, their centre and an n × n precision are needed")
         return cls(
             method=d["method"],
             on=d.get("on", "reconstruction"),
             times=tuple(float(t) for t in d["times"]),
-            reference=[float(r) for r in d["reference"]],
+            centre=[float(r) for r in d["centre"]],
+            precision=[[float(v) for v in row] for row in d["precision"]],
             threshold=float(d["threshold"]),
             percentile=float(d.get("percentile", 99.0)),
             tuned_by=d.get("tuned_by", ""),
@@ -100,7 +105,8 @@ class OODCheck:
             "method": self.method,
             "on": self.on,
             "times": list(self.times),
-            "reference": self.reference,
+            "centre": self.centre,
+            "precision": self.precision,
             "threshold": self.threshold,
             "percentile": self.percentile,
             "tuned_by": self.tuned_by,
@@ -115,8 +121,15 @@ class OODCheck:
         pixel size alone."""
         images = to_prior_grid(images, size) if size else images
         losses = dsm_losses(score_fn, sde, images.clamp(0, 1), self.times, seed)
-        ref = torch.tensor(self.reference, dtype=torch.float64)
-        return log_ratio(losses, ref).tolist()
+        return self.typicality(losses).tolist()
+
+    def typicality(self, losses: torch.Tensor) -> torch.Tensor:
+        """The score of losses ℓ_t (N, T): the Mahalanobis distance of log ℓ_t."""
+        return mahalanobis(
+            torch.log(losses.clamp_min(1e-12)),
+            torch.tensor(self.centre, dtype=torch.float64),
+            torch.tensor(self.precision, dtype=torch.float64),
+        )
 
     def assess(
         self, score_fn: ScoreFn, sde: SDE, images: torch.Tensor, seed: int = 0, size: int = 0
@@ -127,7 +140,7 @@ class OODCheck:
                 "score": round(s, 4),
                 "threshold": round(self.threshold, 4),
                 "flag": bool(s > self.threshold),
-                "method": f"{self.method} on the {self.on}",
+                "method": f"{self.method} on the {self.on.replace('baseline', 'classical image')}",
             }
             for s in self.scores(score_fn, sde, images, seed, size)
         ]
@@ -149,10 +162,10 @@ def to_prior_grid(images: torch.Tensor, size: int) -> torch.Tensor:
     return images
 
 
-def log_ratio(losses: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Root mean square over times of log(ℓ_t / r_t): (N, T) → (N,)."""
-    logs = torch.log(losses.clamp_min(1e-12) / reference.clamp_min(1e-12))
-    return logs.pow(2).mean(dim=1).sqrt()
+def mahalanobis(v: torch.Tensor, centre: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """√((v − c)ᵀ P (v − c)) for each row of v (N, T): (N,)."""
+    d = v.double() - centre
+    return ((d @ precision) * d).sum(dim=1).clamp_min(0).sqrt()
 
 
 def calibrate(
@@ -162,16 +175,29 @@ def calibrate(
     on: str = "reconstruction",
     tuned_by: str = "",
 ) -> OODCheck:
-    """The check whose reference is the validation median of each ℓ_t and whose threshold
-    is the ``percentile`` of the validation slices' scores (linear interpolation)."""
+    """The check centred on the calibration slices' mean log ℓ_t, with the inverse of their
+    covariance (a ridge of 1e-6 of its trace keeps it invertible with few slices), and the
+    threshold at the ``percentile`` of their scores (linear interpolation)."""
     if len(validation_losses) < 2:
         raise ValueError("calibration needs at least two validation slices")
     if validation_losses.shape[1] != len(times):
         raise ValueError(f"{validation_losses.shape[1]} losses per slice for {len(times)} times")
-    ref = validation_losses.median(dim=0).values
-    scores = log_ratio(validation_losses, ref)
-    threshold = float(torch.quantile(scores, percentile / 100.0))
-    return OODCheck("dsm", on, tuple(times), ref.tolist(), threshold, percentile, tuned_by)
+    logs = torch.log(validation_losses.double().clamp_min(1e-12))
+    centre = logs.mean(dim=0)
+    cov = torch.cov(logs.T).reshape(len(times), len(times))
+    cov = cov + 1e-6 * (float(cov.trace()) + 1e-12) * torch.eye(len(times), dtype=cov.dtype)
+    precision = torch.linalg.inv(cov)
+    threshold = float(torch.quantile(mahalanobis(logs, centre, precision), percentile / 100.0))
+    return OODCheck(
+        "dsm",
+        on,
+        tuple(times),
+        centre.tolist(),
+        precision.tolist(),
+        threshold,
+        percentile,
+        tuned_by,
+    )
 
 
 def summary(per_slice: list[dict]) -> dict | None:

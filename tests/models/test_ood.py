@@ -17,7 +17,7 @@ from models.ood import (
     auroc,
     calibrate,
     dsm_losses,
-    log_ratio,
+    mahalanobis,
     slice_comment,
     summary,
     to_prior_grid,
@@ -62,15 +62,17 @@ def test_a_slice_scores_the_same_alone_or_in_a_stack():
     assert torch.equal(stack[2], alone[0])
 
 
-def test_the_score_is_two_sided_and_zero_at_the_reference():
-    ref = torch.tensor([0.5, 0.1])
-    losses = torch.stack([ref, 2 * ref, ref / 2])
-    s = log_ratio(losses, ref)
-    assert (
-        s[0] == 0
-        and math.isclose(float(s[1]), math.log(2), rel_tol=1e-6)
-        and torch.isclose(s[1], s[2])
-    )
+def test_the_score_is_two_sided_and_zero_at_the_centre():
+    """Mahalanobis distance of log ℓ: losses at the centre score 0, twice and half as large
+    score alike, and a change along a direction the calibration slices vary in costs less
+    than the same change across it."""
+    centre = torch.log(torch.tensor([0.5, 0.1]))
+    cov = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64)
+    p = torch.linalg.inv(cov)
+    logs = centre + torch.log(torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.5, 0.5], [2.0, 0.5]]))
+    s = mahalanobis(logs, centre.double(), p)
+    assert float(s[0]) < 1e-9 and torch.isclose(s[1], s[2])
+    assert float(s[3]) > 3 * float(s[1])  # against the correlation: atypical
 
 
 def test_auroc_is_the_probability_an_outlier_outscores_an_inlier():
@@ -84,16 +86,24 @@ def test_auroc_is_the_probability_an_outlier_outscores_an_inlier():
 
 def test_calibration_puts_the_threshold_at_the_percentile_of_validation_scores():
     torch.manual_seed(0)
-    val = torch.exp(0.1 * torch.randn(200, 3)) * torch.tensor([0.8, 0.3, 0.05])
+    level = torch.exp(0.3 * torch.randn(400, 1))  # anatomy: all times together
+    val = level * torch.exp(0.05 * torch.randn(400, 3)) * torch.tensor([0.8, 0.3, 0.05])
     check = calibrate(val, (0.1, 0.2, 0.3), percentile=90.0)
-    scores = log_ratio(val.double(), torch.tensor(check.reference, dtype=torch.float64))
+    scores = check.typicality(val)
     assert abs(float((scores > check.threshold).float().mean()) - 0.10) < 0.01
-    assert torch.allclose(torch.tensor(check.reference), val.median(dim=0).values)
+    assert torch.allclose(torch.tensor(check.centre).double(), torch.log(val.double()).mean(0))
+    # A profile unlike the calibration's (one time off by a factor 1.5) is flagged; the
+    # same slice at another overall level (another anatomy) is not.
+    probe = torch.tensor([[0.8, 0.3, 0.05]]).double()
+    assert float(check.typicality(probe * torch.tensor([1.5, 1.0, 1.0]))) > check.threshold
+    assert float(check.typicality(probe * 1.3)) < check.threshold
     again = OODCheck.from_card({"ood": check.to_card()})
     assert again == check
     assert OODCheck.from_card({}) is None
     with pytest.raises(ValueError, match="ood.method"):
         OODCheck.from_card({"ood": {**check.to_card(), "method": "magic"}})
+    with pytest.raises(ValueError, match="precision"):
+        OODCheck.from_card({"ood": {**check.to_card(), "precision": [[1.0]]}})
     with pytest.raises(ValueError, match="two validation"):
         calibrate(val[:1], (0.1, 0.2, 0.3))
 
@@ -164,7 +174,7 @@ def test_ct_default_flags_an_mr_slice_and_not_a_ct_slice(ct_prior, modality, fla
     rec = reconstruct(sim.operator, sim.y, ct_prior, config, None, 3)
     (verdict,) = rec.ood
     assert verdict["flag"] is flagged, verdict
-    assert verdict["method"] == "dsm on the reconstruction"
+    assert verdict["method"] == "dsm on the classical image"  # as the card says
     assert any("OUT OF DISTRIBUTION" in w for w in rec.warnings) is flagged
 
 
