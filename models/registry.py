@@ -197,15 +197,17 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN | Patc
 
 def bf16_is_fast(device: str = "cpu") -> bool:
     """Whether bf16 autocast speeds the network up here: a GPU with bf16 units, or a CPU
-    with AVX-512 BF16 or AMX (Linux's ``/proc/cpuinfo`` flags). Elsewhere bf16 is emulated
-    and slower than fp32, so callers that default to bf16 ask this first."""
+    with AMX (Linux's ``/proc/cpuinfo`` flags). Elsewhere it is slower than fp32, so callers
+    that default to bf16 ask this first: AVX-512 BF16 alone is not enough (measured on a
+    Xeon with avx512_bf16 and no AMX: 21.2 s against 15.5 s in fp32 for a 128² slice at
+    K = 4, where an AMX machine ran it in 10.0 s against 15.7 s, docs/benchmarks/speed.md)."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "amx_bf16" in flags
 
 
 def score_fn_of(
