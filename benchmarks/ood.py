@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models.baselines import baseline_name, reconstruct_baseline  # noqa: E402
+from models.baselines import classical_image  # noqa: E402
 from models.inverse import Prior, ReconConfig, k_sample_factor, reconstruct  # noqa: E402
 from models.likelihood import bits_per_dim, log_likelihood  # noqa: E402
 from models.ood import DEFAULT_TIMES, auroc, calibrate, dsm_losses  # noqa: E402
@@ -143,7 +143,7 @@ def calibration_set(modality: str) -> tuple[torch.Tensor, str]:
     return torch.cat([fine(modality, "val", None, own), fine(modality, "train", None, own)]), noise
 
 
-def train_arcsm(modality: str, steps: int):
+def arcsm_prior(modality: str, steps: int):
     """An AR-CSM on 8×8 patches of the prior's real training slices."""
     from models.arcsm import ARCSMConfig, image_patches, train_arcsm
 
@@ -160,15 +160,14 @@ def run_prior(modality: str, n: int, n_val: int, n_bpd: int, arcsm_steps: int) -
     with_grad = time_conditioned(net.eval(), sde)  # the ODE's divergence needs autograd
     config = ReconConfig.for_prior(prior, modality)
     config.std_scale, config.ood = 0.0, False  # raw std and no check: both are measured here
-    arcsm = train_arcsm(modality, arcsm_steps) if arcsm_steps else None
+    arcsm = arcsm_prior(modality, arcsm_steps) if arcsm_steps else None
     if arcsm is not None:
         from models.arcsm import patch_nll_score
     rows: dict[str, list[dict]] = {"calibration": []}
     cal, cal_noise = calibration_set(modality)
     for i in tqdm(range(len(cal)), desc=f"{name} calibration (classical image)", unit="slice"):
         sim = simulate(cal[i : i + 1], task, level, cal_noise, seed=100 + i)
-        base = reconstruct_baseline(sim.operator, sim.y, baseline_name(sim.operator))
-        base = (base.abs() if base.is_complex() else base).clamp(0, 1)
+        base = classical_image(sim.operator, sim.y)
         losses = dsm_losses(prior.score_fn, prior.sde, base, seed=100 + i)[0].tolist()
         rows["calibration"].append({"dsm_base": losses})
     examples = {}
@@ -179,8 +178,7 @@ def run_prior(modality: str, n: int, n_val: int, n_bpd: int, arcsm_steps: int) -
             t0 = time.perf_counter()
             rec = reconstruct(sim.operator, sim.y, prior, config, None, i)
             row: dict = {"recon_s": time.perf_counter() - t0}
-            base = reconstruct_baseline(sim.operator, sim.y, baseline_name(sim.operator))
-            base = (base.abs() if base.is_complex() else base).clamp(0, 1)
+            base = classical_image(sim.operator, sim.y)
             mean = rec.mean.clamp(0, 1)
             t0 = time.perf_counter()
             row["dsm_recon"] = dsm_losses(prior.score_fn, prior.sde, mean, seed=i)[0].tolist()

@@ -208,3 +208,10 @@ def reconstruct_baseline(op: LinearOperator, y: torch.Tensor, method: str) -> to
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     with torch.no_grad():
         return METHODS[method](op, y)
+
+
+def classical_image(op: LinearOperator, y: torch.Tensor) -> torch.Tensor:
+    """The classical image shown beside a result (:func:`baseline_name`) as a magnitude in
+    [0, 1]: what an OOD check calibrated on the baseline scores (models.ood)."""
+    x = reconstruct_baseline(op, y, baseline_name(op))
+    return (x.abs() if x.is_complex() else x).clamp(0, 1)

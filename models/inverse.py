@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from models.baselines import baseline_name, reconstruct_baseline
+from models.baselines import classical_image
 from models.nets.patch import tiled_score
 from models.noise import estimate_noise
 from models.ood import OODCheck
@@ -672,7 +672,7 @@ def reconstruct(
     check = OODCheck.from_card(prior.card) if config.ood else None
     verdicts = []
     if check is not None:  # on the prior's own grid, as it was calibrated
-        scored = mean if check.on == "reconstruction" else _classical_image(op, y)
+        scored = mean if check.on == "reconstruction" else classical_image(op, y)
         verdicts = check.assess(prior.score_fn, sde, scored, seed, prior.image_size)
     warnings += [f"slice {i}: {ood_warning(v)}" for i, v in enumerate(verdicts) if v["flag"]]
     return Reconstruction(
@@ -702,13 +702,6 @@ def reconstruct(
         diverged=diverged,
         ood=verdicts,
     )
-
-
-def _classical_image(op: LinearOperator, y: torch.Tensor) -> torch.Tensor:
-    """The classical image shown beside a result (FBP, zero-filled), magnitude in [0, 1]:
-    what an OOD check calibrated ``on`` the baseline scores."""
-    x = reconstruct_baseline(op, y, baseline_name(op))
-    return (x.abs() if x.is_complex() else x).clamp(0, 1)
 
 
 def k_sample_factor(k: int) -> float:
