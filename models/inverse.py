@@ -195,9 +195,11 @@ class ReconConfig:
         then the caller's sampler and NFE budget. The card's ``recon`` → modality holds the
         default sampler's values, and other samplers' under ``samplers`` → name; values
         tuned for an acquisition (``multicoil``, :func:`acquisition`) of ``operator`` under
-        that name override the default sampler's."""
+        that name override the default sampler's, and so do those under ``larger`` for an
+        ``operator`` whose image is larger than the prior's trained size."""
         card = prior.card if prior else {}
-        return cls.from_card(card, modality, sampler, nfe, acquisition(operator))
+        size = tuple(operator.image_shape) if operator is not None else None
+        return cls.from_card(card, modality, sampler, nfe, acquisition(operator), size)
 
     @classmethod
     def from_card(
@@ -207,11 +209,18 @@ class ReconConfig:
         sampler: str | None = None,
         nfe: int | None = None,
         acquisition: str | None = None,
+        image_size: tuple[int, ...] | None = None,
     ) -> ReconConfig:
-        """:meth:`for_prior` from a model card alone (no weights loaded: the gateway)."""
+        """:meth:`for_prior` from a model card alone (no weights loaded: the gateway);
+        ``image_size``: the image's (rows, cols), for the card's ``larger`` values."""
         tuned = ((card or {}).get("recon") or {}).get(modality) or {}
         if acquisition and isinstance(tuned.get(acquisition), dict):
             tuned = {**tuned, **tuned[acquisition]}
+        trained = int((card or {}).get("image_size") or 0)
+        if image_size and trained and max(image_size) > trained:
+            # Chosen where the prior meets a larger image (benchmarks/larger_images.py: the
+            # most posterior samples within the time floor against FISTA-TV at that size).
+            tuned = {**tuned, **(tuned.get("larger") or {})}
         sampler = sampler or tuned.get("sampler", DEFAULT_SAMPLER)
         config = cls(sampler=sampler)
         if tuned.get("sampler", DEFAULT_SAMPLER) != sampler:

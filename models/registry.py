@@ -7,8 +7,12 @@ steps and loss curve, and the sha256 of the weights, which is checked on load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -196,25 +200,94 @@ def load_model(directory: str | Path, device=None) -> tuple[NCSNpp | NCSN | Patc
 
 
 def bf16_is_fast(device: str = "cpu") -> bool:
-    """Whether bf16 autocast speeds the network up here: a GPU with bf16 units, or a CPU
-    with AMX (Linux's ``/proc/cpuinfo`` flags). Elsewhere it is slower than fp32, so callers
-    that default to bf16 ask this first: AVX-512 BF16 alone is not enough (measured on a
-    Xeon with avx512_bf16 and no AMX: 21.2 s against 15.5 s in fp32 for a 128² slice at
-    K = 4, where an AMX machine ran it in 10.0 s against 15.7 s, docs/benchmarks/speed.md)."""
+    """Whether bf16 autocast speeds the score network up here: a GPU with bf16 units, or a
+    CPU on which :func:`bf16_speedup` measures at least :data:`BF16_MIN_SPEEDUP`.
+
+    Measured rather than read from the CPU's flags, because the flags do not tell: on a Xeon
+    with AVX-512 BF16 and no AMX a 128² slice took 21.2 s in bf16 against 15.5 s in fp32,
+    on an AMX Xeon 10.0 s against 15.7 s, and on an AMD EPYC with AVX-512 BF16 and no AMX
+    the network's forward pass took 0.21 s against 0.34 s (docs/benchmarks/speed.md)."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
+BF16_MIN_SPEEDUP = 1.2  # below this the measured gain is within run-to-run noise
+
+
+def cpu_key() -> str:
+    """What the probe's result depends on: the CPU model, its thread count and torch."""
     try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in info.splitlines()
+                if ln.startswith("model name")
+            ),
+            "",
+        )
     except OSError:
-        return False
-    return "amx_bf16" in flags
+        model = ""
+    return (
+        f"{model or 'unknown cpu'} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    )
+
+
+@functools.cache
+def bf16_speedup() -> float:
+    """fp32 time / bf16-autocast time of a block shaped like the score network's (3×3
+    convolutions, GroupNorm, SiLU, 64 channels at 64², batch 4) on this CPU.
+
+    Measured once per machine (about a second) and kept in the temporary directory, keyed
+    by :func:`cpu_key`, so that every worker on a machine makes the same choice."""
+    cache = Path(tempfile.gettempdir()) / "scorerecon-bf16-probe.json"
+    key = cpu_key()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    block = torch.nn.Sequential(
+        *[
+            m
+            for _ in range(3)
+            for m in (
+                torch.nn.Conv2d(64, 64, 3, padding=1),
+                torch.nn.GroupNorm(16, 64),
+                torch.nn.SiLU(),
+            )
+        ]
+    ).eval()
+    x = torch.randn(4, 64, 64, 64)
+
+    def seconds(bf16: bool) -> float:
+        best = float("inf")
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            block(x)  # warm-up: oneDNN picks and caches its kernels
+            for _ in range(5):
+                start = time.perf_counter()
+                block(x)
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    speedup = seconds(False) / seconds(True)
+    known = (known if isinstance(known, dict) else {}) | {key: speedup}
+    try:
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(cache)  # atomic: a worker reading it meanwhile sees the old or the new
+    except OSError:
+        pass
+    return speedup
 
 
 def score_fn_of(
     net: NCSNpp | NCSN, sde: SDE | None = None, channels_last: bool = True, bf16: bool = False
 ) -> ScoreFn:
     """The network as a score function s(x, t) for sampling: inference mode, optionally
-    channels-last memory layout and bf16 autocast (faster on CPUs with AVX-512 BF16 / AMX,
+    channels-last memory layout and bf16 autocast (faster where :func:`bf16_is_fast`,
     and on GPUs); outputs are returned in float32. ``sde`` is needed for an NCSN.
     """
     net.eval()

@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     # A volume of more slices than this is split into slabs of about this many, run by any
     # free workers as parts of one job (0: every job runs whole on one worker).
     slab_slices: int = Field(0, ge=0)
-    # bf16 autocast for the score network in the workers; unset: on where the CPU has AMX or
-    # the GPU bf16 units (same PSNR, ~1.5x faster there: docs/benchmarks/speed.md), else off.
+    # bf16 autocast for the score network in the workers; unset: on where the GPU has bf16
+    # units or a probe measures it faster on this CPU (models.registry.bf16_is_fast), else off.
     bf16: bool | None = None
     data_dirs: list[Path] = []  # server-side training data roots the operator registers
     pacs: dict[str, dict] = {}  # export destinations by name (see service/pacs.py)

@@ -158,7 +158,12 @@ def _params(ctx: Context, card: dict, parsed, y: torch.Tensor, form: Submission)
     one slab; the owner's cap counts all."""
     multicoil = parsed.sensitivities == "espirit" or (parsed.coils or 1) > 1
     defaults = ReconConfig.from_card(
-        card, parsed.modality, form.sampler, form.nfe, "multicoil" if multicoil else None
+        card,
+        parsed.modality,
+        form.sampler,
+        form.nfe,
+        "multicoil" if multicoil else None,
+        parsed.shape,
     )
     samples = defaults.samples if form.samples is None else form.samples
     nfe = defaults.n_steps * defaults.nfe_per_step() if form.nfe is None else form.nfe

@@ -402,6 +402,20 @@ def test_multicoil_values_of_the_card_apply_to_multicoil_operators_only():
     assert ReconConfig.from_card(card, "mri").tv == 0.0
 
 
+def test_the_cards_larger_values_apply_to_images_larger_than_the_prior_only():
+    """``larger`` (benchmarks/larger_images.py) holds what a larger image gets: fewer
+    posterior samples there, the card's own K at the trained size."""
+    card = {"image_size": 32, "recon": {"ct": {"samples": 4, "larger": {"samples": 2}}}}
+    prior = Prior(lambda x, t: x, VESDE(0.01, 5.0, N=10), 32, card=card)
+    same = from_spec({"modality": "ct", "image_size": 32, "n_views": 8})
+    larger = from_spec({"modality": "ct", "image_size": 64, "n_views": 8})
+    assert ReconConfig.for_prior(prior, "ct", operator=same).samples == 4
+    assert ReconConfig.for_prior(prior, "ct", operator=larger).samples == 2
+    assert ReconConfig.from_card(card, "ct").samples == 4  # no size named: the card's own
+    assert ReconConfig.from_card(card, "ct", image_size=(64, 64)).samples == 2
+    assert ReconConfig.from_card(card, "ct", image_size=(32, 48)).samples == 2  # either side
+
+
 def test_a_slice_comes_out_the_same_alone_or_in_a_batch():
     """Slice i of a stack draws from its own stream (seed + i): a volume solved in one
     batch equals its slices solved one by one, as a split across workers solves them."""
