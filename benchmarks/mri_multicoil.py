@@ -69,6 +69,11 @@ TV_GRID = (0.0, 5.0, 10.0, 20.0)
 # MAX_LOSS dB of the best validation PSNR (benchmarks/warm_start.py's rule, single-coil).
 START_GRID = ((1.0, 100), (0.6, 100), (0.4, 100), (0.6, 50), (0.4, 50))
 MAX_LOSS = 0.2
+# Then ρ (the map step's error scale r_t = ρ β/α) and η (the fraction of fresh noise when
+# re-noising) at that λ, start and NFE, one after the other (``--tune-rho-eta``): the
+# single-coil card's values were tuned without TV and without coil maps.
+RHO_GRID = (0.3, 0.6, 1.0, 1.6)
+ETA_GRID = (0.6, 0.85, 1.0)
 # Each classical method's weight, tuned on the validation slices from these.
 WEIGHTS = {
     "sense": (1e-3, 1e-2, 3e-2, 0.1),
@@ -170,6 +175,33 @@ def select_start(prior: Prior, vals: dict, tv: float) -> tuple[tuple[float, int]
     mean = {pair: statistics.fmean(t[pair] for t in table.values()) for pair in START_GRID}
     kept = [pair for pair in START_GRID if mean[pair] >= max(mean.values()) - MAX_LOSS]
     return min(kept, key=lambda pair: (pair[1], -mean[pair])), table
+
+
+def select_rho_eta(
+    prior: Prior, vals: dict, tv: float, start: float, nfe: int
+) -> tuple[tuple[float, float], dict]:
+    """(ρ, η): ρ of RHO_GRID at the card's η, then η of ETA_GRID at that ρ, each the best
+    mean validation PSNR over the tasks (one posterior sample); and each pair's mean PSNR per
+    task."""
+    table: dict[str, dict[tuple, float]] = {name: {} for name in vals}
+
+    def measure(rho: float, eta: float) -> float:
+        for name, (ops, y, ref) in vals.items():
+            if (rho, eta) in table[name]:
+                continue
+            config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
+            config.tv, config.start, config.rho, config.eta = tv, start, rho, eta
+            table[name][rho, eta] = statistics.fmean(
+                psnr(reconstruct(op, y[i : i + 1], prior, config, 1, i).mean[0].clamp(0, 1), ref[i])
+                for i, op in enumerate(ops)
+            )
+            print(f"  {name} val: ρ {rho:g}, η {eta:g}: {table[name][rho, eta]:.2f} dB", flush=True)
+        return statistics.fmean(t[rho, eta] for t in table.values())
+
+    eta = ReconConfig.for_prior(prior, "mri", operator=next(iter(vals.values()))[0][0]).eta
+    rho = max(RHO_GRID, key=lambda r: measure(r, eta))
+    eta = max(ETA_GRID, key=lambda e: measure(rho, e))
+    return (rho, eta), table
 
 
 def run(name: str, n: int, val, prior: Prior, tv: float, start: float, nfe: int) -> dict:
@@ -297,6 +329,15 @@ def render(results: dict, machine: str) -> str:
                 f"start {r['config'].get('start', 1.0):g}, {r['config']['nfe']} NFE.",
                 "",
             ]
+        if r.get("rho_eta_selection"):
+            lines += [
+                "ρ then η (ρ/η) at that λ, start and NFE, mean validation PSNR with one "
+                "posterior sample: "
+                + ", ".join(f"{k}: {v:.2f} dB" for k, v in r["rho_eta_selection"].items())
+                + f"; chosen over all tasks: ρ {r['config']['rho']:g}, η "
+                f"{r['config']['eta']:g}.",
+                "",
+            ]
         lines += [
             "| slice | " + " | ".join(METHODS) + " | score − best classical (dB) |",
             "|---|" + "---|" * (len(METHODS) + 1),
@@ -334,6 +375,17 @@ def main() -> None:
     parser.add_argument(
         "--write-card", action="store_true", help="store the chosen λ_TV in the model's card"
     )
+    parser.add_argument(
+        "--start-nfe",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("START", "NFE"),
+        help="the warm start and NFE (default: chosen on val)",
+    )
+    parser.add_argument(
+        "--tune-rho-eta", action="store_true", help="choose ρ and η on val (else the card's)"
+    )
     parser.add_argument("--note", default="", help="a line on the run's conditions, for the doc")
     args = parser.parse_args()
     store = DOCS / "mri_multicoil.json"
@@ -347,9 +399,18 @@ def main() -> None:
         print("choosing λ_TV on validation", flush=True)
         tv, table = select_tv(prior, vals)
         print(f"λ_TV = {tv:g}", flush=True)
-    print("choosing the warm start on validation", flush=True)
-    (start, nfe), starts = select_start(prior, vals, tv)
+    starts: dict = {}
+    if args.start_nfe is None:
+        print("choosing the warm start on validation", flush=True)
+        (start, nfe), starts = select_start(prior, vals, tv)
+    else:
+        start, nfe = args.start_nfe[0], int(args.start_nfe[1])
     print(f"start {start}, {nfe} NFE", flush=True)
+    rho_eta, pairs = None, {}
+    if args.tune_rho_eta:
+        print("choosing ρ and η on validation", flush=True)
+        rho_eta, pairs = select_rho_eta(prior, vals, tv, start, nfe)
+        print(f"ρ {rho_eta[0]:g}, η {rho_eta[1]:g}", flush=True)
     if args.write_card:
         card = load_card(MODEL)
         recon = card.get("recon", {})
@@ -361,8 +422,9 @@ def main() -> None:
             "tv": tv,
             "start": start,
             "nfe": nfe,
+            **({"rho": rho_eta[0], "eta": rho_eta[1]} if rho_eta else {}),
             "tuned_by": "benchmarks/mri_multicoil.py (grids over validation slices and their "
-            "close-ups, 8-coil data, all four tasks: λ_TV, then start and NFE)",
+            "close-ups, 8-coil data, all four tasks: λ_TV, then start and NFE, then ρ and η)",
         }
         recon["mri"] = mri
         update_card(MODEL, {"recon": recon})
@@ -373,7 +435,10 @@ def main() -> None:
         results[name] = run(name, args.n, vals[name], prior, tv, start, nfe) | {
             "note": args.note,
             "tv_selection": {f"{k:g}": v for k, v in table.get(name, {}).items()} or earlier,
-            "start_selection": {f"{a:g}/{b}": v for (a, b), v in starts.get(name, {}).items()},
+            "start_selection": {f"{a:g}/{b}": v for (a, b), v in starts.get(name, {}).items()}
+            or results.get(name, {}).get("start_selection", {}),
+            "rho_eta_selection": {f"{a:g}/{b:g}": v for (a, b), v in pairs.get(name, {}).items()}
+            or results.get(name, {}).get("rho_eta_selection", {}),
         }
         store.write_text(json.dumps(results, indent=2))
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

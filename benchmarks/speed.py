@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -67,6 +66,11 @@ def application(config: ReconConfig) -> tuple[bool, bool]:
     return (config.patch_wise, config.windowed_attention and not config.patch_wise)
 
 
+def method(engine: str, k: int, cg: int, card_cg: int) -> str:
+    """A score row's name: engine, K, and the CG iterations a step where not the card's."""
+    return f"score, {engine}, K = {k}" + ("" if cg == card_cg else f", {cg} CG iterations a step")
+
+
 def application_name(config: ReconConfig) -> str:
     return next(n for n, a in APPLICATIONS.items() if a == application(config))
 
@@ -77,7 +81,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     args = parser.parse_args()
     rows: list[dict] = []
-    size_k: dict[int, int] = {}  # the default K at each size
+    defaults: dict[int, dict] = {}  # K and CG iterations a user gets at each size
     default = ReconConfig.for_prior(Prior.load(MODEL), "ct")  # what a user gets
     card_k, card_nfe = default.samples, default.n_steps * default.nfe_per_step()
     for size in args.sizes:
@@ -85,13 +89,14 @@ def main() -> None:
         weight, _ = tune_classical(val, "ct")
         test = simulate(fine_slices("ct", "test", size, args.slices), TASK, VIEWS, NOISE, 2)
 
-        def measure(name: str, solve, test=test, size=size) -> None:
+        def measure(name: str, solve, is_default: bool = False, test=test, size=size) -> None:
             seconds, scores = [], []
             for i in range(len(test.y)):
                 image, sec = timed(lambda i=i: solve(i))
                 seconds.append(sec)
                 scores.append(psnr(image.clamp(0, 1), test.reference[i]))
             row = {"size": size, "method": name, "seconds": statistics.fmean(seconds)}
+            row["default"] = is_default  # what the workers run at this size
             rows.append(row | {"psnr": statistics.fmean(scores)})
             print(
                 f"  {size}² {name}: {row['seconds']:.1f} s, {rows[-1]['psnr']:.2f} dB", flush=True
@@ -115,43 +120,48 @@ def main() -> None:
             engines.append(("ONNX Runtime fp32", {"backend": "onnx"}))
         if size != 128:  # engines compared once; at other sizes the workers' engine only
             engines = [(e, kw) for e, kw in engines if kw.get("bf16", False) == bf16_is_fast()]
-        # What a user gets at this size: the card's K, or its ``larger`` → samples above the
-        # prior's size (benchmarks/larger_images.py chose it against the time floor).
-        size_k[size] = ReconConfig.for_prior(
-            Prior.load(MODEL), "ct", operator=test.operator
-        ).samples
-        k_here = size_k[size]
+        # What a user gets at this size: the card's K and CG iterations, or its ``larger``
+        # values above the prior's size (benchmarks/larger_images.py chose them against the
+        # time floor on validation slices).
+        here = ReconConfig.for_prior(Prior.load(MODEL), "ct", operator=test.operator)
+        defaults[size] = {"samples": here.samples, "cg_iters": here.cg_iters}
+        k_here = here.samples
         for label, kw in engines:
             prior = Prior.load(MODEL, **kw)
             config = ReconConfig.for_prior(prior, "ct", operator=test.operator)
+            workers = kw.get("bf16", False) == bf16_is_fast() and "backend" not in kw
             for k in sorted({1, k_here}) if size == 128 else (k_here,):
-                measure(f"score, {label}, K = {k}", score(prior, config, k))
+                name = method(label, k, config.cg_iters, default.cg_iters)
+                measure(name, score(prior, config, k), workers and k == k_here)
             if size != 128:  # the other applications of the 128² prior than the card's
                 for name, (patch_wise, windowed) in APPLICATIONS.items():
                     if (patch_wise, windowed) == application(config):
                         continue
                     other = ReconConfig.for_prior(prior, "ct", operator=test.operator)
                     other.patch_wise, other.windowed_attention = patch_wise, windowed
-                    measure(f"score, {label}, K = {k_here}, {name}", score(prior, other, k_here))
-                for k in sorted({card_k, 2} - {k_here}, reverse=True):  # the cost ∝ K
-                    measure(f"score, {label}, K = {k}", score(prior, config, k))
+                    name = f"{method(label, k_here, other.cg_iters, default.cg_iters)}, {name}"
+                    measure(name, score(prior, other, k_here))
+                # The card's values at its trained size, and 2 samples: the cost ∝ K.
+                more = {(card_k, default.cg_iters), (2, config.cg_iters)}
+                for k, cg in sorted(more - {(k_here, config.cg_iters)}, reverse=True):
+                    other = ReconConfig.for_prior(prior, "ct", operator=test.operator)
+                    other.cg_iters = cg
+                    measure(method(label, k, cg, -1), score(prior, other, k))
         # The solver's share, on the workers' engine: the previous default (from noise,
-        # 100 NFE) and half the card's NFE.
+        # 100 NFE), half the card's NFE, fewer CG iterations in each map step.
         prior = Prior.load(MODEL, bf16=bf16_is_fast())
+        if size != 128:
+            continue
         for label, start, nfe in (
             ("from noise, 100 NFE", 1.0, 100),
             (f"start {default.start:g}, {card_nfe // 2} NFE", default.start, card_nfe // 2),
         ):
-            if size != 128:
-                continue
             config = ReconConfig.for_prior(prior, "ct", nfe=nfe)
             config.start = start
             measure(f"score, {prior.engine}, K = {card_k}, {label}", score(prior, config, card_k))
-        if size == 128:  # data consistency: fewer CG iterations in each map step
-            config = ReconConfig.for_prior(prior, "ct")
-            config.cg_iters = CG_FEWER
-            label = f"score, {prior.engine}, K = {card_k}, {CG_FEWER} CG iterations a step"
-            measure(label, score(prior, config, card_k))
+        config = ReconConfig.for_prior(prior, "ct")
+        config.cg_iters = CG_FEWER
+        measure(method(prior.engine, card_k, CG_FEWER, -1), score(prior, config, card_k))
     for row in rows:
         tv = next(r for r in rows if r["size"] == row["size"] and r["method"].startswith("FISTA"))
         row["ratio"] = row["seconds"] / tv["seconds"]
@@ -160,7 +170,7 @@ def main() -> None:
         "machine": machine,
         "slices": args.slices,
         "card": {"nfe": card_nfe, "start": default.start, "samples": card_k},
-        "samples_by_size": size_k,
+        "defaults_by_size": defaults,
         "bf16_speedup_probe": bf16_speedup(),
         "rows": rows,
         "date": time.strftime("%Y-%m-%d"),
@@ -174,6 +184,10 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(DOCS / "speed.png", dpi=90)
     engine = Prior.load(MODEL, bf16=bf16_is_fast()).engine
+    per_size = "; ".join(
+        f"{size}²: K = {d['samples']}, {d['cg_iters']} CG iterations a step"
+        for size, d in defaults.items()
+    )
     lines = [
         "# Speed: seconds per slice on this CPU",
         "",
@@ -186,8 +200,8 @@ def main() -> None:
         "the network in bf16 where a probe measures it at least 1.2× faster than fp32 on the "
         f"CPU (`models.registry.bf16_speedup`; here {bf16_speedup():.2f}×, so "
         f"{'bf16' if bf16_is_fast() else 'fp32'}). Above 128² the 128² prior is applied "
-        f"{application_name(default)} as its card says, with the card's K for larger images "
-        f"({', '.join(f'{s}²: K = {k}' for s, k in size_k.items())}; both chosen by "
+        f"{application_name(default)} as its card says, with the card's K and CG iterations "
+        f"for larger images ({per_size}: both chosen by "
         "benchmarks/larger_images.py on validation slices), and the other ways in the rows "
         "so named.",
         "",
@@ -195,21 +209,20 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['size']}² | {r['method']} | {r['seconds']:.1f} | {r['ratio']:.1f} | "
+        f"| {r['size']}² | {r['method']}{' **(default)**' if r['default'] else ''} | "
+        f"{r['seconds']:.1f} | {r['ratio']:.1f} | "
         f"{r['psnr']:.2f} |"
         for r in rows
     ]
     lines += ["", "![speed](speed.png)", ""]
-    lines += findings(rows, card_k, engine, default, card_nfe, size_k)
+    lines += findings(rows, card_k, engine, default, card_nfe)
     (DOCS / "speed.md").write_text("\n".join(lines))
 
 
-def findings(
-    rows: list[dict], k: int, engine: str, default: ReconConfig, nfe: int, size_k: dict[int, int]
-) -> list[str]:
+def findings(rows: list[dict], k: int, engine: str, default: ReconConfig, nfe: int) -> list[str]:
     """What the table says about each speed-up against the issue's 0.2 dB rule."""
     by = {(r["size"], r["method"]): r for r in rows}
-    card = by[128, f"score, {engine}, K = {k}"]
+    card = next(r for r in rows if r["size"] == 128 and r["default"])
     out = ["What the table says:", ""]
     fp32, bf16 = by[128, f"score, torch fp32, K = {k}"], by[128, f"score, torch bf16, K = {k}"]
     out.append(
@@ -238,13 +251,14 @@ def findings(
         f"card's {nfe}, {half['ratio']:.1f}× FISTA-TV's time "
         f"({'within' if card['psnr'] - half['psnr'] < 0.2 else 'beyond'} the 0.2 dB rule)."
     )
-    cg = by.get((128, f"score, {engine}, K = {k}, {CG_FEWER} CG iterations a step"))
+    cg = by.get((128, method(engine, k, CG_FEWER, -1)))
     if cg is not None:
         out.append(
             f"- {CG_FEWER} CG iterations per data-consistency step instead of "
             f"{default.cg_iters}: {cg['psnr'] - card['psnr']:+.2f} dB, "
-            f"{1 - cg['seconds'] / card['seconds']:.0%} less time (measured on test slices, "
-            "so not applied to the card: a choice belongs on validation slices)."
+            f"{1 - cg['seconds'] / card['seconds']:.0%} less time (the card keeps "
+            f"{default.cg_iters} at its trained size; benchmarks/larger_images.py chooses K "
+            "and CG iterations for larger images on validation slices)."
         )
     tv128 = next(r for (s, m), r in by.items() if s == 128 and m.startswith("FISTA"))
     out.append(
@@ -252,26 +266,21 @@ def findings(
         f"(aim ≤ 1×, floor ≤ 3×), {card['psnr'] - tv128['psnr']:+.2f} dB."
     )
     for size in sorted({r["size"] for r in rows} - {128}):
-        mine = by.get((size, f"score, {engine}, K = {size_k.get(size, k)}"))
+        mine = next((r for r in rows if r["size"] == size and r["default"]), None)
         tv = next(r for (s, m), r in by.items() if s == size and m.startswith("FISTA"))
-        if mine is not None:
+        if mine is None:
+            continue
+        out.append(
+            f"- The default reconstruction at {size}² ({mine['method'].split(', ', 2)[-1]}): "
+            f"{mine['ratio']:.1f}× FISTA-TV's time (aim ≤ 1×, floor ≤ 3×), "
+            f"{mine['psnr'] - tv['psnr']:+.2f} dB."
+        )
+        for other in rows:
+            if other["size"] != size or other is mine or other is tv:
+                continue
             out.append(
-                f"- The default reconstruction at {size}² (K = {size_k.get(size, k)}): "
-                f"{mine['ratio']:.1f}× FISTA-TV's time (aim ≤ 1×, floor ≤ 3×), "
-                f"{mine['psnr'] - tv['psnr']:+.2f} dB."
-            )
-        others = [r for (s, m), r in by.items() if s == size and m.endswith(tuple(APPLICATIONS))]
-        others += [
-            r
-            for (s, m), r in by.items()
-            if s == size
-            and re.fullmatch(rf"score, {re.escape(engine)}, K = \d+", m)
-            and r is not mine
-        ]
-        for other in others if mine is not None else []:
-            what = other["method"].split(", ", 2)[-1]
-            out.append(
-                f"- At {size}², {what} instead: {other['psnr'] - mine['psnr']:+.2f} dB, "
+                f"- At {size}², {other['method'].split(', ', 2)[-1]} instead: "
+                f"{other['psnr'] - mine['psnr']:+.2f} dB, "
                 f"{other['seconds'] / mine['seconds']:.2f}× the time, "
                 f"{other['ratio']:.1f}× FISTA-TV's (floor ≤ 3×)."
             )

@@ -7,6 +7,7 @@ steps and loss curve, and the sha256 of the weights, which is checked on load.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -240,15 +241,34 @@ def bf16_speedup() -> float:
     convolutions, GroupNorm, SiLU, 64 channels at 64², batch 4) on this CPU.
 
     Measured once per machine (about a second) and kept in the temporary directory, keyed
-    by :func:`cpu_key`, so that every worker on a machine makes the same choice."""
+    by :func:`cpu_key`, so that every worker on a machine makes the same choice: the first
+    process measures under a file lock, the others wait for it and read its result."""
     cache = Path(tempfile.gettempdir()) / "scorerecon-bf16-probe.json"
     key = cpu_key()
     try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
-        return float(known[key])
+        lock = open(cache.with_suffix(".lock"), "a")
+    except OSError:
+        return _measure_bf16_speedup()  # an unwritable temporary directory: this process only
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known = known if isinstance(known, dict) else {}
+        if isinstance(known.get(key), (int, float)):
+            return float(known[key])
+        speedup = _measure_bf16_speedup()
+        try:
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known | {key: speedup}, indent=1))
+            tmp.replace(cache)
+        except OSError:
+            pass
+        return speedup
+
+
+def _measure_bf16_speedup() -> float:
     block = torch.nn.Sequential(
         *[
             m
@@ -272,15 +292,7 @@ def bf16_speedup() -> float:
                 best = min(best, time.perf_counter() - start)
         return best
 
-    speedup = seconds(False) / seconds(True)
-    known = (known if isinstance(known, dict) else {}) | {key: speedup}
-    try:
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(cache)  # atomic: a worker reading it meanwhile sees the old or the new
-    except OSError:
-        pass
-    return speedup
+    return seconds(False) / seconds(True)
 
 
 def score_fn_of(

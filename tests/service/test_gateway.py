@@ -377,9 +377,8 @@ def test_nfe_and_samples_omitted_take_the_cards_defaults(gateway, settings):
     from models.registry import update_card
 
     client, keys, _ = gateway
-    update_card(
-        settings.models / "tiny32", {"recon": {"ct": {"nfe": 7, "start": 0.5, "samples": 3}}}
-    )
+    ct = {"nfe": 7, "start": 0.5, "samples": 3, "larger": {"samples": 2}}
+    update_card(settings.models / "tiny32", {"recon": {"ct": ct}})
     r = client.post(
         "/v1/reconstructions",
         files={"measurement": ("y.npy", ct_measurement())},
@@ -392,6 +391,14 @@ def test_nfe_and_samples_omitted_take_the_cards_defaults(gateway, settings):
     assert done["state"] == "succeeded", done["error"]
     report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
     assert report["nfe"] == 7 and report["provenance"]["config.start"] == 0.5
+    spec = '{"modality": "ct", "image_size": 64, "n_views": 8}'  # above the prior's 32²
+    larger = submit(client, keys["alice"], data=ct_measurement((1, 8, 93)), spec=spec)
+    assert larger.status_code == 202, larger.text
+    assert larger.json()["params"]["samples"] == 2  # the card's ``larger`` → samples
+    done = wait(client, keys["alice"], larger.json()["id"])
+    assert done["state"] == "succeeded", done["error"]
+    report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
+    assert report["provenance"]["samples"] == 2
 
 
 def test_a_ct_image_larger_than_the_prior_is_reconstructed_patch_wise(gateway):
