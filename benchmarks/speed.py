@@ -79,7 +79,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slices", type=int, default=2, help="test slices (seconds averaged)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite the doc from speed.json, measuring nothing"
+    )
     args = parser.parse_args()
+    if args.render:
+        result = json.loads((DOCS / "speed.json").read_text())
+        write_docs(result, ReconConfig.for_prior(Prior.load(MODEL), "ct"))
+        return
     rows: list[dict] = []
     defaults: dict[int, dict] = {}  # K and CG iterations a user gets at each size
     default = ReconConfig.for_prior(Prior.load(MODEL), "ct")  # what a user gets
@@ -176,6 +183,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     (DOCS / "speed.json").write_text(json.dumps(result, indent=2))
+    write_docs(result, default)
+
+
+def write_docs(result: dict, default: ReconConfig) -> None:
+    """speed.png and speed.md from a run's results (``--render``: the stored ones)."""
+    rows, machine, card = result["rows"], result["machine"], result["card"]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
     labels = [f"{r['size']}²: {r['method']}" for r in rows][::-1]
     ax.barh(labels, [r["seconds"] for r in rows][::-1])
@@ -183,23 +196,24 @@ def main() -> None:
     ax.set_title(f"{machine}: score reconstruction vs FISTA-TV")
     fig.tight_layout()
     fig.savefig(DOCS / "speed.png", dpi=90)
-    engine = Prior.load(MODEL, bf16=bf16_is_fast()).engine
+    engine = next(r for r in rows if r["size"] == 128 and r["default"])["method"].split(", ")[1]
     per_size = "; ".join(
         f"{size}²: K = {d['samples']}, {d['cg_iters']} CG iterations a step"
-        for size, d in defaults.items()
+        for size, d in result["defaults_by_size"].items()
     )
     lines = [
         "# Speed: seconds per slice on this CPU",
         "",
         f"Measured by `python benchmarks/speed.py` on {machine} ({result['date']}): "
-        f"{args.slices} real held-out CT test slice(s) at each size, {VIEWS} views, Gaussian "
-        f"noise 0.5 %, simulated on a grid twice as fine; `{MODEL}` with the fast sampler at "
-        f"its card's settings ({card_nfe} NFE, warm start {default.start:g}, K = {card_k}), "
+        f"{result['slices']} real held-out CT test slice(s) at each size, {VIEWS} views, "
+        f"Gaussian noise 0.5 %, simulated on a grid twice as fine; `{MODEL}` with the fast "
+        f"sampler at its card's settings ({card['nfe']} NFE, warm start {default.start:g}, "
+        f"K = {card['samples']}), "
         "FISTA-TV with its weight tuned on 2 validation slices at the same size. Seconds per "
         "slice after one warm-up run; ratio to FISTA-TV's time at that size. The workers run "
         "the network in bf16 where a probe measures it at least 1.2× faster than fp32 on the "
-        f"CPU (`models.registry.bf16_speedup`; here {bf16_speedup():.2f}×, so "
-        f"{'bf16' if bf16_is_fast() else 'fp32'}). Above 128² the 128² prior is applied "
+        f"CPU (`models.registry.bf16_speedup`; here {result['bf16_speedup_probe']:.2f}×, so "
+        f"{engine}). Above 128² the 128² prior is applied "
         f"{application_name(default)} as its card says, with the card's K and CG iterations "
         f"for larger images ({per_size}: both chosen by "
         "benchmarks/larger_images.py on validation slices), and the other ways in the rows "
@@ -215,7 +229,7 @@ def main() -> None:
         for r in rows
     ]
     lines += ["", "![speed](speed.png)", ""]
-    lines += findings(rows, card_k, engine, default, card_nfe)
+    lines += findings(rows, result["card"]["samples"], engine, default, result["card"]["nfe"])
     (DOCS / "speed.md").write_text("\n".join(lines))
 
 
@@ -234,9 +248,9 @@ def findings(rows: list[dict], k: int, engine: str, default: ReconConfig, nfe: i
     if onnx is not None:
         out.append(
             f"- ONNX Runtime against torch fp32 at K = {k}: "
-            f"{1 - onnx['seconds'] / fp32['seconds']:.0%} less time, "
-            f"{1 - onnx['seconds'] / bf16['seconds']:.0%} less than torch bf16; the workers "
-            "run torch (the ONNX graph is fixed to the global attention it was traced with)."
+            f"{1 - onnx['seconds'] / fp32['seconds']:.0%} less time; "
+            f"{onnx['seconds'] / bf16['seconds']:.2f}× torch bf16's time. The workers run "
+            "torch (the ONNX graph is fixed to the global attention it was traced with)."
         )
     noise = by[128, f"score, {engine}, K = {k}, from noise, 100 NFE"]
     out.append(

@@ -404,13 +404,16 @@ def test_multicoil_values_of_the_card_apply_to_multicoil_operators_only():
 
 def test_the_cards_larger_values_apply_to_images_larger_than_the_prior_only():
     """``larger`` (benchmarks/larger_images.py) holds what a larger image gets: fewer
-    posterior samples there, the card's own K at the trained size."""
-    card = {"image_size": 32, "recon": {"ct": {"samples": 4, "larger": {"samples": 2}}}}
+    posterior samples and CG iterations there, the card's own at the trained size."""
+    larger = {"samples": 2, "cg_iters": 3}
+    card = {"image_size": 32, "recon": {"ct": {"samples": 4, "larger": larger}}}
     prior = Prior(lambda x, t: x, VESDE(0.01, 5.0, N=10), 32, card=card)
     same = from_spec({"modality": "ct", "image_size": 32, "n_views": 8})
-    larger = from_spec({"modality": "ct", "image_size": 64, "n_views": 8})
+    bigger = from_spec({"modality": "ct", "image_size": 64, "n_views": 8})
     assert ReconConfig.for_prior(prior, "ct", operator=same).samples == 4
-    assert ReconConfig.for_prior(prior, "ct", operator=larger).samples == 2
+    above = ReconConfig.for_prior(prior, "ct", operator=bigger)
+    assert (above.samples, above.cg_iters) == (2, 3)
+    assert ReconConfig.for_prior(prior, "ct", operator=same).cg_iters == ReconConfig().cg_iters
     assert ReconConfig.from_card(card, "ct").samples == 4  # no size named: the card's own
     assert ReconConfig.from_card(card, "ct", image_size=(64, 64)).samples == 2
     assert ReconConfig.from_card(card, "ct", image_size=(32, 48)).samples == 2  # either side
