@@ -73,6 +73,7 @@ MAX_LOSS = 0.2
 # re-noising) at that λ, start and NFE, one after the other (``--tune-rho-eta``): the
 # single-coil card's values were tuned without TV and without coil maps.
 RHO_GRID = (0.3, 0.6, 1.0, 1.6)
+RHO_STEP, RHO_EXTEND = 1.6, 3  # while the best ρ is the largest tried, try ×1.6, 3 times at most
 ETA_GRID = (0.6, 0.85, 1.0)
 # Each classical method's weight, tuned on the validation slices from these.
 WEIGHTS = {
@@ -199,7 +200,11 @@ def select_rho_eta(
         return statistics.fmean(t[rho, eta] for t in table.values())
 
     eta = ReconConfig.for_prior(prior, "mri", operator=next(iter(vals.values()))[0][0]).eta
-    rho = max(RHO_GRID, key=lambda r: measure(r, eta))
+    grid = list(RHO_GRID)
+    rho = max(grid, key=lambda r: measure(r, eta))
+    while rho == grid[-1] and len(grid) < len(RHO_GRID) + RHO_EXTEND:  # the best at the edge
+        grid.append(round(grid[-1] * RHO_STEP, 3))
+        rho = max(grid, key=lambda r: measure(r, eta))
     eta = max(ETA_GRID, key=lambda e: measure(rho, e))
     return (rho, eta), table
 

@@ -252,6 +252,14 @@ def findings(rows: list[dict], k: int, engine: str, default: ReconConfig, nfe: i
             f"{onnx['seconds'] / bf16['seconds']:.2f}× torch bf16's time. The workers run "
             "torch (the ONNX graph is fixed to the global attention it was traced with)."
         )
+    single = by.get((128, f"score, {engine}, K = 1"))
+    if single is not None:
+        out.append(
+            f"- Batching: the K = {k} posterior samples go through the network together, one "
+            f"forward pass a step, so they cost {card['seconds'] / single['seconds']:.1f}× one "
+            f"sample's time, not {k}× ({card['psnr'] - single['psnr']:+.2f} dB for their "
+            "mean, and a posterior std); the workers batch a volume's slices the same way."
+        )
     noise = by[128, f"score, {engine}, K = {k}, from noise, 100 NFE"]
     out.append(
         f"- The warm start (start {default.start:g}, {nfe} NFE) against the previous default "
