@@ -140,6 +140,14 @@ def tune(ops, y, ref) -> dict:
     return best
 
 
+def val_psnr(prior: Prior, config: ReconConfig, ops, y, ref) -> float:
+    """Mean PSNR over validation slices of one posterior sample each, at ``config``."""
+    return statistics.fmean(
+        psnr(reconstruct(op, y[i : i + 1], prior, config, 1, i).mean[0].clamp(0, 1), ref[i])
+        for i, op in enumerate(ops)
+    )
+
+
 def select_tv(prior: Prior, vals: dict) -> tuple[float, dict]:
     """The TV weight λ of TV_GRID with the best mean validation PSNR over the tasks, one
     posterior sample per slice; and each λ's mean PSNR per task."""
@@ -149,10 +157,7 @@ def select_tv(prior: Prior, vals: dict) -> tuple[float, dict]:
         for tv in TV_GRID:
             config = ReconConfig.for_prior(prior, "mri", nfe=NFE, operator=ops[0])
             config.tv, config.start = tv, 1.0
-            table[name][tv] = statistics.fmean(
-                psnr(reconstruct(op, y[i : i + 1], prior, config, 1, i).mean[0].clamp(0, 1), ref[i])
-                for i, op in enumerate(ops)
-            )
+            table[name][tv] = val_psnr(prior, config, ops, y, ref)
             print(f"  {name} val: λ_TV {tv:g} {table[name][tv]:.2f} dB", flush=True)
     best = max(TV_GRID, key=lambda tv: statistics.fmean(t[tv] for t in table.values()))
     return best, table
@@ -168,10 +173,7 @@ def select_start(prior: Prior, vals: dict, tv: float) -> tuple[tuple[float, int]
         for start, nfe in START_GRID:
             config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
             config.tv, config.start = tv, start
-            table[name][start, nfe] = statistics.fmean(
-                psnr(reconstruct(op, y[i : i + 1], prior, config, 1, i).mean[0].clamp(0, 1), ref[i])
-                for i, op in enumerate(ops)
-            )
+            table[name][start, nfe] = val_psnr(prior, config, ops, y, ref)
             print(f"  {name} val: start {start}, {nfe} NFE: {table[name][start, nfe]:.2f} dB")
     mean = {pair: statistics.fmean(t[pair] for t in table.values()) for pair in START_GRID}
     kept = [pair for pair in START_GRID if mean[pair] >= max(mean.values()) - MAX_LOSS]
@@ -192,10 +194,7 @@ def select_rho_eta(
                 continue
             config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
             config.tv, config.start, config.rho, config.eta = tv, start, rho, eta
-            table[name][rho, eta] = statistics.fmean(
-                psnr(reconstruct(op, y[i : i + 1], prior, config, 1, i).mean[0].clamp(0, 1), ref[i])
-                for i, op in enumerate(ops)
-            )
+            table[name][rho, eta] = val_psnr(prior, config, ops, y, ref)
             print(f"  {name} val: ρ {rho:g}, η {eta:g}: {table[name][rho, eta]:.2f} dB", flush=True)
         return statistics.fmean(t[rho, eta] for t in table.values())
 

@@ -218,8 +218,8 @@ class ReconConfig:
             tuned = {**tuned, **tuned[acquisition]}
         trained = int((card or {}).get("image_size") or 0)
         if image_size and trained and max(image_size) > trained:
-            # Chosen where the prior meets a larger image (benchmarks/larger_images.py: the
-            # most posterior samples within the time floor against FISTA-TV at that size).
+            # Chosen where the prior meets a larger image (benchmarks/larger_images.py: K and
+            # CG iterations, the best PSNR within the time floor against FISTA-TV there).
             tuned = {**tuned, **(tuned.get("larger") or {})}
         sampler = sampler or tuned.get("sampler", DEFAULT_SAMPLER)
         config = cls(sampler=sampler)
