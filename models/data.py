@@ -53,14 +53,20 @@ class Volume:
     spacing: tuple[float, float, float]  # (z, y, x) in mm; nan where unknown
     files: list[str] = field(default_factory=list)
 
-    def describe(self) -> str:
+    def describe(self, root: Path | None = None) -> str:
+        """One line: source, modality, shape, spacing, range and id; a file id under
+        ``root`` is given relative to it (an upload's report names the archive's own paths,
+        not the server's folders)."""
         z, h, w = self.data.shape
+        ident = self.id
+        if root is not None and Path(self.id).is_relative_to(root):
+            ident = str(Path(self.id).relative_to(root))
         sp = ", ".join("?" if math.isnan(s) else f"{s:.2f}" for s in self.spacing)
         rng = f"{float(self.data.min()):.0f}..{float(self.data.max()):.0f}"
         unit = "HU" if self.modality == "CT" else "a.u."
         return (
             f"{self.source:5s} {self.modality:2s} {z}x{h}x{w} spacing ({sp}) mm "
-            f"range {rng} {unit}  {self.id}"
+            f"range {rng} {unit}  {ident}"
         )
 
 

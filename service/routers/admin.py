@@ -100,7 +100,7 @@ def upload_dataset(
     return {
         "id": dataset_id,
         **counts,
-        "volumes": [v.describe() for v in found.volumes],
+        "volumes": [v.describe(folder) for v in found.volumes],
         "skipped": skipped[:50],
     }
 

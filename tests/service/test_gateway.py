@@ -683,6 +683,8 @@ def test_training_on_an_uploaded_archive(gateway):
     dataset = r.json()
     assert dataset["files"] == 5 and len(dataset["volumes"]) == 4
     assert len(dataset["skipped"]) == 1 and dataset["skipped"][0].startswith("ct/notes.npy")
+    # The archive's own paths, not the server's folders.
+    assert sorted(v.split()[-1] for v in dataset["volumes"]) == [f"ct/s{i}.npy" for i in range(4)]
     bad = client.post(
         "/v1/admin/datasets",
         files={"archive": ("x.zip", b"PK garbage")},
