@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from models.data import mr_scale
 from models.physics.base import LinearOperator, conjugate_gradient
 from models.physics.ct import CTOperator
 from models.physics.mri import MRIOperator, MultiCoilMRIOperator
@@ -184,6 +185,44 @@ def cs_wavelet(
     return torch.stack([torch.as_tensor(s) for s in slices])[:, None].to(torch.complex64)
 
 
+# Where an MR measurement's unit (models.data.mr_scale of its SENSE image) lands in the
+# prior's [0, 1], and so the CS weights' (tuned on images in that range): below 1, as
+# undersampling blurs the brightest thin structures (:func:`intensity_scale`); a prior's
+# card may override it (ReconConfig.intensity_level).
+LEVEL = 0.8
+SCALE_CG_ITERS = 10  # SENSE iterations of the image that intensity_scale measures
+
+
+def intensity_scale(op: LinearOperator, y: torch.Tensor, level: float = LEVEL) -> torch.Tensor:
+    """Per measurement, the prior's intensity 1 in the measurement's units (B,): for MRI,
+    :func:`models.data.mr_scale` of the magnitude of its SENSE image (a few CG iterations),
+    over ``level``; ones for CT. The level leaves headroom: an undersampled image blurs thin
+    bright structures (the scalp), so its unit reads up to ~25 % below the fully sampled
+    image's, and the prior never saw intensities above 1."""
+    b = y.shape[0]
+    if not isinstance(op, MRIOperator | MultiCoilMRIOperator):
+        return torch.ones(b, dtype=torch.float64)
+    if not 0 < level <= 1:
+        raise ValueError(f"intensity_level must lie in (0, 1], got {level}")
+    with torch.no_grad():
+        x = sense(op, y, n_iter=SCALE_CG_ITERS).abs().reshape(b, -1).double().numpy()
+    units = [max(mr_scale(x[i]), 1e-30) / level for i in range(b)]
+    return torch.tensor(units, dtype=torch.float64)
+
+
+def _in_unit(method: Callable[[LinearOperator, torch.Tensor], torch.Tensor]):
+    """``method`` run on MR data divided by their unit and its image multiplied back: for
+    the nonlinear CS methods, whose weights hold for images in [0, 1], on data in any
+    scanner's units."""
+
+    def run(op: LinearOperator, y: torch.Tensor) -> torch.Tensor:
+        unit = intensity_scale(op, y).to(torch.float32)
+        x = method(op, y / unit.reshape(-1, *[1] * (y.ndim - 1)).to(y.dtype))
+        return x * unit.reshape(-1, *[1] * (x.ndim - 1))
+
+    return run
+
+
 METHODS: dict[str, Callable[[LinearOperator, torch.Tensor], torch.Tensor]] = {
     "fbp": lambda op, y: fbp(_ct_only(op, "fbp"), y),
     "sirt": lambda op, y: _ct_only(op, "sirt").astra_iterative(y, "SIRT", 200),
@@ -191,8 +230,8 @@ METHODS: dict[str, Callable[[LinearOperator, torch.Tensor], torch.Tensor]] = {
     "fista-tv": lambda op, y: fista_tv(_ct_only(op, "fista-tv"), y, 2e-3),
     "zero-filled": _zero_filled,
     "sense": lambda op, y: sense(op, y).abs(),
-    "cs-wavelet": lambda op, y: cs_wavelet(op, y).abs(),
-    "cs-tv": lambda op, y: fista_tv(_mri_only(op, "cs-tv"), y, 1e-3).abs(),
+    "cs-wavelet": _in_unit(lambda op, y: cs_wavelet(op, y).abs()),
+    "cs-tv": _in_unit(lambda op, y: fista_tv(_mri_only(op, "cs-tv"), y, 1e-3).abs()),
 }
 
 

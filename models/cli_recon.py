@@ -78,7 +78,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     np.save(out / "std.npy", rec.std.numpy())
     if rec.phase is not None:
         np.save(out / "phase.npy", rec.phase.numpy())
-    image, std_scale = preview(rec.mean[0], rec.std[0], base[0])
+    unit = (rec.provenance.get("intensity_scale") or [1.0])[0]
+    image, std_scale = preview(rec.mean[0], rec.std[0], base[0], unit)
     save_png(out / "preview.png", image)
     report = {
         "nfe": rec.nfe,

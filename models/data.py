@@ -311,15 +311,23 @@ def _read_png(path: Path) -> Volume:
     return Volume(str(path), "png", "OT", arr, (nan, nan, nan), [str(path)])
 
 
+def mr_scale(values: np.ndarray) -> float:
+    """An MR magnitude's unit: the ``MR_PERCENTILE`` percentile of its foreground (values
+    above 1 % of the maximum); 1 where there is none. Training volumes are divided by it
+    (:func:`to_unit`), and so is each measurement before the prior sees it
+    (:func:`models.inverse.intensity_scale`)."""
+    v = np.asarray(values, np.float64)
+    fg = v[v > 0.01 * float(v.max())] if v.size else v
+    return float(np.percentile(fg, MR_PERCENTILE)) if fg.size else 1.0
+
+
 def to_unit(volume: Volume, hu: HUMapping = HU) -> np.ndarray:
     """The volume in the model's [0, 1] range (see the module docstring for each modality)."""
     data = volume.data
     if volume.modality == "CT":
         return hu.to_unit(data).astype(np.float32)
     if volume.modality == "MR":
-        fg = data[data > 0.01 * float(data.max())]
-        scale = float(np.percentile(fg, MR_PERCENTILE)) if fg.size else 1.0
-        return np.clip(data / max(scale, 1e-12), 0, 1).astype(np.float32)
+        return np.clip(data / max(mr_scale(data), 1e-12), 0, 1).astype(np.float32)
     lo, hi = float(data.min()), float(data.max())
     if lo >= 0 and hi <= 1:
         return data.astype(np.float32)

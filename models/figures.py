@@ -57,10 +57,11 @@ def loss_curve(
 
 
 def preview(
-    mean: torch.Tensor, std: torch.Tensor, baseline: torch.Tensor
+    mean: torch.Tensor, std: torch.Tensor, baseline: torch.Tensor, unit: float = 1.0
 ) -> tuple[np.ndarray, float]:
     """Reconstruction | posterior std (scaled to its maximum) | classical baseline, for one
-    slice; returns the image and the std scale."""
-    scale = max(float(std.max()), 1e-6)
-    panels = torch.stack([mean.squeeze(), std.squeeze() / scale, baseline.squeeze().clamp(0, 1)])
+    slice, the images shown in units of ``unit`` (an MR slice's intensity scale: its
+    measurement's units are arbitrary); returns the image and the std scale."""
+    scale = max(float(std.max()), 1e-6 * unit)
+    panels = torch.stack([mean.squeeze() / unit, std.squeeze() / scale, baseline.squeeze() / unit])
     return grid(panels[:, None], cols=3), scale

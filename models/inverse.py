@@ -36,6 +36,12 @@ image), v the part of the image in quadrature that only the data determine, and 
 phase estimated from the calibration lines (Chung & Ye score the real and imaginary parts
 alike; a magnitude prior scores u only). Results are |x|; the phase is kept.
 
+MR k-space arrives in a scanner's arbitrary units, and the prior learned magnitudes divided
+by the 99.5th percentile of their foreground (models.data.mr_scale): each MR measurement is
+divided by that unit, estimated from its own SENSE image (:func:`intensity_scale`), before
+the prior sees it, and the results are multiplied back, so ``reconstruct(a y) = a
+reconstruct(y)``. CT sinograms are in physical units and are left as they are.
+
 The noise level σ_y is the spec's ``noise_std`` when stated, else estimated from the data
 (:mod:`models.noise`), and is reported (``noise_std_used``). Each result is checked for
 divergence (values far outside the data range, a saturated posterior std, non-finite
@@ -52,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from models.baselines import classical_image
+from models.baselines import LEVEL, classical_image, intensity_scale
 from models.nets.patch import tiled_score
 from models.noise import estimate_noise
 from models.ood import OODCheck
@@ -178,6 +184,7 @@ class ReconConfig:
     samples: int = 1  # posterior samples K averaged into the result when the caller names none
     std_scale: float = 0.0  # c of :func:`calibrated_std` fitted on real validation slices; 0: raw
     ood: bool = True  # score each slice against the prior's calibrated OOD check, if it has one
+    intensity_level: float = LEVEL  # MR: where a measurement's unit lands in the prior's range
 
     def nfe_per_step(self) -> int:
         return 2 if self.sampler == "pc" else 3 if self.sampler == "ald" else 1
@@ -296,7 +303,14 @@ def merge(parts: list[Reconstruction]) -> Reconstruction:
         nfe=sum(p.nfe for p in parts),
         residual=[r for p in parts for r in p.residual],
         seconds=sum(p.seconds for p in parts),
-        provenance=first.provenance,
+        provenance={
+            **first.provenance,
+            **{  # per slice: each part's list, in order
+                key: [v for p in parts for v in p.provenance[key]]
+                for key in ("noise_std_used", "intensity_scale")
+                if all(key in p.provenance for p in parts)
+            },
+        },
         noise_std_used=[s for p in parts for s in p.noise_std_used],
         phase=cat("phase"),
         warnings=[w for p in parts for w in p.warnings],
@@ -532,6 +546,8 @@ def reconstruct(
 
     ``noise_std``: σ_y in measurement units; ``None`` estimates it from ``y``; 0 declares
     the data noiseless (they are then fitted exactly). ``progress(nfe_done, nfe_total)``.
+    MR data are solved in the prior's unit (:func:`intensity_scale`); the results are in the
+    measurement's units.
     """
     config = config or ReconConfig()
     if config.sampler not in RECON_SAMPLERS:
@@ -546,6 +562,8 @@ def reconstruct(
     started = time.perf_counter()
     sde, op = prior.sde, operator
     b, k = y.shape[0], n_samples
+    unit = intensity_scale(op, y, config.intensity_level)
+    y = y / per_sample(unit, y).to(y.real.dtype)
     # Slice i's K samples draw from their own stream, seeded seed + i: a slice comes out the
     # same whether it is solved alone (with seed + i) or in a batch of slices.
     gen = RowGenerators([seed + i for i in range(b)], k)
@@ -554,7 +572,7 @@ def reconstruct(
     sigma = (
         estimate_noise(op, y).to(torch.float64)
         if noise_std is None
-        else torch.full((b,), float(noise_std), dtype=torch.float64)
+        else torch.full((b,), float(noise_std), dtype=torch.float64) / unit
     )
     sigma_rep = sigma.repeat_interleave(k)
     domain = _ImageDomain(op, y_rep)
@@ -684,10 +702,12 @@ def reconstruct(
         scored = mean if check.on == "reconstruction" else classical_image(op, y)
         verdicts = check.assess(prior.score_fn, sde, scored, seed, prior.image_size)
     warnings += [f"slice {i}: {ood_warning(v)}" for i, v in enumerate(verdicts) if v["flag"]]
+    back = per_sample(unit, samples).to(samples.dtype)  # to the measurement's units
+    sigma = sigma * unit
     return Reconstruction(
-        mean=mean,
-        std=std,
-        samples=samples,
+        mean=mean * back,
+        std=std * back,
+        samples=samples * back,
         nfe=res.nfe,
         residual=residual,
         seconds=time.perf_counter() - started,
@@ -702,6 +722,7 @@ def reconstruct(
             "noise_std": noise_std,
             "noise_std_used": [float(s) for s in sigma],
             "noise_std_source": "spec" if noise_std is not None else "estimated from the data",
+            "intensity_scale": [float(s) for s in unit],
             "complex_image": domain.complex,
             **{f"config.{key}": v for key, v in asdict(config).items()},
         },

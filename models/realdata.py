@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import MR_PERCENTILE, read_nifti, write_nifti
+from models.data import MR_PERCENTILE, mr_scale, read_nifti, write_nifti
 from models.formats import read_inv3, read_metaimage
 from models.io import HUMapping
 
@@ -194,14 +194,6 @@ class Source:
     python_dist: str | None = None  # take the files from this installed distribution first
 
 
-def _mr_scale(values: np.ndarray) -> float:
-    """The ``MR_PERCENTILE`` percentile of the foreground (values above 1 % of the maximum),
-    the rule of :func:`models.data.to_unit`."""
-    v = np.asarray(values, np.float64)
-    fg = v[v > 0.01 * float(v.max())]
-    return float(np.percentile(fg, MR_PERCENTILE)) if fg.size else 1.0
-
-
 def _mr_intensity(scale: float, what: str) -> dict:
     return {
         "unit": "arbitrary (MR magnitude)",
@@ -271,7 +263,7 @@ def _convert_colin27(src: Source, files: dict[str, Path], out: Path) -> dict:
     path = files[src.members[0]]
     vol = read_nifti(path)  # (z, y, x), anterior up
     dtype = nib.load(str(path)).get_data_dtype()
-    scale = _mr_scale(vol.data)
+    scale = mr_scale(vol.data)
     return {
         "shape": list(vol.data.shape),
         "spacing_mm": [float(s) for s in vol.spacing],
@@ -312,7 +304,7 @@ def _convert_itk_mr(src: Source, files: dict[str, Path], out: Path) -> dict:
         rel = f"test/mr/{name}.png"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8)), "L").save(out / rel)
-        scale = _mr_scale(arr)
+        scale = mr_scale(arr)
         outputs.append({"path": rel, "split": "test", "file": member, "scale": round(scale, 4)})
         shapes.append(list(arr.shape))
     return {
@@ -335,7 +327,7 @@ def _convert_itk_complex(src: Source, files: dict[str, Path], out: Path) -> dict
     rel = "test/complex/itk_brain_slice.npy"
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     np.save(out / rel, np.ascontiguousarray(z))
-    scale = _mr_scale(np.abs(z))
+    scale = mr_scale(np.abs(z))
     return {
         "shape": list(z.shape),
         "spacing_mm": [float(s) for s in img.spacing],
@@ -364,7 +356,7 @@ def _convert_nibabel(src: Source, files: dict[str, Path], out: Path) -> dict:
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     dtype = nib.load(str(path)).get_data_dtype().newbyteorder("=")
     write_nifti(out / rel, data, vol.spacing, dtype)
-    scale = _mr_scale(data)
+    scale = mr_scale(data)
     return {
         "shape": list(data.shape),
         "spacing_mm": [float(s) for s in vol.spacing],

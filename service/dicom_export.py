@@ -17,10 +17,11 @@ Explicit VR Little Endian, checked by ``dciodvfy`` (dicom3tools) in the tests:
   PixelSpacing and FrameOfReferenceUID are used only for a single-slice reconstruction of
   it (PixelSpacing scaled so the field of view is kept at another matrix size); otherwise the
   series gets its own FrameOfReferenceUID, never a borrowed one with positions made up here.
-* **Values.** CT in signed 16-bit HU (slope 1); MR magnitudes as unsigned 12-bit values; the
-  uncertainty series is scaled so its largest value fits, never clipped, and its Real World
-  Value Mapping gives the posterior standard deviation in its unit (HU, or the MR image's
-  [0, 1] scale), which viewers show.
+* **Values.** CT in signed 16-bit HU (slope 1); MR magnitudes, which come in the
+  measurement's own units, as unsigned 12-bit values with the series' largest value at 4095;
+  the CT uncertainty series is scaled so its largest value fits, never clipped. A Real World
+  Value Mapping gives the value in its unit (the posterior standard deviation in HU, or the
+  MR magnitude or its standard deviation in the measurement's units), which viewers show.
 * **Identity.** SeriesNumber 1 for the reconstruction and 2 for the uncertainty, or the
   source series' number × 100 + 1 / + 2; every UID is derived from the job id, the series
   kind and the slice index, so a retried job writes identical identifiers; dates and times
@@ -242,13 +243,14 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
-def _std_mapping(modality: str, scale: float) -> pydicom.Dataset:
-    """Real World Value Mapping of the uncertainty series: stored value → posterior standard
-    deviation in its unit (HU for CT, the image's [0, 1] magnitude scale for MR), which
-    viewers show beside the value."""
+def _value_mapping(modality: str, scale: float, kind: str) -> pydicom.Dataset:
+    """Real World Value Mapping: stored value → the posterior standard deviation (the
+    uncertainty series) or the magnitude (an MR reconstruction) in its unit (HU for CT, the
+    measurement's own units for MR), which viewers show beside the value."""
     item = pydicom.Dataset()
-    item.LUTExplanation = "Posterior standard deviation"
-    item.LUTLabel = "POSTERIOR_STD"
+    std = kind == "uncertainty"
+    item.LUTExplanation = "Posterior standard deviation" if std else "Magnitude"
+    item.LUTLabel = "POSTERIOR_STD" if std else "MAGNITUDE"
     item.RealWorldValueFirstValueMapped = -32768 if modality == "CT" else 0
     item.RealWorldValueLastValueMapped = 32767 if modality == "CT" else 4095
     item.RealWorldValueIntercept = 0.0
@@ -259,6 +261,8 @@ def _std_mapping(modality: str, scale: float) -> pydicom.Dataset:
         else _code("1", "no units", "UCUM")
     )
     item.MeasurementUnitsCodeSequence = DicomSequence([unit])
+    if not std:
+        return item
     quantity = pydicom.Dataset()
     quantity.ValueType = "CODE"
     quantity.ConceptNameCodeSequence = DicomSequence([_code("246205007", "Quantity", "SCT")])
@@ -340,9 +344,11 @@ def series(
         f"{model}{weights}, scorerecon {software_version()}"
     )
     scale = 1.0
-    if kind == "uncertainty":
-        top = 32767 if modality == "CT" else 4095
-        scale = max(1.0, float(np.max(images)) / top) if images.size else 1.0
+    peak = float(np.max(images)) if images.size else 0.0
+    if modality != "CT":  # MR magnitudes come in the measurement's units: the peak fills 12 bits
+        scale = peak if peak > 0 else 1.0
+    elif kind == "uncertainty":
+        scale = max(1.0, peak / 32767)
     out = []
     for k, img in enumerate(images):
         ds = _base(modality, uid(job_id, kind, "instance", k))
@@ -421,8 +427,10 @@ def series(
             ds.WindowCenter, ds.WindowWidth = 2048, 4096
             pixels = np.clip(np.round(img * 4095 / scale), 0, 4095).astype(np.uint16)
         ds.PixelData = pixels.tobytes()
-        if kind == "uncertainty":
-            ds.RealWorldValueMappingSequence = DicomSequence([_std_mapping(modality, scale)])
+        if kind == "uncertainty" or modality != "CT":
+            ds.RealWorldValueMappingSequence = DicomSequence(
+                [_value_mapping(modality, scale, kind)]
+            )
         ds.DerivationDescription = derivation
         code = (
             _code("113061", "Standard Deviation")

@@ -82,6 +82,9 @@ def test_mri_cs_beats_zero_filled(phantom):
     zf = reconstruct_baseline(op, y, "zero-filled")
     cs = reconstruct_baseline(op, y, "cs-tv")
     assert psnr(cs, phantom) > psnr(zf, phantom) + 3
+    # Its weight holds for images in [0, 1]: data in a scanner's units are solved in them.
+    scanner = reconstruct_baseline(op, y * 1e-5, "cs-tv")
+    assert torch.allclose(scanner, cs * 1e-5, rtol=1e-3, atol=1e-5 * 1e-4)
 
 
 def test_wrong_modality_method_is_explained(phantom):

@@ -3,16 +3,19 @@
 import pytest
 import torch
 
+from models.data import mr_scale
 from models.inverse import (
+    LEVEL,
     Prior,
     ReconConfig,
+    intensity_scale,
     prox_step,
     prox_tv_step,
     proximal_step,
     reconstruct,
     steps_for_nfe,
 )
-from models.phantoms import ct_phantoms
+from models.phantoms import ct_phantoms, mri_phantoms
 from models.physics import from_spec
 from models.sde import VESDE
 from tests.models.gaussian import S0, OrthogonalMaskOperator, gaussian_score
@@ -479,3 +482,31 @@ def test_a_warm_start_from_the_data_keeps_the_gaussian_posterior():
     narrow = reconstruct(op, y, _prior(sde), cfg, n_samples=2000, seed=3, noise_std=0)
     narrow_cov = torch.cov(narrow.samples.reshape(2000, -1).T)
     assert float(narrow_cov.trace() / cov.trace()) < 0.5
+
+
+@pytest.mark.parametrize("coils", [1, 4])
+def test_mr_results_come_in_the_measurements_own_units(coils):
+    """k-space in a scanner's arbitrary units (here × 1e-4) is solved in the prior's unit
+    (models.inverse.intensity_scale) and returned in its own: the result scales with the
+    data, with the same draws, and each slice's unit is reported; on data in the prior's
+    unit, the unit read from the undersampled image is near the reference's own."""
+    spec = {"modality": "mri", "image_size": 32, "mask": {"kind": "random", "acceleration": 4}}
+    op = from_spec({**spec, "coils": coils} if coils > 1 else spec)
+    x = mri_phantoms(2, 32, seed=3)
+    y = op.forward(x)
+    y = y + 0.01 * torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator())
+    prior = _prior(VESDE(0.01, 5.0, N=10), 32)
+    config = ReconConfig(sampler="fast", n_steps=10)
+    ours = reconstruct(op, y, prior, config, 2, seed=1)
+    scanner = reconstruct(op, y * 1e-4, prior, config, 2, seed=1)
+    assert torch.allclose(scanner.mean, ours.mean * 1e-4, rtol=1e-3, atol=1e-9)
+    assert torch.allclose(scanner.std, ours.std * 1e-4, rtol=1e-3, atol=1e-9)
+    units = torch.tensor(ours.provenance["intensity_scale"])
+    assert torch.allclose(torch.tensor(scanner.provenance["intensity_scale"]), units * 1e-4)
+    assert scanner.noise_std_used == pytest.approx([s * 1e-4 for s in ours.noise_std_used])
+    for unit, ref in zip(units, x, strict=True):
+        assert 0.7 < float(unit) * LEVEL / mr_scale(ref.numpy()) < 1.1
+    ct = from_spec({"modality": "ct", "image_size": 32, "n_views": 12})
+    assert intensity_scale(ct, ct.forward(ct_phantoms(1, 32))).tolist() == [1.0]
+    with pytest.raises(ValueError, match="intensity_level"):
+        reconstruct(op, y, prior, ReconConfig(sampler="fast", intensity_level=1.5))

@@ -165,7 +165,14 @@ def test_mr_series_and_zip():
     dss = series(mag, "MR", "d" * 32, "mri-default")
     ds = pydicom.dcmread(io.BytesIO(to_bytes(dss[0])))
     assert ds.SOPClassUID == MR_IMAGE and missing_attributes(ds) == []
-    assert np.abs(ds.pixel_array / 4095 - mag[0]).max() < 1e-3
+    # The measurement's own units: the series' peak at 4095, the mapping back to the value.
+    slope = float(ds.RealWorldValueMappingSequence[0].RealWorldValueSlope)
+    assert np.abs(ds.pixel_array * slope - mag[0]).max() < 1e-3 * mag.max()
+    assert max(int(pydicom.dcmread(io.BytesIO(to_bytes(d))).pixel_array.max()) for d in dss) == 4095
+    scanner = series(mag * 1e-4, "MR", "d" * 32, "mri-default")  # k-space in arbitrary units
+    assert np.array_equal(scanner[0].pixel_array, ds.pixel_array)
+    slope = float(scanner[0].RealWorldValueMappingSequence[0].RealWorldValueSlope)
+    assert np.abs(scanner[0].pixel_array * slope - mag[0] * 1e-4).max() < 1e-7
     with zipfile.ZipFile(io.BytesIO(zip_series(dss))) as z:
         names = z.namelist()
     assert names == [f"{dss[0].SeriesNumber}/0001.dcm", f"{dss[0].SeriesNumber}/0002.dcm"]

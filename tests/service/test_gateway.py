@@ -766,8 +766,9 @@ def test_solver_settings_that_cannot_hold_are_refused_naming_the_field(gateway, 
 
 def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_path):
     """fastMRI's knee layout: 15 coils, readout 640 (2× oversampled) by 368 lines, a mask
-    dataset and a header, with coil maps estimated from the data (ESPIRiT); bad variants of
-    it are refused with the field named."""
+    dataset and a header, k-space in a scanner's arbitrary units (fastMRI's are ~1e-5), with
+    coil maps estimated from the data (ESPIRiT); bad variants of it are refused with the
+    field named."""
     import h5py
     import torch.nn.functional as F
 
@@ -777,6 +778,8 @@ def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_p
     client, keys, _ = gateway
     image = F.interpolate(mri_phantoms(1, 64, seed=1), size=(640, 736), mode="bilinear")
     case = simulate_multicoil(image, coils=15, acceleration=4, center_fraction=0.08, segments=16)
+    units = 3e-5  # the image's 1 in the scanner's units
+    case.kspace, case.noise_scan = case.kspace * units, case.noise_scan * units
     path = write_fastmri(tmp_path / "knee.h5", case, recon_columns=320)  # fastMRI's header
     spec = {
         "modality": "mri",
@@ -790,7 +793,10 @@ def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_p
     assert done["state"] == "succeeded", done.get("error")
     # Solved on all 368 encoded lines, shown as the header's reconSpace: 320 × 320.
     npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"]))
-    assert np.load(io.BytesIO(npy.content)).shape == (1, 1, 320, 320)
+    recon = np.load(io.BytesIO(npy.content))
+    assert recon.shape == (1, 1, 320, 320)
+    # In the scanner's units: solved in the prior's, whose unit the report gives.
+    assert 0.5 < np.percentile(recon, 99) / units < 1.5
     for fmt in ("std", "baseline"):
         got = client.get(done["links"][f"result_{fmt}"], headers=auth(keys["alice"]))
         assert np.load(io.BytesIO(got.content)).shape == (1, 1, 320, 320)
@@ -799,10 +805,13 @@ def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_p
     assert phase.shape == (1, 1, 320, 320) and np.abs(phase).max() <= np.pi + 1e-5
     report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
     assert report["reconstructed_columns"] == 368
+    assert 0.5 < report["provenance"]["intensity_scale"][0] / units < 2
     dicom = client.get(done["links"]["result_dicom"], headers=auth(keys["alice"]))
     with zipfile.ZipFile(io.BytesIO(dicom.content)) as z:
         first = pydicom.dcmread(io.BytesIO(z.read(z.namelist()[0])))
     assert (first.Rows, first.Columns) == (320, 320)
+    slope = float(first.RealWorldValueMappingSequence[0].RealWorldValueSlope)
+    assert np.abs(first.pixel_array * slope - recon[0, 0]).max() < 1e-3 * recon.max()
 
     def refused(data: bytes, spec: dict, text: str) -> None:
         r = submit(client, keys["alice"], data=data, spec=json.dumps(spec), nfe="4")

@@ -176,7 +176,8 @@ def store_reconstruction(
     put_npy(results, job.id, "baseline.npy", base.numpy())
     if rec.phase is not None:  # MR images are complex: their phase, in radians
         put_npy(results, job.id, "phase.npy", rec.phase.numpy())
-    image, scale = preview(rec.mean[0], rec.std[0], base[0])
+    unit = (rec.provenance.get("intensity_scale") or [1.0])[0]
+    image, scale = preview(rec.mean[0], rec.std[0], base[0], unit)
     buf = io.BytesIO()
     save_png(buf, image)
     results.put(job.id, "preview.png", buf.getvalue())
