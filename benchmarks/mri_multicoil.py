@@ -19,7 +19,9 @@ score solver (mri-default, bf16 as the workers run it) at its card's defaults, w
 weight λ of its map step (ReconConfig.tv) chosen on the same validation slices over all
 tasks (``--tv`` fixes it), then its warm start and NFE (ReconConfig.start: the sampler
 started from the forward-diffused least-squares image) by the same slices
-(``--write-card`` stores both in the card's ``multicoil`` values).
+(``--write-card`` stores both in the card's ``multicoil`` values). ``--priors A B ...``
+compares priors (bundled names or candidate folders, each at its own card values but the
+chosen λ, start and NFE) on the same validation slices; the best runs the test.
 PSNR / SSIM against the magnitude of the fully sampled object (data range 1).
 
 Run: ``python benchmarks/mri_multicoil.py [--n 4] [--tasks 4x-equispaced ...]``.
@@ -75,6 +77,9 @@ MAX_LOSS = 0.2
 RHO_GRID = (0.3, 0.6, 1.0, 1.6)
 RHO_STEP, RHO_EXTEND = 1.6, 3  # while the best ρ is the largest tried, try ×1.6, 3 times at most
 ETA_GRID = (0.6, 0.85, 1.0)
+# Then where each slice's unit lands in the prior's range (ReconConfig.intensity_level;
+# ``--tune-level``): the data here are in the prior's unit, but a scanner's are not.
+LEVEL_GRID = (0.7, 0.8, 0.9, 1.0)
 # Each classical method's weight, tuned on the validation slices from these.
 WEIGHTS = {
     "sense": (1e-3, 1e-2, 3e-2, 0.1),
@@ -208,13 +213,61 @@ def select_rho_eta(
     return (rho, eta), table
 
 
-def run(name: str, n: int, val, prior: Prior, tv: float, start: float, nfe: int) -> dict:
+def select_level(prior: Prior, vals: dict, tv: float, start: float, nfe: int) -> tuple[float, dict]:
+    """The intensity level of LEVEL_GRID with the best mean validation PSNR over the tasks
+    (one posterior sample), at λ, start and NFE and the card's other values; and each
+    level's mean PSNR per task."""
+    table: dict[str, dict[float, float]] = {name: {} for name in vals}
+    for level in LEVEL_GRID:
+        for name, (ops, y, ref) in vals.items():
+            config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
+            config.tv, config.start, config.intensity_level = tv, start, level
+            table[name][level] = val_psnr(prior, config, ops, y, ref)
+            print(f"  {name} val: level {level:g}: {table[name][level]:.2f} dB", flush=True)
+    best = max(LEVEL_GRID, key=lambda v: statistics.fmean(t[v] for t in table.values()))
+    return best, table
+
+
+def select_prior(
+    models: list[str], vals: dict, tv: float, start: float, nfe: int, level: float | None
+) -> tuple[str, dict]:
+    """Of ``models`` (bundled names or model folders), the prior with the best mean
+    validation PSNR over the tasks at the map step's λ, start and NFE (and intensity level,
+    if chosen) and each prior's own card values otherwise (one posterior sample); and each
+    prior's mean PSNR per task."""
+    table: dict[str, dict[str, float]] = {name: {} for name in vals}
+    for model in models:
+        prior = Prior.load(model, bf16=True)
+        for name, (ops, y, ref) in vals.items():
+            config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
+            config.tv, config.start = tv, start
+            if level is not None:
+                config.intensity_level = level
+            table[name][model] = val_psnr(prior, config, ops, y, ref)
+            print(f"  {name} val: {model} {table[name][model]:.2f} dB", flush=True)
+    best = max(models, key=lambda m: statistics.fmean(t[m] for t in table.values()))
+    return best, table
+
+
+def run(
+    name: str,
+    n: int,
+    val,
+    prior: Prior,
+    model: str,
+    tv: float,
+    start: float,
+    nfe: int,
+    level: float | None = None,
+) -> dict:
     acceleration, kind = TASKS[name]
     print(f"{name}: tuning on {len(val[0])} validation slices", flush=True)
     weights = tune(*val)
     ops, y, ref, maps_s = case("test", n, acceleration, kind, seed=2)
     config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
     config.tv, config.start = tv, start
+    if level is not None:
+        config.intensity_level = level
     rows, examples = [], []
     for i, op in enumerate(ops):
         yi, images = y[i : i + 1], {}
@@ -248,7 +301,7 @@ def run(name: str, n: int, val, prior: Prior, tv: float, start: float, nfe: int)
         "correlation": CORRELATION,
         "shape": list(SHAPE),
         "weights": weights,
-        "model": MODEL,
+        "model": model,
         "model_steps": prior.card.get("total_steps"),
         "config": {
             "sampler": config.sampler,
@@ -258,6 +311,7 @@ def run(name: str, n: int, val, prior: Prior, tv: float, start: float, nfe: int)
             "eta": config.eta,
             "samples": config.samples,
             "tv": config.tv,
+            "intensity_level": config.intensity_level,
             "bf16": True,
         },
         "maps_seconds_per_slice": maps_s,
@@ -300,7 +354,7 @@ def render(results: dict, machine: str) -> str:
         "maps by ESPIRiT from each slice's own calibration lines and pre-whitening from the",
         "empty half of its oversampled readout, as the worker does. Classical weights tuned on",
         "validation slices and their field-filling close-ups (models.protocol.close_ups); the",
-        f"score solver with `{MODEL}`'s card defaults in bf16, and the TV weight λ of its",
+        "score solver with its prior's card defaults in bf16, and the TV weight λ of its",
         "map step chosen on the same validation slices. PSNR / SSIM, data range 1;",
         "seconds per slice in the last row.",
         "",
@@ -340,6 +394,21 @@ def render(results: dict, machine: str) -> str:
                 + ", ".join(f"{k}: {v:.2f} dB" for k, v in r["rho_eta_selection"].items())
                 + f"; chosen over all tasks: ρ {r['config']['rho']:g}, η "
                 f"{r['config']['eta']:g}.",
+                "",
+            ]
+        if r.get("level_selection"):
+            lines += [
+                "Intensity level (where each slice's unit, read from its SENSE image, lands in "
+                "the prior's range), mean validation PSNR with one posterior sample: "
+                + ", ".join(f"{k}: {v:.2f} dB" for k, v in r["level_selection"].items())
+                + f"; chosen over all tasks: {r['config'].get('intensity_level', 1.0):g}.",
+                "",
+            ]
+        if r.get("prior_selection"):
+            lines += [
+                "Priors at those values, mean validation PSNR with one posterior sample: "
+                + ", ".join(f"`{k}`: {v:.2f} dB" for k, v in r["prior_selection"].items())
+                + f"; chosen over all tasks: `{r['model']}`.",
                 "",
             ]
         lines += [
@@ -390,12 +459,25 @@ def main() -> None:
     parser.add_argument(
         "--tune-rho-eta", action="store_true", help="choose ρ and η on val (else the card's)"
     )
+    parser.add_argument(
+        "--tune-level",
+        action="store_true",
+        help="choose the intensity level on val (else the card's)",
+    )
+    parser.add_argument(
+        "--priors",
+        nargs="+",
+        default=[MODEL],
+        help="priors (bundled names or model folders) compared on validation; the best one "
+        "runs the test and takes --write-card's values",
+    )
     parser.add_argument("--note", default="", help="a line on the run's conditions, for the doc")
     args = parser.parse_args()
     store = DOCS / "mri_multicoil.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     # bf16 autocast: what the workers run (no loss on held-out slices, docs/benchmarks/speed.md)
-    prior = Prior.load(MODEL, bf16=True)
+    model = args.priors[0]
+    prior = Prior.load(model, bf16=True)
     vals = {name: case("val", args.n_val, *TASKS[name], seed=1)[:3] for name in args.tasks}
     table: dict = {}
     tv = args.tv
@@ -415,8 +497,19 @@ def main() -> None:
         print("choosing ρ and η on validation", flush=True)
         rho_eta, pairs = select_rho_eta(prior, vals, tv, start, nfe)
         print(f"ρ {rho_eta[0]:g}, η {rho_eta[1]:g}", flush=True)
+    level, levels = None, {}
+    if args.tune_level:
+        print("choosing the intensity level on validation", flush=True)
+        level, levels = select_level(prior, vals, tv, start, nfe)
+        print(f"intensity level {level:g}", flush=True)
+    priors: dict = {}
+    if len(args.priors) > 1:
+        print("choosing the prior on validation", flush=True)
+        model, priors = select_prior(args.priors, vals, tv, start, nfe, level)
+        prior = Prior.load(model, bf16=True)
+        print(f"prior {model}", flush=True)
     if args.write_card:
-        card = load_card(MODEL)
+        card = load_card(model)
         recon = card.get("recon", {})
         mri = recon.get("mri", {})
         # Multi-coil only: single-coil values are benchmarks/quality_real.py's and
@@ -427,22 +520,27 @@ def main() -> None:
             "start": start,
             "nfe": nfe,
             **({"rho": rho_eta[0], "eta": rho_eta[1]} if rho_eta else {}),
+            **({"intensity_level": level} if level else {}),
             "tuned_by": "benchmarks/mri_multicoil.py (grids over validation slices and their "
-            "close-ups, 8-coil data, all four tasks: λ_TV, then start and NFE, then ρ and η)",
+            "close-ups, 8-coil data, all four tasks: λ_TV, then start and NFE, then ρ and η, "
+            "then the intensity level)",
         }
         recon["mri"] = mri
-        update_card(MODEL, {"recon": recon})
-        prior = Prior.load(MODEL, bf16=True)
+        update_card(model, {"recon": recon})
+        prior = Prior.load(model, bf16=True)
     for name in args.tasks:
         # With --tv, the λ table of the run that chose it stays in the doc.
         earlier = results.get(name, {}).get("tv_selection", {})
-        results[name] = run(name, args.n, vals[name], prior, tv, start, nfe) | {
+        results[name] = run(name, args.n, vals[name], prior, model, tv, start, nfe, level) | {
             "note": args.note,
             "tv_selection": {f"{k:g}": v for k, v in table.get(name, {}).items()} or earlier,
             "start_selection": {f"{a:g}/{b}": v for (a, b), v in starts.get(name, {}).items()}
             or results.get(name, {}).get("start_selection", {}),
             "rho_eta_selection": {f"{a:g}/{b:g}": v for (a, b), v in pairs.get(name, {}).items()}
             or results.get(name, {}).get("rho_eta_selection", {}),
+            "prior_selection": priors.get(name, {}),
+            "level_selection": {f"{k:g}": v for k, v in levels.get(name, {}).items()}
+            or results.get(name, {}).get("level_selection", {}),
         }
         store.write_text(json.dumps(results, indent=2))
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
