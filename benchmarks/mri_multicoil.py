@@ -154,18 +154,29 @@ def val_psnr(prior: Prior, config: ReconConfig, ops, y, ref) -> float:
     )
 
 
+def measured(prior: Prior, vals: dict, table: dict, key, label: str, nfe: int, **settings) -> float:
+    """Mean validation PSNR over the tasks (one posterior sample) with the ReconConfig fields
+    ``settings`` over the card's values; each task's kept in ``table[task][key]``, measured
+    once."""
+    for name, (ops, y, ref) in vals.items():
+        if key in table.setdefault(name, {}):
+            continue
+        config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
+        for field, value in settings.items():
+            setattr(config, field, value)
+        table[name][key] = val_psnr(prior, config, ops, y, ref)
+        print(f"  {name} val: {label}: {table[name][key]:.2f} dB", flush=True)
+    return statistics.fmean(t[key] for t in table.values())
+
+
 def select_tv(prior: Prior, vals: dict) -> tuple[float, dict]:
     """The TV weight λ of TV_GRID with the best mean validation PSNR over the tasks, one
     posterior sample per slice; and each λ's mean PSNR per task."""
     table: dict[str, dict[float, float]] = {}
-    for name, (ops, y, ref) in vals.items():
-        table[name] = {}
-        for tv in TV_GRID:
-            config = ReconConfig.for_prior(prior, "mri", nfe=NFE, operator=ops[0])
-            config.tv, config.start = tv, 1.0
-            table[name][tv] = val_psnr(prior, config, ops, y, ref)
-            print(f"  {name} val: λ_TV {tv:g} {table[name][tv]:.2f} dB", flush=True)
-    best = max(TV_GRID, key=lambda tv: statistics.fmean(t[tv] for t in table.values()))
+    best = max(
+        TV_GRID,
+        key=lambda tv: measured(prior, vals, table, tv, f"λ_TV {tv:g}", NFE, tv=tv, start=1.0),
+    )
     return best, table
 
 
@@ -174,14 +185,12 @@ def select_start(prior: Prior, vals: dict, tv: float) -> tuple[tuple[float, int]
     MAX_LOSS dB of the best mean validation PSNR over the tasks (one posterior sample);
     and each pair's mean PSNR per task."""
     table: dict[str, dict[tuple, float]] = {}
-    for name, (ops, y, ref) in vals.items():
-        table[name] = {}
-        for start, nfe in START_GRID:
-            config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
-            config.tv, config.start = tv, start
-            table[name][start, nfe] = val_psnr(prior, config, ops, y, ref)
-            print(f"  {name} val: start {start}, {nfe} NFE: {table[name][start, nfe]:.2f} dB")
-    mean = {pair: statistics.fmean(t[pair] for t in table.values()) for pair in START_GRID}
+    mean = {
+        (start, nfe): measured(
+            prior, vals, table, (start, nfe), f"start {start}, {nfe} NFE", nfe, tv=tv, start=start
+        )
+        for start, nfe in START_GRID
+    }
     kept = [pair for pair in START_GRID if mean[pair] >= max(mean.values()) - MAX_LOSS]
     return min(kept, key=lambda pair: (pair[1], -mean[pair])), table
 
@@ -192,17 +201,13 @@ def select_rho_eta(
     """(ρ, η): ρ of RHO_GRID at the card's η, then η of ETA_GRID at that ρ, each the best
     mean validation PSNR over the tasks (one posterior sample); and each pair's mean PSNR per
     task."""
-    table: dict[str, dict[tuple, float]] = {name: {} for name in vals}
+    table: dict[str, dict[tuple, float]] = {}
 
     def measure(rho: float, eta: float) -> float:
-        for name, (ops, y, ref) in vals.items():
-            if (rho, eta) in table[name]:
-                continue
-            config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
-            config.tv, config.start, config.rho, config.eta = tv, start, rho, eta
-            table[name][rho, eta] = val_psnr(prior, config, ops, y, ref)
-            print(f"  {name} val: ρ {rho:g}, η {eta:g}: {table[name][rho, eta]:.2f} dB", flush=True)
-        return statistics.fmean(t[rho, eta] for t in table.values())
+        label = f"ρ {rho:g}, η {eta:g}"
+        return measured(
+            prior, vals, table, (rho, eta), label, nfe, tv=tv, start=start, rho=rho, eta=eta
+        )
 
     eta = ReconConfig.for_prior(prior, "mri", operator=next(iter(vals.values()))[0][0]).eta
     grid = list(RHO_GRID)
@@ -218,17 +223,20 @@ def select_level(prior: Prior, vals: dict, tv: float, start: float, nfe: int) ->
     """The intensity level of LEVEL_GRID (extended below while its smallest is best) with the
     best mean validation PSNR over the tasks (one posterior sample), at λ, start and NFE and
     the card's other values; and each level's mean PSNR per task."""
-    table: dict[str, dict[float, float]] = {name: {} for name in vals}
+    table: dict[str, dict[float, float]] = {}
 
     def measure(level: float) -> float:
-        for name, (ops, y, ref) in vals.items():
-            if level in table[name]:
-                continue
-            config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
-            config.tv, config.start, config.intensity_level = tv, start, level
-            table[name][level] = val_psnr(prior, config, ops, y, ref)
-            print(f"  {name} val: level {level:g}: {table[name][level]:.2f} dB", flush=True)
-        return statistics.fmean(t[level] for t in table.values())
+        return measured(
+            prior,
+            vals,
+            table,
+            level,
+            f"level {level:g}",
+            nfe,
+            tv=tv,
+            start=start,
+            intensity_level=level,
+        )
 
     grid = sorted(LEVEL_GRID)
     best = max(grid, key=measure)
@@ -245,18 +253,13 @@ def select_prior(
     validation PSNR over the tasks at the map step's λ, start and NFE (and intensity level,
     if chosen) and each prior's own card values otherwise (one posterior sample); and each
     prior's mean PSNR per task."""
-    table: dict[str, dict[str, float]] = {name: {} for name in vals}
-    for model in models:
-        prior = Prior.load(model, bf16=True)
-        for name, (ops, y, ref) in vals.items():
-            config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
-            config.tv, config.start = tv, start
-            if level is not None:
-                config.intensity_level = level
-            table[name][model] = val_psnr(prior, config, ops, y, ref)
-            print(f"  {name} val: {model} {table[name][model]:.2f} dB", flush=True)
-    best = max(models, key=lambda m: statistics.fmean(t[m] for t in table.values()))
-    return best, table
+    table: dict[str, dict[str, float]] = {}
+    chosen = {"tv": tv, "start": start} | ({"intensity_level": level} if level else {})
+    mean = {
+        model: measured(Prior.load(model, bf16=True), vals, table, model, model, nfe, **chosen)
+        for model in models
+    }
+    return max(models, key=mean.get), table
 
 
 def run(
@@ -383,46 +386,38 @@ def render(results: dict, machine: str) -> str:
             + (f" {r['note']}" if r.get("note") else ""),
             "",
         ]
-        if r.get("tv_selection"):
-            lines += [
-                "λ_TV of the map step, mean validation PSNR with one posterior sample: "
-                + ", ".join(f"λ {k}: {v:.2f} dB" for k, v in r["tv_selection"].items())
-                + f"; chosen over all tasks: λ = {r['config'].get('tv', 0):g}.",
-                "",
-            ]
-        if r.get("start_selection"):
-            lines += [
-                "Warm start and NFE (start/NFE) at that λ, mean validation PSNR with one "
-                "posterior sample: "
-                + ", ".join(f"{k}: {v:.2f} dB" for k, v in r["start_selection"].items())
-                + f"; chosen over all tasks (fewest NFE within {MAX_LOSS} dB of the best): "
-                f"start {r['config'].get('start', 1.0):g}, {r['config']['nfe']} NFE.",
-                "",
-            ]
-        if r.get("rho_eta_selection"):
-            lines += [
-                "ρ then η (ρ/η) at that λ, start and NFE, mean validation PSNR with one "
-                "posterior sample: "
-                + ", ".join(f"{k}: {v:.2f} dB" for k, v in r["rho_eta_selection"].items())
-                + f"; chosen over all tasks: ρ {r['config']['rho']:g}, η "
-                f"{r['config']['eta']:g}.",
-                "",
-            ]
-        if r.get("level_selection"):
-            lines += [
+        cfg = r["config"]
+        for key, what, item, chosen in (
+            ("tv_selection", "λ_TV of the map step", "λ {}", f": λ = {cfg.get('tv', 0):g}"),
+            (
+                "start_selection",
+                "Warm start and NFE (start/NFE) at that λ",
+                "{}",
+                f" (fewest NFE within {MAX_LOSS} dB of the best): start "
+                f"{cfg.get('start', 1.0):g}, {cfg['nfe']} NFE",
+            ),
+            (
+                "rho_eta_selection",
+                "ρ then η (ρ/η) at that λ, start and NFE",
+                "{}",
+                f": ρ {cfg.get('rho', 1.0):g}, η {cfg.get('eta', 1.0):g}",
+            ),
+            (
+                "level_selection",
                 "Intensity level (where each slice's unit, read from its SENSE image, lands in "
-                "the prior's range), mean validation PSNR with one posterior sample: "
-                + ", ".join(f"{k}: {v:.2f} dB" for k, v in r["level_selection"].items())
-                + f"; chosen over all tasks: {r['config'].get('intensity_level', 1.0):g}.",
-                "",
-            ]
-        if r.get("prior_selection"):
-            lines += [
-                "Priors at those values, mean validation PSNR with one posterior sample: "
-                + ", ".join(f"`{k}`: {v:.2f} dB" for k, v in r["prior_selection"].items())
-                + f"; chosen over all tasks: `{r['model']}`.",
-                "",
-            ]
+                "the prior's range)",
+                "{}",
+                f": {cfg.get('intensity_level', 1.0):g}",
+            ),
+            ("prior_selection", "Priors at those values", "`{}`", f": `{r['model']}`"),
+        ):
+            if r.get(key):
+                lines += [
+                    f"{what}, mean validation PSNR with one posterior sample: "
+                    + ", ".join(f"{item.format(k)}: {v:.2f} dB" for k, v in r[key].items())
+                    + f"; chosen over all tasks{chosen}.",
+                    "",
+                ]
         lines += [
             "| slice | " + " | ".join(METHODS) + " | score − best classical (dB) |",
             "|---|" + "---|" * (len(METHODS) + 1),

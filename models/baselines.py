@@ -20,6 +20,7 @@ from models.data import mr_scale
 from models.physics.base import LinearOperator, conjugate_gradient
 from models.physics.ct import CTOperator
 from models.physics.mri import MRIOperator, MultiCoilMRIOperator
+from models.sde import per_sample
 
 
 def _difference(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -217,8 +218,8 @@ def _in_unit(method: Callable[[LinearOperator, torch.Tensor], torch.Tensor]):
 
     def run(op: LinearOperator, y: torch.Tensor) -> torch.Tensor:
         unit = intensity_scale(op, y).to(torch.float32)
-        x = method(op, y / unit.reshape(-1, *[1] * (y.ndim - 1)).to(y.dtype))
-        return x * unit.reshape(-1, *[1] * (x.ndim - 1))
+        x = method(op, y / per_sample(unit, y).to(y.dtype))
+        return x * per_sample(unit, x)
 
     return run
 
