@@ -14,12 +14,13 @@ solved as the worker solves it (models.physics.slice_problems): coil maps by ESP
 its own calibration lines, data and operator pre-whitened by the coil noise covariance
 estimated from the empty half of the oversampled readout. Methods: zero-filled RSS, SENSE
 (CG, Tikhonov), L1-wavelet SENSE (sigpy), TV-SENSE (FISTA), each with its weight tuned on
-2 validation slices and their field-filling close-ups (the test set has such slices); the
-score solver (mri-default, bf16 as the workers run it) at its card's defaults, with the TV
-weight λ of its map step (ReconConfig.tv) chosen on the same validation slices over all
-tasks (``--tv`` fixes it), then its warm start and NFE (ReconConfig.start: the sampler
-started from the forward-diffused least-squares image) by the same slices
-(``--write-card`` stores both in the card's ``multicoil`` values). ``--priors A B ...``
+2 validation slices, their field-filling close-ups and the same as coarse noisy scans (the
+test set has such slices); the score solver (mri-default, in bf16 where that measures
+faster, as the workers run it) at its card's defaults, with the TV weight λ of its map
+step (ReconConfig.tv) chosen on the same validation slices over all tasks (``--tv`` fixes
+it), then its warm start and NFE (ReconConfig.start: the sampler started from the
+forward-diffused least-squares image) by the same slices (``--write-card`` stores both in
+the card's ``multicoil`` values). ``--priors A B ...``
 compares priors (bundled names or candidate folders, each at its own card values but the
 chosen λ, start and NFE) on the same validation slices; the best runs the test.
 PSNR / SSIM against the magnitude of the fully sampled object (data range 1).
@@ -50,7 +51,7 @@ from models.measurements import as_measurement, read_array  # noqa: E402
 from models.metrics import psnr, ssim  # noqa: E402
 from models.multicoil import simulate_multicoil, write_fastmri  # noqa: E402
 from models.physics import layout_operator, parse_spec, slice_problems  # noqa: E402
-from models.protocol import close_ups, fine_slices  # noqa: E402
+from models.protocol import close_ups, coarse_close_ups, fine_slices  # noqa: E402
 from models.registry import load_card, update_card  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
@@ -101,11 +102,12 @@ def centre_fraction(acceleration: int) -> float:
 
 def case(split: str, n: int, acceleration: int, kind: str, seed: int):
     """Slices of ``split`` as a fastMRI file read back: (spec, per-slice problems, case).
-    Validation adds a field-filling close-up of each slice (models.protocol.close_ups), as
-    the test set holds such slices (nibabel's small volume)."""
+    Validation adds a field-filling close-up of each slice (models.protocol.close_ups), and
+    the same as a coarse noisy scan (coarse_close_ups), as the test set holds such slices
+    (nibabel's small 2 mm volume)."""
     fine = fine_slices("mri", split, SHAPE[0], n)
     if split == "val":
-        fine = torch.cat([fine, close_ups(fine)])
+        fine = torch.cat([fine, close_ups(fine), coarse_close_ups(fine)])
     sim = simulate_multicoil(
         fine,
         COILS,
@@ -256,7 +258,7 @@ def select_prior(
     table: dict[str, dict[str, float]] = {}
     chosen = {"tv": tv, "start": start} | ({"intensity_level": level} if level else {})
     mean = {
-        model: measured(Prior.load(model, bf16=True), vals, table, model, model, nfe, **chosen)
+        model: measured(Prior.load(model, bf16=None), vals, table, model, model, nfe, **chosen)
         for model in models
     }
     return max(models, key=mean.get), table
@@ -325,7 +327,7 @@ def run(
             "samples": config.samples,
             "tv": config.tv,
             "intensity_level": config.intensity_level,
-            "bf16": True,
+            "engine": prior.engine,
         },
         "maps_seconds_per_slice": maps_s,
         "rows": rows,
@@ -366,10 +368,12 @@ def render(results: dict, machine: str) -> str:
         "twice as fine, readout 2× oversampled), written as fastMRI HDF5 and read back; coil",
         "maps by ESPIRiT from each slice's own calibration lines and pre-whitening from the",
         "empty half of its oversampled readout, as the worker does. Classical weights tuned on",
-        "validation slices and their field-filling close-ups (models.protocol.close_ups); the",
-        "score solver with its prior's card defaults in bf16, and the TV weight λ of its",
-        "map step chosen on the same validation slices; each slice solved in the prior's",
-        "unit read from its own SENSE image (intensity_scale), as any scanner's data are.",
+        "validation slices, their field-filling close-ups (models.protocol.close_ups) and the",
+        "same as coarse noisy scans (coarse_close_ups); the score solver with its prior's",
+        "card defaults (engine in the config: bf16 where it measures faster), and the TV",
+        "weight λ of its map step chosen on the same validation slices; each slice solved in",
+        "the prior's unit read from its own SENSE image (intensity_scale), as any scanner's",
+        "data are.",
         "PSNR / SSIM, data range 1;",
         "seconds per slice in the last row.",
         "",
@@ -482,9 +486,9 @@ def main() -> None:
     args = parser.parse_args()
     store = DOCS / "mri_multicoil.json"
     results = json.loads(store.read_text()) if store.exists() else {}
-    # bf16 autocast: what the workers run (no loss on held-out slices, docs/benchmarks/speed.md)
+    # bf16 autocast where it measures faster: what the workers run (docs/benchmarks/speed.md)
     model = args.priors[0]
-    prior = Prior.load(model, bf16=True)
+    prior = Prior.load(model, bf16=None)
     vals = {name: case("val", args.n_val, *TASKS[name], seed=1)[:3] for name in args.tasks}
     table: dict = {}
     tv = args.tv
@@ -513,7 +517,7 @@ def main() -> None:
     if len(args.priors) > 1:
         print("choosing the prior on validation", flush=True)
         model, priors = select_prior(args.priors, vals, tv, start, nfe, level)
-        prior = Prior.load(model, bf16=True)
+        prior = Prior.load(model, bf16=None)
         print(f"prior {model}", flush=True)
     if args.write_card:
         card = load_card(model)
@@ -528,13 +532,14 @@ def main() -> None:
             "nfe": nfe,
             **({"rho": rho_eta[0], "eta": rho_eta[1]} if rho_eta else {}),
             **({"intensity_level": level} if level else {}),
-            "tuned_by": "benchmarks/mri_multicoil.py (grids over validation slices and their "
-            "close-ups, 8-coil data, all four tasks: λ_TV, then start and NFE, then ρ and η, "
+            "tuned_by": "benchmarks/mri_multicoil.py (grids over validation slices, their "
+            "close-ups and coarse close-ups, 8-coil data, all four tasks: λ_TV, then start "
+            "and NFE, then ρ and η, "
             "then the intensity level)",
         }
         recon["mri"] = mri
         update_card(model, {"recon": recon})
-        prior = Prior.load(model, bf16=True)
+        prior = Prior.load(model, bf16=None)
     for name in args.tasks:
         # With --tv, the λ table of the run that chose it stays in the doc.
         earlier = results.get(name, {}).get("tv_selection", {})

@@ -413,6 +413,9 @@ def load_dataset(
     )
 
 
+LOW_RES_NOISE = 0.03  # the coarsened images' noise std at most, in the prior's [0, 1] unit
+
+
 def augment(
     x: torch.Tensor,
     generator: torch.Generator | None = None,
@@ -421,6 +424,8 @@ def augment(
     scale: tuple[float, float] = (0.9, 1.1),
     intensity: float = 0.05,
     max_zoom: float | None = None,
+    low_res: float | None = None,
+    max_noise: float = LOW_RES_NOISE,
 ) -> torch.Tensor:
     """Random left-right flips, small rotations and scalings (zero, i.e. air, outside), and a
     multiplicative intensity jitter of ±``intensity``; one draw per image.
@@ -428,6 +433,13 @@ def augment(
     With ``max_zoom``, half the images are instead magnified by a factor log-uniform between
     ``scale[1]`` and ``max_zoom``: close-ups whose anatomy fills and leaves the field of view,
     and, being interpolated, are no sharper than a low-resolution scan.
+
+    With ``low_res``, half the images (drawn apart from the close-ups) are seen as a scanner
+    with coarser voxels and one acquisition would see them: averaged down by a factor
+    log-uniform in [1.5, ``low_res``], given Gaussian noise of std uniform in [0,
+    ``max_noise``] at that resolution, and interpolated back (bilinear), as a viewer or our
+    own loader (:func:`models.realdata.real_slices`) resamples a coarse volume. The shipped
+    templates are averages of many scans: sharp and noise-free, unlike a single coarse scan.
     """
     b = x.shape[0]
     u = torch.rand(b, 5, generator=generator)
@@ -448,4 +460,36 @@ def augment(
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     gain = 1 + intensity * (2 * u[:, 3] - 1)
-    return (out * gain[:, None, None, None]).clamp(0, 1)
+    out = out * gain[:, None, None, None]
+    if low_res is not None and low_res > 1.5:
+        out = _coarsen(out, low_res, max_noise, generator)
+    return out.clamp(0, 1)
+
+
+def coarsen(
+    x: torch.Tensor, factors: torch.Tensor, noise_std: torch.Tensor, generator=None
+) -> torch.Tensor:
+    """``x`` (N, 1, H, W) as a scanner with coarser voxels would see it: each image averaged
+    down by its factor (> 1), given Gaussian noise of its std at that resolution, and
+    interpolated back bilinearly (as a viewer or :func:`models.realdata.real_slices`
+    resamples a coarse volume)."""
+    h, w = x.shape[-2:]
+    out = []
+    for img, factor, std in zip(x, factors.tolist(), noise_std.tolist(), strict=True):
+        size = (max(2, round(h / factor)), max(2, round(w / factor)))
+        small = F.interpolate(img[None], size=size, mode="area")
+        small = small + std * torch.randn(small.shape, generator=generator, dtype=small.dtype)
+        out.append(F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False))
+    return torch.cat(out)
+
+
+def _coarsen(x: torch.Tensor, low_res: float, max_noise: float, generator) -> torch.Tensor:
+    """Half of ``x`` coarsened (:func:`coarsen`) by a factor log-uniform in [1.5,
+    ``low_res``] with noise std uniform in [0, ``max_noise``]; one draw per image."""
+    u = torch.rand(x.shape[0], 3, generator=generator)
+    pick = torch.nonzero(u[:, 0] < 0.5).flatten()
+    out = x.clone()
+    if len(pick):
+        factors = 1.5 * (low_res / 1.5) ** u[pick, 1]
+        out[pick] = coarsen(x[pick], factors, max_noise * u[pick, 2], generator)
+    return out

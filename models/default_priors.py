@@ -206,6 +206,7 @@ def train_default(
     model_dir: Path | None = None,
     patch_size: int = PATCH_SIZE,
     max_zoom: float | None = None,
+    low_res: float | None = None,
 ) -> int:
     """Train ``name`` until ``steps`` (total, this run's) or ``hours`` of wall time; with
     ``real_data``, on the recipe's data plus the train split of the fetched real data.
@@ -215,7 +216,9 @@ def train_default(
     ``model_dir`` (default: the bundled ``models/priors/<name>``) is where the model goes; a
     candidate trained elsewhere keeps its checkpoint in ``runs/<its folder name>`` and its
     figures beside it, so the shipped prior is untouched until it is chosen. ``max_zoom``
-    adds close-ups to the augmentation (:func:`models.data.augment`).
+    adds close-ups to the augmentation, ``low_res`` coarse noisy scans
+    (:func:`models.data.augment`). A run warm-started from shipped weights fine-tunes them:
+    its EMA starts at those weights at its full decay instead of forgetting them at once.
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -280,8 +283,10 @@ def train_default(
         lr=lr,
         checkpoint_every=checkpoint_every,
         warmup=100 if previous_steps == 0 else 20,
-        augment=recipe.augment or real_data or max_zoom is not None,  # a few volumes: vary them
+        augment=recipe.augment or real_data or max_zoom is not None or low_res is not None,
         max_zoom=max_zoom,
+        low_res=low_res,
+        ema_warmup=previous_steps == 0,
         bf16=bf16,
     )
     card = {
@@ -358,6 +363,13 @@ def add_commands(sub) -> None:
         default=None,
         help="augment half of each batch with close-ups magnified up to this factor",
     )
+    p.add_argument(
+        "--low-res",
+        type=float,
+        default=None,
+        help="augment half of each batch with coarse noisy scans, coarsened up to this factor",
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam's learning rate")
     p.set_defaults(func=_cmd)
 
 
@@ -369,10 +381,12 @@ def _cmd(args: argparse.Namespace) -> int:
         args.steps,
         args.hours,
         args.batch_size,
+        lr=args.lr,
         bf16=args.bf16,
         real_data=args.real_data,
         arch=args.arch,
         model_dir=args.out,
         patch_size=args.patch_size,
         max_zoom=args.max_zoom,
+        low_res=args.low_res,
     )

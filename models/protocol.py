@@ -142,6 +142,26 @@ def close_ups(images: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
     return zoomed * keep.to(zoomed.dtype)
 
 
+# A coarse scan's voxel in the fine grid's pixels, and its noise std (the prior's unit).
+COARSE_FACTOR, COARSE_NOISE = 6.0, 0.03
+
+
+def coarse_close_ups(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """:func:`close_ups` of ``images`` as a coarse single scan would give them: voxels of
+    COARSE_FACTOR fine-grid pixels with noise of std COARSE_NOISE, interpolated back
+    (:func:`models.data.coarsen`), the empty margins kept empty. They stand in for the test
+    set's coarse, noisy volume (nibabel's 2 mm, 33 × 41 × 25) when tuning on validation
+    slices, as the templates the priors and the validation slabs come from are sharp and
+    noise-free averages."""
+    from models.data import coarsen
+
+    near = close_ups(images)
+    n = len(near)
+    gen = torch.Generator().manual_seed(seed)
+    out = coarsen(near, torch.full((n,), COARSE_FACTOR), torch.full((n,), COARSE_NOISE), gen)
+    return (out * (near.sum(-2, keepdim=True) > 0)).clamp(0, 1)
+
+
 # The strongest classical method per modality, and the TV weights its tuning tries.
 CLASSICAL = {"ct": "fista-tv", "mri": "cs-tv"}
 TV_WEIGHTS = {"ct": (0.03, 0.1, 0.3, 1.0, 3.0), "mri": (3e-3, 1e-2, 3e-2, 0.1, 0.3)}

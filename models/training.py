@@ -50,6 +50,8 @@ class TrainConfig:
     objective: str = "dsm"  # dsm | likelihood | ssm | ssm-vr | ncsn (losses.objective_loss)
     augment: bool = False  # flips, small rotations/scalings, intensity jitter (data.augment)
     max_zoom: float | None = None  # with augment: half the batch magnified up to this (close-ups)
+    low_res: float | None = None  # with augment: half the batch coarsened up to this factor
+    ema_warmup: bool = True  # False to fine-tune: the EMA starts at, and stays near, the weights
     bf16: bool = False  # bf16 autocast for forward/backward; weights and Adam stay fp32
     importance_sampling: bool = False
     checkpoint_every: int = 200
@@ -201,7 +203,7 @@ def train(
         idx = torch.randint(len(data), (config.batch_size,), generator=gen)
         batch = data[idx]
         if config.augment:
-            batch = augment(batch, gen, max_zoom=config.max_zoom)
+            batch = augment(batch, gen, max_zoom=config.max_zoom, low_res=config.low_res)
         score_fn = model
         if patches:
             batch, pos = random_patches(batch, net.patch, config.patches_per_image, gen)
@@ -219,7 +221,8 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
         opt.step()
-        _ema_update(ema, net, ema_decay_at(step, config.ema_decay))
+        decay = ema_decay_at(step, config.ema_decay) if config.ema_warmup else config.ema_decay
+        _ema_update(ema, net, decay)
         step += 1
         running += value
         if step % config.loss_log_every == 0 or step == config.steps:

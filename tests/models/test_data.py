@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 
 from models.data import (
     augment,
+    coarsen,
     load_dataset,
     read_nifti,
     scan,
@@ -184,6 +185,41 @@ def test_augment_with_max_zoom_adds_close_ups_to_half_the_batch():
     assert float(area.max()) > 144 * 4  # magnified past 2× in side
     plain = (augment(x, g, intensity=0.0) > 0.25).float().mean((1, 2, 3)) * 1024
     assert float(plain.max()) < 144 * 1.1**2 * 1.15
+
+
+def test_coarsen_averages_away_detail_finer_than_its_voxels_and_adds_noise_there():
+    x = torch.zeros(2, 1, 48, 48)
+    x[:, :, ::2] = 1.0  # a line pattern of period 2: detail finer than any coarse voxel
+    flat = coarsen(x, torch.tensor([4.0, 6.0]), torch.zeros(2))
+    assert torch.allclose(flat, torch.full_like(x, 0.5), atol=0.05)
+    smooth = torch.full((1, 1, 48, 48), 0.5)
+    noisy = coarsen(smooth, torch.tensor([6.0]), torch.tensor([0.1]), torch.Generator())
+    block = noisy[0, 0, 3::8, 3::8]  # the centres of the 8 × 8 coarse voxels
+    assert 0.06 < float(block.std()) < 0.14
+    assert float((noisy[0, 0, 1:] - noisy[0, 0, :-1]).abs().mean()) < float(block.std())
+
+
+def test_augment_with_low_res_coarsens_half_the_batch():
+    """Coarse scans: about half the images lose the fine line pattern (it averages to a
+    flat grey), the rest keep it."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.zeros(200, 1, 32, 32)
+    x[:, :, 4:28:2, 4:28] = 1.0
+    y = augment(
+        x,
+        g,
+        flip=False,
+        max_rotation_deg=0.0,
+        scale=(1.0, 1.0),
+        intensity=0.0,
+        low_res=6.0,
+        max_noise=0.0,
+    )
+    detail = (y[..., 5:27, 8:24] - y[..., 6:28, 8:24]).abs().mean((1, 2, 3))
+    coarse = detail < 0.5
+    assert 0.35 < float(coarse.float().mean()) < 0.65
+    assert float(detail.max()) > 0.9
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
 
 
 def test_links_out_of_a_training_folder_are_never_read(tmp_path):

@@ -39,6 +39,28 @@ def test_ema_decay_warms_up():
     assert ema_decay_at(100_000, 0.999) == 0.999
 
 
+def test_a_fine_tune_keeps_its_ema_near_the_weights_it_started_from():
+    """Without the EMA warm-up (a warm-started fine-tune) the average starts at the given
+    weights and moves by at most 1 − 0.999 per step; with it, it follows the net at once."""
+    sde, data = VPSDE(), _data()
+    start = [p.detach().clone() for p in _net().parameters()]
+
+    def moved(result) -> tuple[float, float]:
+        ema = sum(
+            float((p - s).norm()) for p, s in zip(result.ema.parameters(), start, strict=True)
+        )
+        net = sum(
+            float((p - s).norm()) for p, s in zip(result.net.parameters(), start, strict=True)
+        )
+        return ema, net
+
+    cfg = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=1, loss_log_every=5)
+    ema, net = moved(train(_net(), sde, data, TrainConfig(**{**cfg.__dict__, "ema_warmup": False})))
+    assert net > 0 and ema < 0.05 * net
+    ema, net = moved(train(_net(), sde, data, cfg))
+    assert ema > 0.5 * net
+
+
 @pytest.mark.parametrize("objective", ["ssm-vr", "likelihood"])
 def test_other_objectives_train(objective):
     cfg = TrainConfig(
