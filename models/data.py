@@ -432,7 +432,8 @@ def augment(
 
     With ``max_zoom``, half the images are instead magnified by a factor log-uniform between
     ``scale[1]`` and ``max_zoom``: close-ups whose anatomy fills and leaves the field of view,
-    and, being interpolated, are no sharper than a low-resolution scan.
+    and, being interpolated, are no sharper than a low-resolution scan; half of those end in
+    empty bands along the columns (:func:`_margins`).
 
     With ``low_res``, half the images (drawn apart from the close-ups) are seen as a scanner
     with coarser voxels and one acquisition would see them: averaged down by a factor
@@ -461,6 +462,8 @@ def augment(
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     gain = 1 + intensity * (2 * u[:, 3] - 1)
     out = out * gain[:, None, None, None]
+    if max_zoom is not None and max_zoom > scale[1]:
+        out = _margins(out, u[:, 4] < 0.5, generator)
     if low_res is not None and low_res > 1.5:
         out = _coarsen(out, low_res, max_noise, generator)
     return out.clamp(0, 1)
@@ -481,6 +484,20 @@ def coarsen(
         small = small + std * torch.randn(small.shape, generator=generator, dtype=small.dtype)
         out.append(F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False))
     return torch.cat(out)
+
+
+def _margins(x: torch.Tensor, close: torch.Tensor, generator) -> torch.Tensor:
+    """Half of the close-ups (``close``) with empty bands of 5-15 % of the width each side
+    along the columns: a field of view padded to a square, or a phase-encoding field left
+    wider than the anatomy, ends in straight edges against air, which a prior of whole
+    heads reads as a skull (a bright rim)."""
+    b, w = x.shape[0], x.shape[-1]
+    u = torch.rand(b, 2, generator=generator)
+    width = (w * (0.05 + 0.1 * u[:, 1])).round()
+    cols = torch.arange(w, dtype=width.dtype)
+    keep = (cols >= width[:, None]) & (cols < w - width[:, None])
+    keep |= ~(close & (u[:, 0] < 0.5))[:, None]
+    return x * keep[:, None, None, :].to(x.dtype)
 
 
 def _coarsen(x: torch.Tensor, low_res: float, max_noise: float, generator) -> torch.Tensor:

@@ -199,6 +199,22 @@ def test_coarsen_averages_away_detail_finer_than_its_voxels_and_adds_noise_there
     assert float((noisy[0, 0, 1:] - noisy[0, 0, :-1]).abs().mean()) < float(block.std())
 
 
+def test_half_the_close_ups_end_in_empty_bands_along_the_columns():
+    """Straight edges against air, as a field padded to a square has: about a quarter of the
+    batch (half the close-ups), with bands of 5-15 % of the width; no other image loses any
+    column."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.full((400, 1, 40, 40), 0.5)
+    y = augment(x, g, max_rotation_deg=0.0, scale=(1.0, 1.0), intensity=0.0, max_zoom=2.5)
+    empty = (y[:, 0].amax(1) < 1e-6).float()  # (N, W): columns with nothing in them
+    banded = empty.sum(1) > 0
+    assert 0.17 < float(banded.float().mean()) < 0.33
+    widths = empty[banded, :20].sum(1)
+    assert float(widths.min()) >= 2 and float(widths.max()) <= 6
+    assert torch.equal(empty[banded, :20].sum(1), empty[banded, 20:].sum(1))
+    assert float(y[~banded].amin()) > 0.4
+
+
 def test_augment_with_low_res_coarsens_half_the_batch():
     """Coarse scans: about half the images lose the fine line pattern (it averages to a
     flat grey), the rest keep it."""
