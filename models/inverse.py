@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from models.baselines import LEVEL, classical_image, intensity_scale
-from models.nets.patch import tiled_score
+from models.nets.patch import partition_pixels, tiled_pixels, tiled_score
 from models.noise import estimate_noise
 from models.ood import OODCheck
 from models.ood import warning as ood_warning
@@ -137,12 +137,8 @@ class Prior:
 
     @property
     def size_multiple(self) -> int:
-        """What an image side must be a multiple of for the network to take it whole: 2 per
-        downsampling of its U-Net (``channel_mult`` levels; NCSN wraps the same U-Net)."""
-        from models.nets.ncsnpp import NetConfig
-
-        arch = self.card.get("architecture") or {}
-        return 2 ** (len(arch.get("channel_mult") or NetConfig.channel_mult) - 1)
+        """What an image side must be a multiple of for the network to take it whole."""
+        return size_multiple(self.card)
 
     @property
     def modality(self) -> str | None:
@@ -241,6 +237,31 @@ class ReconConfig:
                     setattr(config, key, type(getattr(config, key))(value))
         config.n_steps = steps_for_nfe(config, nfe or int(tuned.get("nfe", DEFAULT_NFE)))
         return config
+
+
+def size_multiple(card: dict) -> int:
+    """What an image side must be a multiple of for a card's network to take it whole: 2
+    per downsampling of its U-Net (``channel_mult`` levels; NCSN wraps the same U-Net)."""
+    from models.nets.ncsnpp import NetConfig
+
+    arch = (card or {}).get("architecture") or {}
+    return 2 ** (len(arch.get("channel_mult") or NetConfig.channel_mult) - 1)
+
+
+def network_pixels(card: dict, shape: tuple[int, int], config: ReconConfig) -> int:
+    """The pixels the score network evaluates, at most, per image and score evaluation when
+    a card's prior reconstructs a rows × cols image at ``config``: its own size padded, a
+    larger image patch-wise or whole (:func:`models.nets.patch.tiled_pixels`), a patch
+    prior's partition into its patches. What a job's cost counts (the gateway's limits),
+    rather than rows × cols, which undercounts padding and partitions."""
+    rows, cols = (int(v) for v in shape)
+    arch = (card or {}).get("architecture") or {}
+    if arch.get("name") == "ncsnpp-patch":
+        return partition_pixels(rows, cols, int(arch["patch_size"]))
+    size = int((card or {}).get("image_size") or max(rows, cols))
+    if (rows, cols) == (size, size):
+        return size * size
+    return tiled_pixels(rows, cols, size, None if config.patch_wise else size_multiple(card))
 
 
 def acquisition(operator: LinearOperator | None) -> str | None:

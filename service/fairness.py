@@ -1,7 +1,8 @@
 """Fair use of the workers (issue 17): what a job costs, and step-level fair sharing.
 
-A job's cost is NFE × samples × slices × pixels: the pixels the score network processes, so
-the run time on a given worker up to a constant. The gateway refuses a job whose cost is
+A job's cost is NFE × samples × slices × pixels: the pixels the score network processes
+(models.inverse.network_pixels: an image padded to the prior's size, or the tiles of a
+larger one, not rows × cols), so the run time on a given worker up to a constant. The gateway refuses a job whose cost is
 over ``max_job_cost`` (422) and a submission that would take its owner's queued and running
 cost over ``max_owner_cost`` (429).
 
@@ -68,7 +69,7 @@ def over_cost(limit: int, pixels: int, factors: list[Factor]) -> tuple[str, str]
             fixes.append((f, best))
     terms = [(f.label or f.field, f.value) for f in factors]
     terms += [("NFE per step", f.unit) for f in factors if f.unit != 1]
-    terms.append(("pixels", pixels))
+    terms.append(("pixels the network evaluates", pixels))
     detail = (
         f"this job costs {' × '.join(n for n, _ in terms)} = "
         f"{' × '.join(f'{v:,}' for _, v in terms)} = {cost:,} pixel evaluations of the score "

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from models.inverse import RECON_SAMPLERS, ReconConfig
+from models.inverse import RECON_SAMPLERS, ReconConfig, network_pixels
 from models.measurements import (
     MeasurementError,
     MeasurementTooLarge,
@@ -170,7 +170,7 @@ def _params(ctx: Context, card: dict, parsed, y: torch.Tensor, form: Submission)
     batch = 1 if needs_data(parsed) else BATCH_SLICES
     start, stop = slab_ranges(len(y), batch, ctx.settings.slab_slices)[0]
     label = "slices" if stop - start == len(y) else "slices per slab (SCORERECON_SLAB_SLICES)"
-    pixels = parsed.shape[0] * parsed.shape[1]
+    pixels = network_pixels(card, parsed.shape, defaults)
     factors = [
         Factor("nfe", nfe, 2),
         Factor("samples", samples),

@@ -129,6 +129,23 @@ def partition_apply(
     return out.reshape(b, c, ny * p, nx * p)[:, :, oy : oy + h, ox : ox + w]
 
 
+def partition_pixels(rows: int, cols: int, patch: int) -> int:
+    """The pixels of :func:`partition_apply`'s tiles on a rows × cols image, at most: its
+    random shift can add a row and a column of tiles."""
+    return -(-(rows + patch - 1) // patch) * (-(-(cols + patch - 1) // patch)) * patch * patch
+
+
+def tiled_pixels(rows: int, cols: int, tile: int, whole: int | None = None) -> int:
+    """The pixels the network evaluates, at most, in one call of :func:`tiled_score` on a
+    rows × cols image: one tile × tile canvas for an image that fits; the canvas rounded up
+    to multiples of ``whole`` taken whole; else the shifted partition's tiles."""
+    if rows <= tile and cols <= tile:
+        return tile * tile
+    if whole:
+        return -(-rows // whole) * whole * (-(-cols // whole) * whole)
+    return partition_pixels(rows, cols, tile)
+
+
 def tiled_score(
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     tile: int,

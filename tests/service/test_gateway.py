@@ -371,6 +371,26 @@ def test_the_per_job_cost_limit_counts_one_slab_of_a_split_volume(gateway, setti
     assert refused.status_code == 422 and "slices per slab" in refused.json()["detail"]
 
 
+def test_the_cost_counts_the_pixels_the_network_evaluates_not_the_image(gateway, settings):
+    """A 48² slice through a 32² prior is scored patch-wise on up to 3 × 3 tiles of 32²
+    (9216 pixels a score evaluation, not 2304); a 16² slice on one padded 32² canvas."""
+    client, keys, _ = gateway
+    settings.max_job_cost = 6 * 1 * 48 * 48 * 3  # room for 48² thrice, not for its tiles
+    big = '{"modality": "ct", "image_size": 48, "n_views": 8}'
+    y = ct_measurement(from_spec(json.loads(big)).measurement_shape())
+    refused = submit(client, keys["alice"], data=y, spec=big, nfe="6", samples="1")
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert "9,216" in detail and "pixels the network evaluates" in detail
+    settings.max_job_cost = 6 * 1 * 9216
+    assert submit(client, keys["alice"], data=y, spec=big, nfe="6", samples="1").status_code == 202
+    settings.max_job_cost = 6 * 1 * 32 * 32 - 1  # a 16² slice still costs a 32² canvas
+    small = '{"modality": "ct", "image_size": 16, "n_views": 8}'
+    y = ct_measurement(from_spec(json.loads(small)).measurement_shape())
+    refused = submit(client, keys["alice"], data=y, spec=small, nfe="6", samples="1")
+    assert refused.status_code == 422 and "1,024" in refused.json()["detail"]
+
+
 def test_nfe_and_samples_omitted_take_the_cards_defaults(gateway, settings):
     """A request without ``nfe`` or ``samples`` gets the model card's (its warm start
     included): what the benchmarks chose, not a constant of the gateway."""
