@@ -2,9 +2,9 @@
 
 A job's cost is NFE × samples × slices × pixels: the pixels the score network processes
 (models.inverse.network_pixels: an image padded to the prior's size, or the tiles of a
-larger one, not rows × cols), so the run time on a given worker up to a constant. The gateway refuses a job whose cost is
-over ``max_job_cost`` (422) and a submission that would take its owner's queued and running
-cost over ``max_owner_cost`` (429).
+larger one, not rows × cols), so the run time on a given worker up to a constant. The
+gateway refuses a job whose cost is over ``max_job_cost`` (422) and a submission that would
+take its owner's queued and running cost over ``max_owner_cost`` (429).
 
 :class:`FairShare` lets the embedded executor share its ``embedded_workers`` slots among
 owners step by step: a job of another owner waits at most one step of a running job, not
