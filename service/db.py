@@ -292,9 +292,12 @@ class JobStore:
             )
             return res.rowcount == 1
 
-    def count_by_state(self) -> dict[str, int]:
+    def count_by_state(self, slabs: bool = False) -> dict[str, int]:
+        """Jobs by state: those the clients submitted, or with ``slabs`` the parts of split
+        volumes (``slab`` jobs, which no client sees and a volume's one job stands for)."""
+        kind = Job.kind == "slab" if slabs else Job.kind != "slab"
         with self.sessions() as s:
-            rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+            rows = s.execute(select(Job.state, func.count()).where(kind).group_by(Job.state)).all()
         return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
 
     def durations(self) -> dict[tuple[str, str], tuple[float, int]]:

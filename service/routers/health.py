@@ -86,16 +86,25 @@ def scraper(request: Request, ctx: Ctx) -> None:
     },
 )
 def metrics(ctx: Ctx) -> Response:
-    """Prometheus text format: jobs by state, queue depth, run time of finished jobs by
-    kind and state (sum and count, so rate() gives mean durations). Closed by default:
-    see ``SCORERECON_METRICS_TOKEN`` and ``SCORERECON_METRICS_ALLOW``."""
-    counts = ctx.jobs.count_by_state()
-    lines = ["# HELP scorerecon_jobs Jobs by state.", "# TYPE scorerecon_jobs gauge"]
+    """Prometheus text format: the clients' jobs by state, the slabs of split volumes by
+    state, the queue depth (queued jobs and slabs: the work waiting for a worker), run time
+    of finished jobs by kind and state (sum and count, so rate() gives mean durations).
+    Closed by default: see ``SCORERECON_METRICS_TOKEN`` and ``SCORERECON_METRICS_ALLOW``."""
+    counts, slabs = ctx.jobs.count_by_state(), ctx.jobs.count_by_state(slabs=True)
+    lines = [
+        "# HELP scorerecon_jobs Jobs clients submitted, by state.",
+        "# TYPE scorerecon_jobs gauge",
+    ]
     lines += [f'scorerecon_jobs{{state="{s}"}} {n}' for s, n in counts.items()]
     lines += [
-        "# HELP scorerecon_queue_depth Jobs waiting for a worker.",
+        "# HELP scorerecon_slabs Parts of volumes split among workers, by state.",
+        "# TYPE scorerecon_slabs gauge",
+    ]
+    lines += [f'scorerecon_slabs{{state="{s}"}} {n}' for s, n in slabs.items()]
+    lines += [
+        "# HELP scorerecon_queue_depth Work waiting for a worker: queued jobs and slabs.",
         "# TYPE scorerecon_queue_depth gauge",
-        f"scorerecon_queue_depth {counts['queued']}",
+        f"scorerecon_queue_depth {counts['queued'] + slabs['queued']}",
         "# HELP scorerecon_job_seconds Run time of finished jobs (started to finished).",
         "# TYPE scorerecon_job_seconds summary",
     ]

@@ -354,6 +354,11 @@ def test_a_volume_split_into_slabs_is_one_job_with_the_images_of_the_whole(gatew
     part = slab_id(job["id"], 4)
     assert app.state.jobs.get(part).state == "succeeded"
     assert client.get(f"/v1/jobs/{part}", headers=auth(key)).status_code == 404
+    # The metrics count the two jobs the client sent; the three parts apart.
+    text = client.get("/metrics", headers=auth(METRICS_TOKEN)).text
+    assert 'scorerecon_jobs{state="succeeded"} 2' in text
+    assert 'scorerecon_slabs{state="succeeded"} 3' in text
+    assert "scorerecon_queue_depth 0" in text
 
 
 def test_the_per_job_cost_limit_counts_one_slab_of_a_split_volume(gateway, settings):
