@@ -354,6 +354,7 @@ def test_a_volume_split_into_slabs_is_one_job_with_the_images_of_the_whole(gatew
     part = slab_id(job["id"], 4)
     assert app.state.jobs.get(part).state == "succeeded"
     assert client.get(f"/v1/jobs/{part}", headers=auth(key)).status_code == 404
+    assert not app.state.results.exists(part, "slab.npz")  # spent once the volume is whole
     # The metrics count the two jobs the client sent; the three parts apart.
     text = client.get("/metrics", headers=auth(METRICS_TOKEN)).text
     assert 'scorerecon_jobs{state="succeeded"} 2' in text
@@ -435,6 +436,46 @@ def test_a_ct_image_larger_than_the_prior_is_reconstructed_patch_wise(gateway):
     assert done["state"] == "succeeded", done["error"]
     npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"])).content
     assert np.load(io.BytesIO(npy)).shape == (1, 1, 64, 64)
+
+
+def test_a_second_assembly_that_finds_the_parts_gone_leaves_the_volume_alone(
+    gateway, settings, monkeypatch
+):
+    """Two workers may settle a volume at once. The one that wins deletes the parts' arrays;
+    the other, mid-way through reading them, finds them gone and the volume assembled, and
+    stops without an error, the volume's results intact."""
+    from service.db import slab_id
+    from workers.kinds.reconstruct import settle
+
+    client, keys, app = gateway
+    jobs, results = app.state.jobs, app.state.results
+    settings.slab_slices = 4
+    kept: list[str] = []
+    monkeypatch.setattr(results, "delete", kept.append)  # keep the parts for the replay
+    job_id = submit(client, keys["alice"], data=_stack(8), samples="1").json()["id"]
+    assert wait(client, keys["alice"], job_id)["state"] == "succeeded"
+    parts = [slab_id(job_id, s) for s in (0, 4)]
+    assert sorted(kept) == sorted(parts)
+    monkeypatch.undo()
+    jobs.set_fields(job_id, state="running")  # as the loser saw it before the winner ended
+    real_get = results.get
+
+    def winner_ends_meanwhile(job: str, name: str) -> bytes:
+        data = real_get(job, name)
+        if name == "slab.npz" and job == parts[0]:
+            jobs.transition(job_id, ["running"], "succeeded")
+            for part in parts:
+                results.delete(part)
+        return data
+
+    monkeypatch.setattr(results, "get", winner_ends_meanwhile)
+    assert settle(job_id, jobs, results) == "skipped"
+    monkeypatch.undo()
+    done = client.get(f"/v1/jobs/{job_id}", headers=auth(keys["alice"])).json()
+    assert done["state"] == "succeeded"
+    npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"])).content
+    assert np.load(io.BytesIO(npy)).shape[0] == 8
+    assert not any(results.exists(p, "slab.json") for p in parts)
 
 
 def test_a_cancelled_volume_cancels_its_slabs(gateway, settings):

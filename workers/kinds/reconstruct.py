@@ -335,9 +335,10 @@ def _slab_progress(job, volume, jobs: JobStore) -> Callable[[int, int], None]:
 def settle(volume_id: str, jobs: JobStore, results: ResultStore) -> str:
     """After a part of a volume ends: the volume fails with the first failed part, is
     cancelled with a cancelled one, or, once every part has succeeded, is assembled from
-    them as the unsplit job would have stored it. Returns the volume's state ('waiting'
-    while parts run); safe to call from any number of workers at once (the volume's final
-    transition is a compare-and-set, and the parts' arrays are the same whoever reads)."""
+    them as the unsplit job would have stored it, and the parts' arrays are deleted. Returns
+    the volume's state ('waiting' while parts run); safe to call from any number of workers
+    at once: the volume's final transition is a compare-and-set, only its winner deletes the
+    parts' arrays, and a reader who finds them gone finds the volume assembled."""
     volume = jobs.get(volume_id)
     if volume is None or volume.state != "running":
         return "skipped"
@@ -369,11 +370,28 @@ def settle(volume_id: str, jobs: JobStore, results: ResultStore) -> str:
         return "failed"
     if any(p.state != "succeeded" for p in parts):
         return "waiting"
-    recs, bases, steps = [], [], 0
+    try:
+        recs, bases, meta = _read_parts(parts, results)
+    except FileNotFoundError:
+        now_state = getattr(jobs.get(volume_id), "state", None)
+        if now_state != "running":  # another worker assembled it and removed the parts' arrays
+            return "skipped"
+        raise
+    steps = sum(m["info"]["steps"] for m in meta)
+    info = {**meta[-1]["info"], "steps": steps, "slabs": volume.params["slabs"]}
+    state = store_reconstruction(volume, jobs, results, merge(recs), torch.cat(bases), info)
+    if state == "succeeded":  # the one assembly that won: the parts' arrays are spent
+        for p in parts:
+            results.delete(p.id)
+    return state
+
+
+def _read_parts(parts: list, results: ResultStore) -> tuple[list, list, list[dict]]:
+    """Each part's stored reconstruction, baseline and metadata (``slab.npz``, ``slab.json``)."""
+    recs, bases, metas = [], [], []
     for p in parts:
         arrays = np.load(io.BytesIO(results.get(p.id, "slab.npz")), allow_pickle=False)
         meta = json.loads(results.get(p.id, "slab.json"))
-        steps += meta["info"]["steps"]
         mean = torch.from_numpy(arrays["mean"])
         recs.append(
             Reconstruction(
@@ -391,5 +409,5 @@ def settle(volume_id: str, jobs: JobStore, results: ResultStore) -> str:
             )
         )
         bases.append(torch.from_numpy(arrays["baseline"]))
-    info = {**meta["info"], "steps": steps, "slabs": volume.params["slabs"]}
-    return store_reconstruction(volume, jobs, results, merge(recs), torch.cat(bases), info)
+        metas.append(meta)
+    return recs, bases, metas
