@@ -90,6 +90,9 @@ class Prior:
     sha256: str = ""
     card: dict = field(default_factory=dict)
     engine: str = "torch fp32"  # what runs the network: torch fp32 / torch bf16 / onnxruntime
+    # The torch network's (score, engine) where another engine runs it: for what that engine's
+    # graph cannot do (attention within windows, which the ONNX graph traced over the whole map).
+    torch_path: tuple[ScoreFn, str] | None = None
 
     @classmethod
     def load(cls, model: str, bf16: bool | None = False, backend: str = "torch") -> Prior:
@@ -105,6 +108,7 @@ class Prior:
         bf16 = bf16_is_fast() if bf16 is None else bf16
         engine = f"torch {'bf16' if bf16 else 'fp32'}"
         score = score_fn_of(net, sde, bf16=bf16)
+        torch_path = None
         if backend == "onnx":
             import tempfile
 
@@ -119,6 +123,7 @@ class Prior:
             path = Path(tempfile.gettempdir()) / "scorerecon-onnx" / f"{digest}-{size}.onnx"
             if digest == "unhashed" or not path.exists():
                 export(net, path, size, int(card.get("architecture", {}).get("in_channels", 1)))
+            torch_path = (score, engine)
             score, engine = onnx_score_fn(path), "onnxruntime fp32"
         return cls(
             score,
@@ -128,6 +133,7 @@ class Prior:
             card.get("weights_sha256", ""),
             card,
             engine,
+            torch_path,
         )
 
     @property
@@ -651,10 +657,12 @@ def reconstruct(
             norms.append(1.05 * op.norm() ** 2)
         return norms[0]
 
-    score_fn = prior.score_fn
+    score_fn, engine = prior.score_fn, prior.engine
     if (h, w) != (prior.image_size, prior.image_size) and not prior.any_size:
         # Images of another size: the prior applied patch-wise or whole (models/nets/patch.py).
         whole = None if config.patch_wise else prior.size_multiple
+        if whole and config.windowed_attention and prior.torch_path is not None:
+            score_fn, engine = prior.torch_path  # windows: the torch network's attention
         score_fn = tiled_score(
             score_fn,
             prior.image_size,
@@ -735,7 +743,7 @@ def reconstruct(
         provenance={
             "model": prior.name,
             "model_sha256": prior.sha256,
-            "engine": prior.engine,
+            "engine": engine,
             "sde": type(sde).__name__,
             "method": method,
             "samples": k,

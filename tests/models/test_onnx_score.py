@@ -41,3 +41,22 @@ def test_the_onnx_backend_refuses_what_it_cannot_run():
 
     with pytest.raises(ValueError, match="backend must be"):
         Prior.load("ct-default", backend="tensorrt")
+
+
+def test_attention_within_windows_runs_on_the_torch_network_under_the_onnx_backend():
+    """The ONNX graph was traced attending over the whole map; a larger image taken whole
+    with windowed attention (ct-default's choice at 256²) runs the torch network instead,
+    and says so, giving the torch backend's result; without windows ONNX runs it."""
+    from models.inverse import Prior, ReconConfig, reconstruct
+    from models.physics import from_spec
+
+    ref, fast = Prior.load("ct-default"), Prior.load("ct-default", backend="onnx")
+    op = from_spec({"modality": "ct", "image_size": 256, "n_views": 30})
+    y = op.forward(torch.rand(1, 1, 256, 256))
+    config = ReconConfig.for_prior(ref, "ct", nfe=4, operator=op)
+    config.patch_wise, config.windowed_attention, config.samples = False, True, 1
+    a, b = reconstruct(op, y, ref, config, seed=3), reconstruct(op, y, fast, config, seed=3)
+    assert b.provenance["engine"] == ref.engine == a.provenance["engine"]
+    assert torch.equal(a.mean, b.mean)
+    config.windowed_attention = False
+    assert reconstruct(op, y, fast, config, seed=3).provenance["engine"] == "onnxruntime fp32"
