@@ -190,6 +190,9 @@ RECIPES = {
 }
 
 
+CARRIED = ("recon",)  # card sections a continued run keeps (the solver's tuned values)
+
+
 def train_default(
     name: str,
     steps: int,
@@ -250,9 +253,13 @@ def train_default(
             for e in training_sources("train", recipe.modality)
         ]
     ckpt = runs / model_dir.name / "checkpoint.safetensors"
-    previous_steps, previous_wall = 0, 0.0
+    previous_steps, previous_wall, carried = 0, 0.0, {}
     if (model_dir / "card.json").exists():
         card = load_card(model_dir)
+        # The solver's tuned values carry over to the continued weights, so a candidate is
+        # compared at the settings of the prior it came from; an OOD calibration, which
+        # belongs to the weights it was fitted with, does not (rerun benchmarks/ood.py).
+        carried = {key: card[key] for key in CARRIED if key in card}
         sde = VESDE(card["sde"]["sigma_min"], card["sde"]["sigma_max"], card["sde"]["N"])
         previous_wall = float(card.get("wall_time_s_total", card.get("wall_time_s_this_run", 0)))
         # Resuming this lineage, steps continue from the checkpoint; without one (a fresh
@@ -299,6 +306,7 @@ def train_default(
         "steps_before_run": previous_steps,
         "wall_time_s_before_run": previous_wall,
         "sigma_max_rule": "NCSNv2 technique 1: max pairwise Euclidean distance of training data",
+        **carried,
     }
     deadline = time.monotonic() + hours * 3600 if hours else None
     bar = tqdm(total=steps, desc=f"train {name}", unit="step")

@@ -27,3 +27,36 @@ def test_validation_data_are_in_range(name):
     val = RECIPES[name].make_data(8, 32, "val")
     assert val.ndim == 4 and val.shape[1:] == (1, 32, 32)
     assert float(val.min()) >= 0 and float(val.max()) <= 1
+
+
+def test_a_continued_prior_keeps_its_solver_values_and_drops_its_ood_calibration(
+    tmp_path, monkeypatch
+):
+    """Fine-tuning a prior (a candidate copied from a shipped one) keeps the card's tuned
+    solver values, so a comparison runs both at the same settings, and drops the OOD
+    calibration fitted to the old weights; it warm-starts and counts its steps on."""
+    import dataclasses
+
+    from models import default_priors
+    from models.nets.ncsnpp import build
+    from models.registry import load_card, save_model
+    from models.sde import VESDE
+
+    tiny = dataclasses.replace(
+        RECIPES["mri-default"],
+        image_size=16,
+        n_train=16,
+        preset="tiny",
+        make_data=lambda n, size, split: torch.rand(n, 1, size, size),
+    )
+    monkeypatch.setitem(default_priors.RECIPES, "mri-default", tiny)
+    sde = VESDE(0.01, 5.0)
+    recon = {"mri": {"rho": 1.6, "multicoil": {"tv": 10.0, "intensity_level": 0.7}}}
+    card = {"name": "m", "image_size": 16, "total_steps": 7, "recon": recon, "ood": {"x": 1}}
+    save_model(tmp_path / "m", build("tiny", sde.sigma), sde, card)
+    default_priors.train_default(
+        "mri-default", 2, model_dir=tmp_path / "m", runs=tmp_path / "runs", lr=1e-4
+    )
+    after = load_card(tmp_path / "m")
+    assert after["recon"] == recon and "ood" not in after
+    assert after["total_steps"] == 9 and after["train_config"]["lr"] == 1e-4
