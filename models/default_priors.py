@@ -225,6 +225,14 @@ def train_default(
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if bf16:
+        from models.registry import bf16_is_fast
+
+        if not bf16_is_fast():
+            print(
+                "warning: bf16 measures no faster than fp32 on this machine (no bf16 units; "
+                "a training step can take 30x longer): leave out --bf16"
+            )
     recipe = RECIPES[name]
     bundled = model_dir is None
     model_dir = out / name if model_dir is None else Path(model_dir)

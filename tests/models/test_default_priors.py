@@ -60,3 +60,23 @@ def test_a_continued_prior_keeps_its_solver_values_and_drops_its_ood_calibration
     after = load_card(tmp_path / "m")
     assert after["recon"] == recon and "ood" not in after
     assert after["total_steps"] == 9 and after["train_config"]["lr"] == 1e-4
+
+
+def test_bf16_training_is_warned_against_where_it_is_slow(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from models import default_priors, registry
+
+    tiny = dataclasses.replace(
+        RECIPES["ct-default"],
+        image_size=16,
+        n_train=8,
+        preset="tiny",
+        make_data=lambda n, size, split: torch.rand(n, 1, size, size),
+    )
+    monkeypatch.setitem(default_priors.RECIPES, "ct-default", tiny)
+    monkeypatch.setattr(registry, "bf16_is_fast", lambda device="cpu": False)
+    default_priors.train_default(
+        "ct-default", 1, bf16=True, model_dir=tmp_path / "m", runs=tmp_path / "runs"
+    )
+    assert "leave out --bf16" in capsys.readouterr().out
