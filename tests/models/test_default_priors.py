@@ -29,27 +29,34 @@ def test_validation_data_are_in_range(name):
     assert float(val.min()) >= 0 and float(val.max()) <= 1
 
 
+def _tiny_recipe(monkeypatch, name: str, n_train: int) -> None:
+    """``name``'s recipe, for this test, at 16² on random images with the tiny network."""
+    import dataclasses
+
+    from models import default_priors
+
+    tiny = dataclasses.replace(
+        RECIPES[name],
+        image_size=16,
+        n_train=n_train,
+        preset="tiny",
+        make_data=lambda n, size, split: torch.rand(n, 1, size, size),
+    )
+    monkeypatch.setitem(default_priors.RECIPES, name, tiny)
+
+
 def test_a_continued_prior_keeps_its_solver_values_and_drops_its_ood_calibration(
     tmp_path, monkeypatch
 ):
     """Fine-tuning a prior (a candidate copied from a shipped one) keeps the card's tuned
     solver values, so a comparison runs both at the same settings, and drops the OOD
     calibration fitted to the old weights; it warm-starts and counts its steps on."""
-    import dataclasses
-
     from models import default_priors
     from models.nets.ncsnpp import build
     from models.registry import load_card, save_model
     from models.sde import VESDE
 
-    tiny = dataclasses.replace(
-        RECIPES["mri-default"],
-        image_size=16,
-        n_train=16,
-        preset="tiny",
-        make_data=lambda n, size, split: torch.rand(n, 1, size, size),
-    )
-    monkeypatch.setitem(default_priors.RECIPES, "mri-default", tiny)
+    _tiny_recipe(monkeypatch, "mri-default", 16)
     sde = VESDE(0.01, 5.0)
     recon = {"mri": {"rho": 1.6, "multicoil": {"tv": 10.0, "intensity_level": 0.7}}}
     card = {"name": "m", "image_size": 16, "total_steps": 7, "recon": recon, "ood": {"x": 1}}
@@ -63,18 +70,9 @@ def test_a_continued_prior_keeps_its_solver_values_and_drops_its_ood_calibration
 
 
 def test_bf16_training_is_warned_against_where_it_is_slow(tmp_path, monkeypatch, capsys):
-    import dataclasses
-
     from models import default_priors, registry
 
-    tiny = dataclasses.replace(
-        RECIPES["ct-default"],
-        image_size=16,
-        n_train=8,
-        preset="tiny",
-        make_data=lambda n, size, split: torch.rand(n, 1, size, size),
-    )
-    monkeypatch.setitem(default_priors.RECIPES, "ct-default", tiny)
+    _tiny_recipe(monkeypatch, "ct-default", 8)
     monkeypatch.setattr(registry, "bf16_is_fast", lambda device="cpu": False)
     default_priors.train_default(
         "ct-default", 1, bf16=True, model_dir=tmp_path / "m", runs=tmp_path / "runs"
