@@ -265,8 +265,6 @@ def network_pixels(card: dict, shape: tuple[int, int], config: ReconConfig) -> i
     if arch.get("name") == "ncsnpp-patch":
         return partition_pixels(rows, cols, int(arch["patch_size"]))
     size = int((card or {}).get("image_size") or max(rows, cols))
-    if (rows, cols) == (size, size):
-        return size * size
     return tiled_pixels(rows, cols, size, None if config.patch_wise else size_multiple(card))
 
 
