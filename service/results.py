@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
@@ -53,7 +54,9 @@ class ResultStore(Protocol):
 
     def exists(self, job_id: str, name: str) -> bool: ...
 
-    def delete(self, job_id: str) -> None: ...
+    def delete(self, job_id: str, names: Iterable[str] | None = None) -> None:
+        """Remove the job's objects: all of them, or only ``names`` (missing ones are fine)."""
+        ...
 
 
 class LocalResultStore:
@@ -86,9 +89,14 @@ class LocalResultStore:
     def exists(self, job_id: str, name: str) -> bool:
         return self._path(job_id, name).exists()
 
-    def delete(self, job_id: str) -> None:
-        if _JOB.match(job_id):
+    def delete(self, job_id: str, names: Iterable[str] | None = None) -> None:
+        if not _JOB.match(job_id):
+            return
+        if names is None:
             shutil.rmtree(self.root / job_id, ignore_errors=True)
+            return
+        for name in names:
+            self._path(job_id, name).unlink(missing_ok=True)
 
 
 class S3ResultStore:
@@ -150,8 +158,13 @@ class S3ResultStore:
             raise
         return True
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, names: Iterable[str] | None = None) -> None:
         if not _JOB.match(job_id):
+            return
+        if names is not None:
+            keys = [{"Key": self._key(job_id, n)} for n in names]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
             return
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._key(job_id)

@@ -60,7 +60,8 @@ def test_bf16_default_follows_the_hardware_and_is_reported():
     from models.registry import BF16_MIN_SPEEDUP, bf16_is_fast, bf16_speedup, cpu_key
 
     speedup = bf16_speedup()
-    assert 0.05 < speedup < 20  # a ratio of two real timings
+    # a ratio of two real timings: CPUs without native bf16 measured 0.007 (AVX2-only EPYC)
+    assert 0 < speedup < 20
     assert bf16_is_fast() == (speedup >= BF16_MIN_SPEEDUP)
     cache = Path(tempfile.gettempdir()) / "scorerecon-bf16-probe.json"
     assert json.loads(cache.read_text())[cpu_key()] == speedup

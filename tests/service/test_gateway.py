@@ -445,13 +445,13 @@ def test_a_second_assembly_that_finds_the_parts_gone_leaves_the_volume_alone(
     the other, mid-way through reading them, finds them gone and the volume assembled, and
     stops without an error, the volume's results intact."""
     from service.db import slab_id
-    from workers.kinds.reconstruct import settle
+    from workers.kinds.reconstruct import SLAB_ARRAYS, settle
 
     client, keys, app = gateway
     jobs, results = app.state.jobs, app.state.results
     settings.slab_slices = 4
     kept: list[str] = []
-    monkeypatch.setattr(results, "delete", kept.append)  # keep the parts for the replay
+    monkeypatch.setattr(results, "delete", lambda job, names=None: kept.append(job))  # replay
     job_id = submit(client, keys["alice"], data=_stack(8), samples="1").json()["id"]
     assert wait(client, keys["alice"], job_id)["state"] == "succeeded"
     parts = [slab_id(job_id, s) for s in (0, 4)]
@@ -465,7 +465,7 @@ def test_a_second_assembly_that_finds_the_parts_gone_leaves_the_volume_alone(
         if name == "slab.npz" and job == parts[0]:
             jobs.transition(job_id, ["running"], "succeeded")
             for part in parts:
-                results.delete(part)
+                results.delete(part, names=SLAB_ARRAYS)
         return data
 
     monkeypatch.setattr(results, "get", winner_ends_meanwhile)
@@ -476,6 +476,7 @@ def test_a_second_assembly_that_finds_the_parts_gone_leaves_the_volume_alone(
     npy = client.get(done["links"]["result_npy"], headers=auth(keys["alice"])).content
     assert np.load(io.BytesIO(npy)).shape[0] == 8
     assert not any(results.exists(p, "slab.json") for p in parts)
+    assert all(results.exists(p, "report.json") for p in parts)  # the parts' reports stay
 
 
 def test_a_cancelled_volume_cancels_its_slabs(gateway, settings):

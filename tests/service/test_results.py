@@ -66,6 +66,9 @@ def test_put_get_exists_delete(store):
     assert store.get(JOB, "recon.npy") == b"second" and store.exists(JOB, "report.json")
     other = "f" * 32
     store.put(other, "recon.npy", b"keep")
+    store.delete(JOB, names=("recon.npy", "std.npy"))  # only these; a missing one is fine
+    assert not store.exists(JOB, "recon.npy") and store.get(JOB, "report.json") == b"{}"
+    store.put(JOB, "recon.npy", b"again")
     store.delete(JOB)
     assert not store.exists(JOB, "recon.npy") and not store.exists(JOB, "report.json")
     assert store.get(other, "recon.npy") == b"keep"  # deleting one job leaves the others

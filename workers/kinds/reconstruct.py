@@ -53,6 +53,10 @@ from workers.runner import (
 log = logging.getLogger(__name__)
 
 
+# A slab's arrays, kept until the volume is assembled (its report.json stays).
+SLAB_ARRAYS = ("slab.npz", "slab.json")
+
+
 @register("reconstruction")
 def _reconstruct(
     job, jobs: JobStore, results: ResultStore, models_dir: Path, settings=None, enqueue=None
@@ -293,7 +297,7 @@ def _slab(
         jobs,
         results,
         {"slices": [start, stop], "worker": f"{socket.gethostname()}:{os.getpid()}"},
-        ["slab.npz", "slab.json"],
+        list(SLAB_ARRAYS),
         progress_step=steps,
         progress_total=steps,
     )
@@ -381,8 +385,8 @@ def settle(volume_id: str, jobs: JobStore, results: ResultStore) -> str:
     info = {**meta[-1]["info"], "steps": steps, "slabs": volume.params["slabs"]}
     state = store_reconstruction(volume, jobs, results, merge(recs), torch.cat(bases), info)
     if state == "succeeded":  # the one assembly that won: the parts' arrays are spent
-        for p in parts:
-            results.delete(p.id)
+        for p in parts:  # each part's report (which worker, how long) stays for the audit
+            results.delete(p.id, names=SLAB_ARRAYS)
     return state
 
 
