@@ -23,6 +23,8 @@ forward-diffused least-squares image) by the same slices (``--write-card`` store
 the card's ``multicoil`` values). ``--priors A B ...``
 compares priors (bundled names or candidate folders, each at its own card values but the
 chosen λ, start and NFE) on the same validation slices; the best runs the test.
+``--tune-holdout`` compares the fixed λ with λ chosen per slice among λ × HOLDOUT_FACTORS by
+k-space hold-out (models/holdout.py) on the same slices.
 PSNR / SSIM against the magnitude of the fully sampled object (data range 1).
 
 Run: ``python benchmarks/mri_multicoil.py [--n 4] [--tasks 4x-equispaced ...]``.
@@ -86,6 +88,10 @@ LEVEL_STEP, LEVEL_EXTEND = 0.85, 3  # while the best level is the smallest tried
 # validation: a tie is noise of one posterior sample on a few slices, and a new prior costs
 # its OOD calibration and every figure measured with the old one.
 PRIOR_MARGIN = 0.1
+# Then the map step's λ fixed, or chosen per slice among λ × these by k-space hold-out
+# (ReconConfig.tv_holdout, models/holdout.py; ``--tune-holdout``): at 8× the validation
+# slices like the prior's data want λ 10 and the coarse ones 40, 1-2 dB apart either way.
+HOLDOUT_FACTORS = (1.0, 4.0)
 # Each classical method's weight, tuned on the validation slices from these.
 WEIGHTS = {
     "sense": (1e-3, 1e-2, 3e-2, 0.1),
@@ -252,6 +258,23 @@ def select_level(prior: Prior, vals: dict, tv: float, start: float, nfe: int) ->
     return best, table
 
 
+def select_holdout(
+    prior: Prior, vals: dict, tv: float, start: float, nfe: int, level: float | None
+) -> tuple[tuple[float, ...], dict]:
+    """The map step's λ for every slice, or each slice's own among λ × HOLDOUT_FACTORS by
+    k-space hold-out, whichever has the better mean validation PSNR over the tasks (one
+    posterior sample); the candidates (empty: fixed) and each choice's mean PSNR per task."""
+    table: dict[str, dict[str, float]] = {}
+    chosen = {"tv": tv, "start": start} | ({"intensity_level": level} if level else {})
+    candidates = tuple(tv * f for f in HOLDOUT_FACTORS)
+    options = {"fixed": (), "hold-out " + "/".join(f"{c:g}" for c in candidates): candidates}
+    mean = {
+        key: measured(prior, vals, table, key, key, nfe, tv_holdout=grid, **chosen)
+        for key, grid in options.items()
+    }
+    return options[max(mean, key=mean.get)], table
+
+
 def select_prior(
     models: list[str], vals: dict, tv: float, start: float, nfe: int, level: float | None
 ) -> tuple[str, dict]:
@@ -280,6 +303,7 @@ def run(
     start: float,
     nfe: int,
     level: float | None = None,
+    holdout: tuple[float, ...] | None = None,
 ) -> dict:
     acceleration, kind = TASKS[name]
     print(f"{name}: tuning on {len(val[0])} validation slices", flush=True)
@@ -289,6 +313,8 @@ def run(
     config.tv, config.start = tv, start
     if level is not None:
         config.intensity_level = level
+    if holdout is not None:
+        config.tv_holdout = holdout
     rows, examples = [], []
     for i, op in enumerate(ops):
         yi, images = y[i : i + 1], {}
@@ -305,6 +331,7 @@ def run(
         images["score"] = rec.mean[0]
         row["score"] = time.perf_counter() - t0
         row["nfe"] = rec.nfe
+        row["tv_used"] = rec.provenance["tv_used"][0]
         for method, img in images.items():
             img = img.clamp(0, 1)
             row[method] = [psnr(img, ref[i]), ssim(img, ref[i]), row[method]]
@@ -332,6 +359,7 @@ def run(
             "eta": config.eta,
             "samples": config.samples,
             "tv": config.tv,
+            "tv_holdout": list(config.tv_holdout),
             "intensity_level": config.intensity_level,
             "engine": prior.engine,
         },
@@ -420,6 +448,18 @@ def render(results: dict, machine: str) -> str:
                 f": {cfg.get('intensity_level', 1.0):g}",
             ),
             (
+                "holdout_selection",
+                "The map step's λ fixed or chosen per slice by k-space hold-out "
+                "(models/holdout.py) at those values",
+                "{}",
+                ": "
+                + (
+                    "hold-out over " + "/".join(f"{c:g}" for c in cfg["tv_holdout"])
+                    if cfg.get("tv_holdout")
+                    else "fixed"
+                ),
+            ),
+            (
                 "prior_selection",
                 "Priors at those values",
                 "`{}`",
@@ -450,7 +490,14 @@ def render(results: dict, machine: str) -> str:
             "| s / slice | " + " | ".join(f"{secs[m]:.1f}" for m in METHODS) + " | |",
             "",
             f"NFE {r['rows'][0]['nfe']}; slices where the score solver is below the best "
-            f"classical method: {below} of {len(r['rows'])}.",
+            f"classical method: {below} of {len(r['rows'])}."
+            + (
+                " λ per slice (hold-out): "
+                + ", ".join(f"{row['tv_used']:g}" for row in r["rows"])
+                + "; seconds include the hold-out solves."
+                if cfg.get("tv_holdout")
+                else ""
+            ),
             "",
             f"![{name}](mri_multicoil_{name}.png)",
             "",
@@ -486,6 +533,11 @@ def main() -> None:
         "--tune-level",
         action="store_true",
         help="choose the intensity level on val (else the card's)",
+    )
+    parser.add_argument(
+        "--tune-holdout",
+        action="store_true",
+        help="choose on val between a fixed λ and λ per slice by k-space hold-out",
     )
     parser.add_argument(
         "--priors",
@@ -525,6 +577,11 @@ def main() -> None:
         print("choosing the intensity level on validation", flush=True)
         level, levels = select_level(prior, vals, tv, start, nfe)
         print(f"intensity level {level:g}", flush=True)
+    holdout, holdouts = None, {}
+    if args.tune_holdout:
+        print("choosing fixed λ or hold-out on validation", flush=True)
+        holdout, holdouts = select_holdout(prior, vals, tv, start, nfe, level)
+        print(f"hold-out candidates {holdout or 'none (fixed)'}", flush=True)
     priors: dict = {}
     if len(args.priors) > 1:
         print("choosing the prior on validation", flush=True)
@@ -544,10 +601,11 @@ def main() -> None:
             "nfe": nfe,
             **({"rho": rho_eta[0], "eta": rho_eta[1]} if rho_eta else {}),
             **({"intensity_level": level} if level else {}),
+            **({"tv_holdout": list(holdout)} if holdout is not None else {}),
             "tuned_by": "benchmarks/mri_multicoil.py (grids over validation slices, their "
             "close-ups and coarse close-ups, 8-coil data, all four tasks: λ_TV, then start "
             "and NFE, then ρ and η, "
-            "then the intensity level)",
+            "then the intensity level, then λ fixed or by k-space hold-out)",
         }
         recon["mri"] = mri
         update_card(model, {"recon": recon})
@@ -555,7 +613,9 @@ def main() -> None:
     for name in args.tasks:
         # With --tv, the λ table of the run that chose it stays in the doc.
         earlier = results.get(name, {}).get("tv_selection", {})
-        results[name] = run(name, args.n, vals[name], prior, model, tv, start, nfe, level) | {
+        results[name] = run(
+            name, args.n, vals[name], prior, model, tv, start, nfe, level, holdout
+        ) | {
             "note": args.note,
             "tv_selection": {f"{k:g}": v for k, v in table.get(name, {}).items()} or earlier,
             "start_selection": {f"{a:g}/{b}": v for (a, b), v in starts.get(name, {}).items()}
@@ -563,6 +623,8 @@ def main() -> None:
             "rho_eta_selection": {f"{a:g}/{b:g}": v for (a, b), v in pairs.get(name, {}).items()}
             or results.get(name, {}).get("rho_eta_selection", {}),
             "prior_selection": priors.get(name, {}),
+            "holdout_selection": holdouts.get(name, {})
+            or results.get(name, {}).get("holdout_selection", {}),
             "level_selection": {f"{k:g}": v for k, v in levels.get(name, {}).items()}
             or results.get(name, {}).get("level_selection", {}),
         }

@@ -177,6 +177,9 @@ class ReconConfig:
     tv: float = 0.0  # fast sampler: λ, the weight λ σ_y² of a TV term in its map step (0: none)
     tv_iters: int = 10  # FISTA iterations of that step
     tv_z: float = 0.0  # λ_z: weight λ_z σ_y² of TV across the slices of a stack (0: none)
+    # fast sampler: candidate λ, chosen per slice by k-space hold-out (models/holdout.py);
+    # empty: ``tv`` for every slice. Costs one single-sample solve per candidate.
+    tv_holdout: tuple[float, ...] = ()
     start: float = 1.0  # fast sampler: starting time as a fraction of T (< 1: from the data)
     start_cg_iters: int = 20  # CG iterations of the least-squares image it then starts from
     clip: bool = True  # fast sampler: clip each clean estimate to [0, 1] before data consistency
@@ -587,6 +590,10 @@ def reconstruct(
     started = time.perf_counter()
     sde, op = prior.sde, operator
     b, k = y.shape[0], n_samples
+    tv_slices, tv_how = [config.tv] * b, "configured"
+    if config.tv_holdout and config.sampler == "fast" and method == "map":
+        tv_slices, tv_how = _holdout_tv(op, y, prior, config, seed, noise_std, progress, cancel)
+        progress = _after(progress, len(config.tv_holdout))
     unit = intensity_scale(op, y, config.intensity_level)
     y = y / per_sample(unit, y).to(y.real.dtype)
     # Slice i's K samples draw from their own stream, seeded seed + i: a slice comes out the
@@ -600,6 +607,7 @@ def reconstruct(
         else torch.full((b,), float(noise_std), dtype=torch.float64) / unit
     )
     sigma_rep = sigma.repeat_interleave(k)
+    tv_rep = torch.tensor(tv_slices, dtype=torch.float64).repeat_interleave(k)
     domain = _ImageDomain(op, y_rep)
     op_norm = op.norm() if method == "score-sde" else 1.0
 
@@ -630,13 +638,13 @@ def reconstruct(
         x = domain.join(x0.clamp(0.0, 1.0) if config.clip else x0)
         if method == "proximal":
             x = proximal_step(op, x, y_rep, config.lam)
-        elif config.tv > 0 or (config.tv_z > 0 and b > 1):
+        elif bool((tv_rep > 0).any()) or (config.tv_z > 0 and b > 1):
             x = prox_tv_step(
                 op,
                 x,
                 y_rep,
                 map_weight(t),
-                config.tv * sigma_rep**2,
+                tv_rep * sigma_rep**2,
                 config.tv_iters,
                 config.cg_iters,
                 lipschitz(),
@@ -751,6 +759,8 @@ def reconstruct(
             "noise_std_source": "spec" if noise_std is not None else "estimated from the data",
             "intensity_scale": [float(s) for s in unit],
             "complex_image": domain.complex,
+            "tv_used": tv_slices,
+            "tv_chosen_by": tv_how,
             **{f"config.{key}": v for key, v in asdict(config).items()},
         },
         noise_std_used=[float(s) for s in sigma],
@@ -759,6 +769,44 @@ def reconstruct(
         diverged=diverged,
         ood=verdicts,
     )
+
+
+def _holdout_tv(
+    op: LinearOperator,
+    y: torch.Tensor,
+    prior: Prior,
+    config: ReconConfig,
+    seed: int,
+    noise_std: float | None,
+    progress: Progress | None,
+    cancel: Callable[[], bool] | None,
+) -> tuple[list[float], str]:
+    """Each slice's TV weight among ``config.tv_holdout``: the one whose single-sample
+    solve from the other lines best predicts held-out measured lines (models/holdout.py).
+    Progress counts these solves first, then the reconstruction's own."""
+    from models.holdout import choose
+
+    candidates = tuple(float(v) for v in config.tv_holdout)
+    done: list[int] = []
+
+    def solve(kept: LinearOperator, y_kept: torch.Tensor, weight: float) -> torch.Tensor:
+        def step(i: int, total: int) -> None:
+            if progress is not None:
+                progress(len(done) * total + i, (len(candidates) + 1) * total)
+
+        trial = replace(config, tv=weight, tv_holdout=(), samples=1, ood=False, std_scale=0.0)
+        rec = reconstruct(kept, y_kept, prior, trial, 1, seed, noise_std, step, cancel)
+        done.append(1)
+        return rec.mean if rec.phase is None else rec.mean * torch.exp(1j * rec.phase)
+
+    return choose(op, y, candidates, solve, seed, config.tv)
+
+
+def _after(progress: Progress | None, solves: int) -> Progress | None:
+    """``progress`` of the main solve, counted after ``solves`` solves of the same length."""
+    if progress is None:
+        return None
+    return lambda i, total: progress(solves * total + i, (solves + 1) * total)
 
 
 def k_sample_factor(k: int) -> float:

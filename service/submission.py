@@ -178,7 +178,10 @@ def _params(ctx: Context, card: dict, parsed, y: torch.Tensor, form: Submission)
     ]
     check_cost(ctx.settings, pixels, factors)
     params = {"sampler": form.sampler, "nfe": nfe, "samples": samples, "seed": form.seed}
-    return params, job_cost(nfe, samples, len(y), pixels)
+    # A TV weight chosen by hold-out costs one single-sample solve per candidate beside the
+    # K samples (models/holdout.py); the per-job limit above bounds the K samples alone.
+    solves = samples + (len(defaults.tv_holdout) if defaults.sampler == "fast" else 0)
+    return params, job_cost(nfe, solves, len(y), pixels)
 
 
 def _dicom_params(ctx: Context, form: Submission, modality: str, count: int) -> dict:

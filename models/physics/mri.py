@@ -238,6 +238,13 @@ class MultiCoilMRIOperator(LinearOperator):
         """Coil-combined complex image of the calibration lines alone (phase estimates)."""
         return self.adjoint_complex(y * calibration_window(self.mask))
 
+    def without_lines(self, lines: torch.Tensor) -> MultiCoilMRIOperator:
+        """The same operator with the k-space columns ``lines`` not measured (the maps and
+        the whitening kept): the solve a hold-out of those lines leaves (models/holdout.py)."""
+        mask = self.mask.clone()
+        mask[:, lines] = False
+        return MultiCoilMRIOperator(self._shape, mask, self.sensitivities, self.whitening)
+
     def zero_filled(self, y: torch.Tensor) -> torch.Tensor:
         """Root sum of squares of the zero-filled coil images (the field's baseline); of the
         unwhitened coils when the data were whitened."""
