@@ -27,6 +27,9 @@ from models.physics.mri import calibration_lines
 # MIN_HELD, and never all of them (at least MIN_KEPT stay).
 FRACTION, MIN_HELD, MIN_KEPT = 0.3, 1, 1
 
+# How a weight was chosen, as the provenance says it.
+HOLDOUT, NO_HOLDOUT = "k-space hold-out", "configured (no lines to hold out)"
+
 # (operator without the held lines, its measurement, candidate weight) -> complex images
 Solve = Callable[[LinearOperator, torch.Tensor, float], torch.Tensor]
 
@@ -90,6 +93,6 @@ def choose(
     chosen; ``fallback`` for every slice where no hold-out is possible."""
     errors = holdout_errors(op, y, candidates, solve, seed, fraction)
     if errors is None:
-        return [fallback] * y.shape[0], "configured (no lines to hold out)"
+        return [fallback] * y.shape[0], NO_HOLDOUT
     picked = errors.argmin(dim=1)
-    return [float(candidates[int(i)]) for i in picked], "k-space hold-out"
+    return [float(candidates[int(i)]) for i in picked], HOLDOUT

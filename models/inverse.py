@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from models.baselines import LEVEL, classical_image, intensity_scale
+from models.holdout import HOLDOUT, choose
 from models.nets.patch import partition_pixels, tiled_pixels, tiled_score
 from models.noise import estimate_noise
 from models.ood import OODCheck
@@ -593,7 +594,8 @@ def reconstruct(
     tv_slices, tv_how = [config.tv] * b, "configured"
     if config.tv_holdout and config.sampler == "fast" and method == "map":
         tv_slices, tv_how = _holdout_tv(op, y, prior, config, seed, noise_std, progress, cancel)
-        progress = _after(progress, len(config.tv_holdout))
+        if tv_how == HOLDOUT:
+            progress = _after(progress, len(config.tv_holdout))
     unit = intensity_scale(op, y, config.intensity_level)
     y = y / per_sample(unit, y).to(y.real.dtype)
     # Slice i's K samples draw from their own stream, seeded seed + i: a slice comes out the
@@ -784,7 +786,6 @@ def _holdout_tv(
     """Each slice's TV weight among ``config.tv_holdout``: the one whose single-sample
     solve from the other lines best predicts held-out measured lines (models/holdout.py).
     Progress counts these solves first, then the reconstruction's own."""
-    from models.holdout import choose
 
     candidates = tuple(float(v) for v in config.tv_holdout)
     done: list[int] = []

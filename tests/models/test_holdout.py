@@ -2,7 +2,7 @@
 
 import torch
 
-from models.holdout import choose, held_lines, holdout_errors
+from models.holdout import NO_HOLDOUT, choose, held_lines, holdout_errors
 from models.inverse import Prior, ReconConfig, reconstruct
 from models.phantoms import mri_phantoms
 from models.physics import from_spec
@@ -76,3 +76,19 @@ def test_reconstruct_solves_each_slice_at_its_chosen_weight():
         op, y, prior, ReconConfig(n_steps=6, tv_holdout=(0.0, 1e4), ood=False), 2, 1, 0.01
     )
     assert set(two.provenance["tv_used"]) <= {0.0, 1e4}
+
+
+def test_an_operator_without_lines_to_hold_out_keeps_the_configured_weight():
+    """Single-coil MRI (no ``without_lines``) solves at ``tv``, and says so; its progress
+    counts the reconstruction alone."""
+    single = from_spec({k: v for k, v in MULTI.items() if k != "coils"})
+    truth = mri_phantoms(1, 32, seed=3)
+    y = single.forward(truth)
+    sde = VESDE(0.01, 5.0, N=10)
+    prior = Prior(lambda x, t: -x / (1 + sde.sigma(t)[:, None, None, None] ** 2), sde, 32)
+    seen: list[tuple[int, int]] = []
+    config = ReconConfig(n_steps=6, tv=5.0, tv_holdout=(1.0, 2.0), ood=False)
+    rec = reconstruct(single, y, prior, config, 1, 0, 0.01, lambda i, n: seen.append((i, n)))
+    assert rec.provenance["tv_used"] == [5.0]
+    assert rec.provenance["tv_chosen_by"] == NO_HOLDOUT
+    assert seen[-1] == (6, 6)
