@@ -30,8 +30,9 @@ FRACTION, MIN_HELD, MIN_KEPT = 0.3, 1, 1
 # How a weight was chosen, as the provenance says it.
 HOLDOUT, NO_HOLDOUT = "k-space hold-out", "configured (no lines to hold out)"
 
-# (operator without the held lines, its measurement, candidate weight) -> complex images
-Solve = Callable[[LinearOperator, torch.Tensor, float], torch.Tensor]
+# (operator without the held lines, one slice's measurement, candidate weight, seed)
+# -> its complex image
+Solve = Callable[[LinearOperator, torch.Tensor, float, int], torch.Tensor]
 
 
 def supports_holdout(op: LinearOperator) -> bool:
@@ -63,21 +64,24 @@ def holdout_errors(
 ) -> torch.Tensor | None:
     """(B, len(candidates)) squared errors of each candidate's image on the held-out lines of
     each of the B slices in ``y``; ``None`` where ``op`` cannot hold lines out or too few
-    lines are measured."""
+    lines are measured. Slice i holds out lines drawn from ``seed + i`` and is solved with
+    that seed, so a slice's weight is the same alone or in a stack (models.inverse)."""
     if not supports_holdout(op):
         return None
-    lines = held_lines(op.mask, seed, fraction)
-    if len(lines) == 0:
-        return None
-    kept = op.without_lines(lines)
-    held = op.mask & ~kept.mask
-    y_kept = y * kept.mask
-    errors = []
-    for weight in candidates:
-        x = solve(kept, y_kept, weight)
-        r = (op.forward(x) - y) * held
-        errors.append(r.abs().pow(2).flatten(1).sum(dim=1))
-    return torch.stack(errors, dim=1)
+    rows = []
+    for i in range(y.shape[0]):
+        lines = held_lines(op.mask, seed + i, fraction)
+        if len(lines) == 0:
+            return None
+        kept = op.without_lines(lines)
+        held = op.mask & ~kept.mask
+        yi = y[i : i + 1]
+        errors = []
+        for weight in candidates:
+            r = (op.forward(solve(kept, yi * kept.mask, weight, seed + i)) - yi) * held
+            errors.append(float(r.abs().pow(2).sum()))
+        rows.append(errors)
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def choose(

@@ -788,12 +788,14 @@ def _holdout_tv(
     Progress counts these solves first, then the reconstruction's own."""
 
     candidates = tuple(float(v) for v in config.tv_holdout)
+    solves = len(candidates) * y.shape[0]
     done: list[int] = []
 
-    def solve(kept: LinearOperator, y_kept: torch.Tensor, weight: float) -> torch.Tensor:
+    def solve(kept: LinearOperator, y_kept: torch.Tensor, weight: float, seed: int):
         def step(i: int, total: int) -> None:
-            if progress is not None:
-                progress(len(done) * total + i, (len(candidates) + 1) * total)
+            if progress is not None:  # the hold-out counts as len(candidates) solves of B
+                n = len(candidates) + 1
+                progress((len(done) * total + i) * (n - 1) // solves, n * total)
 
         trial = replace(config, tv=weight, tv_holdout=(), samples=1, ood=False, std_scale=0.0)
         rec = reconstruct(kept, y_kept, prior, trial, 1, seed, noise_std, step, cancel)

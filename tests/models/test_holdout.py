@@ -38,11 +38,12 @@ def test_the_weight_whose_image_predicts_the_held_lines_is_chosen_per_slice():
     truth = mri_phantoms(2, 32, seed=1).to(torch.complex64)
     y = op.forward(truth)
 
-    def solve(kept, y_kept, weight):
+    def solve(kept, y_kept, weight, seed):
         held = op.mask & ~kept.mask
-        assert held.any() and not (y_kept * held).abs().any()
-        # weight 1 gives slice 0 its true image, weight 2 slice 1's; the other gets zeros
-        return torch.cat([truth[:1] * (weight == 1.0), truth[1:] * (weight == 2.0)])
+        assert held.any() and not (y_kept * held).abs().any() and y_kept.shape[0] == 1
+        assert torch.equal(held.any(dim=0).nonzero().flatten(), held_lines(op.mask, seed))
+        # weight 1 suits slice 0 (seed 0), weight 2 slice 1 (seed 1); the other gets zeros
+        return truth[seed : seed + 1] * (weight == 1.0 + seed)
 
     errors = holdout_errors(op, y, (1.0, 2.0), solve, seed=0)
     assert errors.shape == (2, 2) and errors[0, 0] < 1e-6 * errors[0, 1]
@@ -76,6 +77,11 @@ def test_reconstruct_solves_each_slice_at_its_chosen_weight():
         op, y, prior, ReconConfig(n_steps=6, tv_holdout=(0.0, 1e4), ood=False), 2, 1, 0.01
     )
     assert set(two.provenance["tv_used"]) <= {0.0, 1e4}
+    alone = reconstruct(
+        op, y[1:], prior, ReconConfig(n_steps=6, tv_holdout=(0.0, 1e4), ood=False), 2, 2, 0.01
+    )  # slice 1 of a stack seeded 1 is slice 0 of one seeded 2
+    assert alone.provenance["tv_used"] == two.provenance["tv_used"][1:]
+    assert torch.allclose(alone.mean, two.mean[1:], atol=1e-5)
 
 
 def test_an_operator_without_lines_to_hold_out_keeps_the_configured_weight():
