@@ -336,7 +336,7 @@ def merge(parts: list[Reconstruction]) -> Reconstruction:
             **first.provenance,
             **{  # per slice: each part's list, in order
                 key: [v for p in parts for v in p.provenance[key]]
-                for key in ("noise_std_used", "intensity_scale")
+                for key in ("noise_std_used", "intensity_scale", "tv_used")
                 if all(key in p.provenance for p in parts)
             },
         },

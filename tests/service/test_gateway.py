@@ -872,6 +872,9 @@ def test_multicoil_fastmri_layout_runs_through_gateway_and_worker(gateway, tmp_p
     assert phase.shape == (1, 1, 320, 320) and np.abs(phase).max() <= np.pi + 1e-5
     report = client.get(done["links"]["result_json"], headers=auth(keys["alice"])).json()
     assert report["reconstructed_columns"] == 368
+    # The card's multi-coil values choose the slice's TV weight by k-space hold-out.
+    assert report["provenance"]["tv_chosen_by"] == "k-space hold-out"
+    assert len(report["provenance"]["tv_used"]) == 1
     assert 0.5 < report["provenance"]["intensity_scale"][0] / units < 2
     dicom = client.get(done["links"]["result_dicom"], headers=auth(keys["alice"]))
     with zipfile.ZipFile(io.BytesIO(dicom.content)) as z:
