@@ -49,10 +49,12 @@ def db_url(request, tmp_path):
     _drop_postgres_db(name)
 
 
-def tiny_model(models_dir):
+def tiny_model(models_dir, name: str = "tiny32", recon: dict | None = None):
+    """An untrained 32² prior; ``recon``: its card's solver values."""
     sde = VESDE(0.01, 20.0)
     torch.manual_seed(0)
-    return save_model(models_dir / "tiny32", build("tiny", sde.sigma), sde, {"image_size": 32})
+    card = {"image_size": 32} | ({"recon": recon} if recon else {})
+    return save_model(models_dir / name, build("tiny", sde.sigma), sde, card)
 
 
 @pytest.fixture
