@@ -195,6 +195,13 @@ class ReconConfig:
     def nfe_per_step(self) -> int:
         return 2 if self.sampler == "pc" else 3 if self.sampler == "ald" else 1
 
+    def holdout_candidates(self) -> tuple[float, ...]:
+        """The λ a hold-out chooses among: ``tv_holdout`` where its TV map step runs (the
+        fast sampler with the map step), else none. Each costs one single-sample solve on
+        operators that can hold lines out (models/holdout.py)."""
+        runs = self.sampler == "fast" and self.method in ("auto", "map", "cg")
+        return tuple(float(v) for v in self.tv_holdout) if runs else ()
+
     @classmethod
     def for_prior(
         cls,
@@ -592,10 +599,10 @@ def reconstruct(
     sde, op = prior.sde, operator
     b, k = y.shape[0], n_samples
     tv_slices, tv_how = [config.tv] * b, "configured"
-    if config.tv_holdout and config.sampler == "fast" and method == "map":
+    if config.holdout_candidates():
         tv_slices, tv_how = _holdout_tv(op, y, prior, config, seed, noise_std, progress, cancel)
         if tv_how == HOLDOUT:
-            progress = _after(progress, len(config.tv_holdout))
+            progress = _after(progress, len(config.holdout_candidates()))
     unit = intensity_scale(op, y, config.intensity_level)
     y = y / per_sample(unit, y).to(y.real.dtype)
     # Slice i's K samples draw from their own stream, seeded seed + i: a slice comes out the
@@ -610,6 +617,7 @@ def reconstruct(
     )
     sigma_rep = sigma.repeat_interleave(k)
     tv_rep = torch.tensor(tv_slices, dtype=torch.float64).repeat_interleave(k)
+    use_tv = bool((tv_rep > 0).any()) or (config.tv_z > 0 and b > 1)
     domain = _ImageDomain(op, y_rep)
     op_norm = op.norm() if method == "score-sde" else 1.0
 
@@ -640,7 +648,7 @@ def reconstruct(
         x = domain.join(x0.clamp(0.0, 1.0) if config.clip else x0)
         if method == "proximal":
             x = proximal_step(op, x, y_rep, config.lam)
-        elif bool((tv_rep > 0).any()) or (config.tv_z > 0 and b > 1):
+        elif use_tv:
             x = prox_tv_step(
                 op,
                 x,
@@ -786,19 +794,18 @@ def _holdout_tv(
     """Each slice's TV weight among ``config.tv_holdout``: the one whose single-sample
     solve from the other lines best predicts held-out measured lines (models/holdout.py).
     Progress counts these solves first, then the reconstruction's own."""
-
-    candidates = tuple(float(v) for v in config.tv_holdout)
+    candidates = config.holdout_candidates()
     solves = len(candidates) * y.shape[0]
     done: list[int] = []
 
-    def solve(kept: LinearOperator, y_kept: torch.Tensor, weight: float, seed: int):
+    def solve(kept: LinearOperator, y_kept: torch.Tensor, weight: float, slice_seed: int):
         def step(i: int, total: int) -> None:
             if progress is not None:  # the hold-out counts as len(candidates) solves of B
                 n = len(candidates) + 1
                 progress((len(done) * total + i) * (n - 1) // solves, n * total)
 
         trial = replace(config, tv=weight, tv_holdout=(), samples=1, ood=False, std_scale=0.0)
-        rec = reconstruct(kept, y_kept, prior, trial, 1, seed, noise_std, step, cancel)
+        rec = reconstruct(kept, y_kept, prior, trial, 1, slice_seed, noise_std, step, cancel)
         done.append(1)
         return rec.mean if rec.phase is None else rec.mean * torch.exp(1j * rec.phase)
 

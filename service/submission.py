@@ -180,7 +180,7 @@ def _params(ctx: Context, card: dict, parsed, y: torch.Tensor, form: Submission)
     params = {"sampler": form.sampler, "nfe": nfe, "samples": samples, "seed": form.seed}
     # A TV weight chosen by hold-out costs one single-sample solve per candidate beside the
     # K samples (models/holdout.py); the per-job limit above bounds the K samples alone.
-    solves = samples + (len(defaults.tv_holdout) if defaults.sampler == "fast" else 0)
+    solves = samples + len(defaults.holdout_candidates())
     return params, job_cost(nfe, solves, len(y), pixels)
 
 
