@@ -42,32 +42,47 @@ def sampling_nfe(sampler: str, steps: int) -> int:
 @dataclass(frozen=True)
 class Factor:
     """One factor of a job's cost as the client gave it: its request field, value, smallest
-    allowed value, score evaluations per unit (NFE per step for sampling steps) and, where
-    the field is not what it counts, a name for it (the slices of a measurement)."""
+    allowed value, score evaluations per unit (NFE per step for sampling steps), where the
+    field is not what it counts, a name for it (the slices of a measurement), and a count
+    the job adds to the field's value that the client cannot lower (the solves of a TV
+    weight chosen by hold-out beside the K samples)."""
 
     field: str
     value: int
     minimum: int = 1
     unit: int = 1
     label: str = ""
+    extra: int = 0
 
     def name(self) -> str:
         return f"{self.label} ({self.field})" if self.label else self.field
+
+    @property
+    def count(self) -> int:
+        return self.value + self.extra
 
 
 def over_cost(limit: int, pixels: int, factors: list[Factor]) -> tuple[str, str] | None:
     """None if the job's cost is within ``limit``; else (field, explanation) naming the
     first factor that, lowered alone, brings it within the limit, and its largest value."""
-    cost = pixels * math.prod(f.value * f.unit for f in factors)
+    cost = pixels * math.prod(f.count * f.unit for f in factors)
     if cost <= limit:
         return None
     fixes = []
     for f in factors:
-        rest = cost // (f.value * f.unit)
-        best = limit // (rest * f.unit)
+        rest = cost // (f.count * f.unit)
+        best = limit // (rest * f.unit) - f.extra
         if best >= f.minimum:
             fixes.append((f, best))
-    terms = [(f.label or f.field, f.value) for f in factors]
+    terms = [
+        (
+            f"({f.label or f.field} + {f.extra} hold-out solves)"
+            if f.extra
+            else f.label or f.field,
+            f.count,
+        )
+        for f in factors
+    ]
     terms += [("NFE per step", f.unit) for f in factors if f.unit != 1]
     terms.append(("pixels the network evaluates", pixels))
     detail = (

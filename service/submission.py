@@ -171,17 +171,17 @@ def _params(ctx: Context, card: dict, parsed, y: torch.Tensor, form: Submission)
     start, stop = slab_ranges(len(y), batch, ctx.settings.slab_slices)[0]
     label = "slices" if stop - start == len(y) else "slices per slab (SCORERECON_SLAB_SLICES)"
     pixels = network_pixels(card, parsed.shape, defaults)
+    # A TV weight chosen by hold-out costs one single-sample solve per candidate beside the
+    # K samples (models/holdout.py); the client cannot lower them, only K.
+    holdout = len(defaults.holdout_candidates())
     factors = [
         Factor("nfe", nfe, 2),
-        Factor("samples", samples),
+        Factor("samples", samples, extra=holdout),
         Factor("measurement", stop - start, label=label),
     ]
     check_cost(ctx.settings, pixels, factors)
     params = {"sampler": form.sampler, "nfe": nfe, "samples": samples, "seed": form.seed}
-    # A TV weight chosen by hold-out costs one single-sample solve per candidate beside the
-    # K samples (models/holdout.py); the per-job limit above bounds the K samples alone.
-    solves = samples + len(defaults.holdout_candidates())
-    return params, job_cost(nfe, solves, len(y), pixels)
+    return params, job_cost(nfe, samples + holdout, len(y), pixels)
 
 
 def _dicom_params(ctx: Context, form: Submission, modality: str, count: int) -> dict:

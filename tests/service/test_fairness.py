@@ -128,6 +128,20 @@ def test_job_cost_and_the_refusal_naming_the_field_and_its_maximum():
     assert job_cost(286, 64, 1, pixels) <= limit < job_cost(287, 64, 1, pixels)
 
 
+def test_the_per_job_limit_counts_the_hold_out_solves_the_client_cannot_lower():
+    """A TV weight chosen by hold-out adds a single-sample solve per candidate to the K
+    samples (models/holdout.py): the limit counts them, and the fix it names for
+    ``samples`` leaves room for them."""
+    pixels, nfe = 128 * 128, 50
+    factors = [Factor("nfe", nfe), Factor("samples", 4, extra=2), Factor("measurement", 1)]
+    limit = job_cost(nfe, 5, 1, pixels)  # room for 5 solves, not 4 + 2
+    field, detail = over_cost(limit, pixels, factors)
+    assert field == "nfe" and "(samples + 2 hold-out solves)" in detail and "50 × 6 × 1" in detail
+    assert "lower" in detail and "samples to at most 3" in detail
+    assert over_cost(limit, pixels, [Factor("nfe", nfe), Factor("samples", 3, extra=2)]) is None
+    assert over_cost(job_cost(nfe, 2, 1, pixels), pixels, factors)[1].count("samples to") == 0
+
+
 def _job(store: JobStore, owner: str, kind: str = "reconstruction", **fields) -> str:
     job_id = new_id()
     fields = {"spec": {}, "params": {}, "result_keys": [], **fields}
