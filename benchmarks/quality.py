@@ -264,7 +264,18 @@ def write_page() -> None:
     store = DOCS / "quality.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     machine = results.get("machine", f"{platform.machine()}, torch {torch.__version__}")
-    (DOCS / "quality.md").write_text("\n".join(render(results, machine)))
+    write(render(results, machine))
+
+
+def write(lines: list[str]) -> None:
+    """quality.md from its rendered ``lines``, with the headline of the real slices
+    (benchmarks/quality_real.py) kept at the top."""
+    (DOCS / "quality.md").write_text("\n".join(lines))
+    real = DOCS / "quality_real.json"
+    if real.exists():
+        from quality_real import headline
+
+        headline(json.loads(real.read_text()))
 
 
 def main() -> None:
@@ -295,13 +306,8 @@ def main() -> None:
         {"ct": run_ct, "mri": run_mri, "nfe": run_nfe}.get(section, _run_timing)(args, results)
         store.write_text(json.dumps(results, indent=2, default=str))
     lines = render(results, machine)
-    (DOCS / "quality.md").write_text("\n".join(lines))
+    write(lines)
     print("\n".join(lines))
-    real = DOCS / "quality_real.json"
-    if real.exists():  # the headline (real slices) stays at the top
-        from quality_real import headline
-
-        headline(json.loads(real.read_text()))
 
 
 def _run_timing(args, results: dict) -> None:

@@ -123,10 +123,13 @@ def run(name: str, n: int, n_val: int, tune: bool) -> dict:
         "classical_weight": weight,
         "config": {
             "sampler": config.sampler,
-            "nfe": NFE,
+            "nfe": config.n_steps * config.nfe_per_step(),
+            "start": config.start,
             "rho": config.rho,
             "eta": config.eta,
+            "tv": config.tv,
             "samples": config.samples,
+            **({"intensity_level": config.intensity_level} if modality == "mri" else {}),
         },
         "baseline": base,
         "classical": CLASSICAL[modality],
@@ -250,7 +253,8 @@ def headline(results: dict) -> None:
             "Mean PSNR (dB) over the test slices of `docs/benchmarks/quality_real.md`, which has "
             "every slice, the tuning and the pictures: measurements on a grid twice as fine, "
             "realistic noise, each method tuned on validation slices, the score solver at its "
-            "card's defaults (100 NFE). The phantom sections below are noiseless and "
+            "card's defaults (the NFE and warm start of each task's row there). The phantom "
+            "sections below are noiseless and "
             "in-distribution: unit-test level, not a result.",
             "",
             *rows,
