@@ -53,7 +53,7 @@ from models.measurements import as_measurement, read_array  # noqa: E402
 from models.metrics import psnr, ssim  # noqa: E402
 from models.multicoil import simulate_multicoil, write_fastmri  # noqa: E402
 from models.physics import layout_operator, parse_spec, slice_problems  # noqa: E402
-from models.protocol import close_ups, coarse_close_ups, fine_slices  # noqa: E402
+from models.protocol import fine_slices, validation_slices  # noqa: E402
 from models.registry import load_card, update_card  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
@@ -115,9 +115,10 @@ def case(split: str, n: int, acceleration: int, kind: str, seed: int):
     Validation adds a field-filling close-up of each slice (models.protocol.close_ups), and
     the same as a coarse noisy scan (coarse_close_ups), as the test set holds such slices
     (nibabel's small 2 mm volume)."""
-    fine = fine_slices("mri", split, SHAPE[0], n)
     if split == "val":
-        fine = torch.cat([fine, close_ups(fine), coarse_close_ups(fine)])
+        fine = validation_slices("mri", SHAPE[0], n)
+    else:
+        fine = fine_slices("mri", split, SHAPE[0], n)
     sim = simulate_multicoil(
         fine,
         COILS,

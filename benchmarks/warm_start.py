@@ -10,7 +10,10 @@ the test slices), with the card's other settings and its K posterior samples:
   ``CANDIDATES``, against the card's full run (start 1, 100 NFE);
 * the choice: the pair with the fewest NFE whose PSNR is within ``MAX_LOSS`` dB of the best
   (issue 22: keep the fastest path that loses < 0.2 dB), written into the card with
-  ``--write-card``.
+  ``--write-card``;
+* for MR, then the intensity level of ``LEVELS`` with the best PSNR at that start and NFE
+  (ReconConfig.intensity_level: the warm start begins from the image in that unit), also
+  written into the card.
 
 The posterior std column says how much narrower a warm start's spread is (it cannot cover
 an error of the starting image larger than σ(t₀)).
@@ -36,7 +39,7 @@ import torch  # noqa: E402
 
 from models.inverse import Prior, ReconConfig, reconstruct, steps_for_nfe  # noqa: E402
 from models.metrics import psnr  # noqa: E402
-from models.protocol import fine_slices, simulate  # noqa: E402
+from models.protocol import simulate, validation_slices  # noqa: E402
 from models.registry import BUNDLED, bf16_is_fast, update_card  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
@@ -47,12 +50,20 @@ TASKS = {  # the tasks the cards were tuned on (benchmarks/quality_real.py)
 FULL = (1.0, 100)
 CANDIDATES = ((0.6, 50), (0.5, 50), (0.4, 50), (0.3, 50), (0.5, 40), (0.4, 40), (0.4, 30))
 MAX_LOSS = 0.2  # dB below the full run that a faster setting may lose
+# MR: where a measurement's unit lands in the prior's range (ReconConfig.intensity_level),
+# chosen at the chosen start, since the two interact (a warm start begins from that image)
+LEVELS = {"mri": (0.6, 0.7, 0.8)}
 
 
-def evaluate(prior: Prior, val, modality: str, start: float, nfe: int) -> dict:
-    """Mean PSNR, seconds per slice and mean posterior std over the validation slices."""
+def evaluate(
+    prior: Prior, val, modality: str, start: float, nfe: int, level: float | None = None
+) -> dict:
+    """Mean PSNR, seconds per slice and mean posterior std over the validation slices (at
+    intensity ``level``, or the card's)."""
     config = ReconConfig.for_prior(prior, modality)
     config.start, config.n_steps = start, steps_for_nfe(config, nfe)
+    if level is not None:
+        config.intensity_level = level
     scores, seconds, spread = [], [], []
     for i in range(len(val.y)):
         t0 = time.perf_counter()
@@ -69,7 +80,8 @@ def evaluate(prior: Prior, val, modality: str, start: float, nfe: int) -> dict:
         "per_slice": scores,
     }
     print(
-        f"  start {start}, {nfe} NFE: {row['psnr']:.2f} dB, {row['seconds']:.1f} s, "
+        f"  start {start}, {nfe} NFE, level {config.intensity_level:g}: {row['psnr']:.2f} dB, "
+        f"{row['seconds']:.1f} s, "
         f"std {row['std']:.4f}",
         flush=True,
     )
@@ -86,19 +98,31 @@ def choose(rows: list[dict]) -> dict:
 def run(name: str, n_val: int, write_card: bool) -> dict:
     task, level, noise, model = TASKS[name]
     prior = Prior.load(model, bf16=bf16_is_fast())
-    val = simulate(fine_slices(name, "val", prior.image_size, n_val), task, level, noise, seed=1)
+    # MR: with close-ups and coarse close-ups, as the test set holds such a volume
+    val = simulate(validation_slices(name, prior.image_size, n_val), task, level, noise, seed=1)
     k = ReconConfig.for_prior(prior, name).samples
     print(f"{name}: {len(val.y)} validation slices, K = {k}, {prior.engine}", flush=True)
     rows = [evaluate(prior, val, name, *pair) for pair in (FULL, *CANDIDATES)]
     best = choose(rows)
+    chosen = {"start": best["start"], "nfe": best["nfe"]}
+    levels = {}
+    if name in LEVELS:
+        card_level = ReconConfig.for_prior(prior, name).intensity_level
+        levels = {
+            lv: best["psnr"]
+            if lv == card_level
+            else evaluate(prior, val, name, *chosen.values(), lv)["psnr"]
+            for lv in LEVELS[name]
+        }
+        chosen["intensity_level"] = max(levels, key=levels.get)
     if write_card:
         recon = {**(prior.card.get("recon") or {})}
+        tuned = f"benchmarks/warm_start.py ({len(val.y)} real val slices"
         recon[name] = {
             **recon.get(name, {}),
-            "start": best["start"],
-            "nfe": best["nfe"],
-            "start_tuned_by": f"benchmarks/warm_start.py ({len(val.y)} real val slices, "
-            f"fewest NFE within {MAX_LOSS} dB of the best)",
+            **chosen,
+            "start_tuned_by": f"{tuned}, fewest NFE within {MAX_LOSS} dB of the best)",
+            **({"intensity_level_tuned_by": f"{tuned}, the best at that start)"} if levels else {}),
         }
         update_card(BUNDLED / model, {"recon": recon})
     return {
@@ -106,8 +130,10 @@ def run(name: str, n_val: int, write_card: bool) -> dict:
         "model": model,
         "samples": k,
         "rows": rows,
-        "chosen": {"start": best["start"], "nfe": best["nfe"]},
+        "chosen": chosen,
+        "levels": {f"{lv:g}": v for lv, v in levels.items()},
         "val": len(val.y),
+        "date": time.strftime("%Y-%m-%d"),
     }
 
 
@@ -116,7 +142,7 @@ def figure(results: dict) -> None:
     for ax, res in zip(axes[0], results.values(), strict=True):
         for r in res["rows"]:
             full = (r["start"], r["nfe"]) == FULL
-            chosen = (r["start"], r["nfe"]) == tuple(res["chosen"].values())
+            chosen = (r["start"], r["nfe"]) == (res["chosen"]["start"], res["chosen"]["nfe"])
             ax.scatter(r["seconds"], r["psnr"], c="k" if full else "C1" if chosen else "C0")
             ax.annotate(f"{r['start']}/{r['nfe']}", (r["seconds"], r["psnr"]), fontsize=8)
         ax.set_xlabel("seconds per slice")
@@ -130,11 +156,12 @@ def render(results: dict, machine: str) -> str:
     lines = [
         "# Warm start: fewer NFE at the same validation quality",
         "",
-        f"Measured by `python benchmarks/warm_start.py` on {machine} ({time.strftime('%Y-%m-%d')}"
-        "): the fast sampler started at t₀ = start·T from the forward-diffused least-squares "
+        f"Measured by `python benchmarks/warm_start.py` on {machine}: the fast sampler "
+        "started at t₀ = start·T from the forward-diffused least-squares "
         "image (`ReconConfig.start`), against the card's full run from noise (start 1, 100 "
         "NFE), each with the card's other settings and K posterior samples, on real "
-        "validation slices simulated under the evaluation protocol. Chosen: the fewest NFE "
+        "validation slices simulated under the evaluation protocol (MR: with their close-ups "
+        "and coarse close-ups, models.protocol.validation_slices). Chosen: the fewest NFE "
         f"within {MAX_LOSS} dB of the best. Seconds are on this machine, not a timing "
         "benchmark (docs/benchmarks/speed.md times the test slices).",
         "",
@@ -143,7 +170,7 @@ def render(results: dict, machine: str) -> str:
         full = res["rows"][0]
         lines += [
             f"## {name}: {res['task']}, `{res['model']}`, K = {res['samples']}, "
-            f"{res['val']} validation slices",
+            f"{res['val']} validation slices ({res.get('date', '2026-12-06')})",
             "",
             "| start | NFE | PSNR (dB) | Δ full (dB) | s / slice | mean posterior std |",
             "|---|---|---|---|---|---|",
@@ -155,6 +182,13 @@ def render(results: dict, machine: str) -> str:
             )
         c = res["chosen"]
         lines += ["", f"Chosen: start {c['start']}, {c['nfe']} NFE.", ""]
+        if res.get("levels"):
+            measured = ", ".join(f"{lv}: {v:.2f} dB" for lv, v in res["levels"].items())
+            lines += [
+                f"Intensity level at that start and NFE (mean validation PSNR): {measured}; "
+                f"chosen: {c['intensity_level']:g}.",
+                "",
+            ]
     lines += ["![warm start](warm_start.png)", ""]
     return "\n".join(lines)
 
@@ -166,9 +200,13 @@ def main() -> None:
     parser.add_argument("--write-card", action="store_true")
     args = parser.parse_args()
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    results = {name: run(name, args.n_val, args.write_card) for name in args.tasks}
+    store = DOCS / "warm_start.json"
+    # Tasks not run keep their earlier results (each section says its own date).
+    results = json.loads(store.read_text()) if store.exists() else {}
+    for name in args.tasks:
+        results[name] = run(name, args.n_val, args.write_card)
     DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "warm_start.json").write_text(json.dumps(results, indent=2))
+    store.write_text(json.dumps(results, indent=2))
     figure(results)
     (DOCS / "warm_start.md").write_text(render(results, machine))
 

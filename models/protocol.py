@@ -162,6 +162,17 @@ def coarse_close_ups(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return (out * (near.sum(-2, keepdim=True) > 0)).clamp(0, 1)
 
 
+def validation_slices(modality: str, size: int, count: int | None = None) -> torch.Tensor:
+    """:func:`fine_slices` of the validation split, for MR with their :func:`close_ups` and
+    :func:`coarse_close_ups` added: the MR test set holds a coarse, field-filling volume
+    (nibabel's) that the validation templates do not, and settings tuned on whole-head
+    slices alone can lose on it."""
+    fine = fine_slices(modality, "val", size, count)
+    if modality != "mri":
+        return fine
+    return torch.cat([fine, close_ups(fine), coarse_close_ups(fine)])
+
+
 # The strongest classical method per modality, and the TV weights its tuning tries.
 CLASSICAL = {"ct": "fista-tv", "mri": "cs-tv"}
 TV_WEIGHTS = {"ct": (0.03, 0.1, 0.3, 1.0, 3.0), "mri": (3e-3, 1e-2, 3e-2, 0.1, 0.3)}

@@ -1,8 +1,16 @@
 """The evaluation protocol's stand-ins for the test set's kinds of slices (models/protocol.py)."""
 
+import pytest
 import torch
 
-from models.protocol import COARSE_FACTOR, close_ups, coarse_close_ups
+from models.protocol import (
+    COARSE_FACTOR,
+    close_ups,
+    coarse_close_ups,
+    fine_slices,
+    validation_slices,
+)
+from models.realdata import available
 
 
 def _slices() -> torch.Tensor:
@@ -28,3 +36,15 @@ def test_coarse_close_ups_lose_the_fine_detail_keep_the_margins_and_are_reproduc
     assert torch.equal(coarse, coarse_close_ups(_slices()))
     assert not torch.equal(coarse, coarse_close_ups(_slices(), seed=1))  # the noise is drawn
     assert COARSE_FACTOR > 1
+
+
+def test_mr_validation_holds_close_ups_and_coarse_close_ups_of_its_slices_ct_only_slices():
+    """The MR test set holds a coarse field-filling volume; MR validation stands in for it."""
+    if not available():
+        pytest.skip("no real data fetched (make realdata / scorerecon data fetch)")
+    fine = fine_slices("mri", "val", 32, 2)
+    mr = validation_slices("mri", 32, 2)
+    assert mr.shape == (6, 1, 64, 64)
+    assert torch.equal(mr[:2], fine) and torch.equal(mr[2:4], close_ups(fine))
+    assert torch.equal(mr[4:], coarse_close_ups(fine))
+    assert torch.equal(validation_slices("ct", 32, 2), fine_slices("ct", "val", 32, 2))
