@@ -111,7 +111,7 @@ def run(name: str, n_val: int, write_card: bool) -> dict:
         levels = {
             lv: best["psnr"]
             if lv == card_level
-            else evaluate(prior, val, name, *chosen.values(), lv)["psnr"]
+            else evaluate(prior, val, name, best["start"], best["nfe"], lv)["psnr"]
             for lv in LEVELS[name]
         }
         chosen["intensity_level"] = max(levels, key=levels.get)
