@@ -7,10 +7,10 @@ phase):
 
 1. tuning on the validation slabs (never the test slabs): the classical method's TV weight
    (FISTA-TV for CT, CS-TV on the complex image for MRI) by grid search, and the score
-   solver's ρ and η (and for MR the intensity level; fast sampler, 100 NFE) by a small
-   grid, then whether averaging K = 4 posterior samples (the posterior mean) gains at
-   least 0.3 dB over one, written into the bundled prior's card (``recon``), where every
-   reconstruction takes its defaults from;
+   solver's ρ and η (fast sampler, 100 NFE) by a small grid (the MR intensity level is
+   chosen with the warm start, by benchmarks/warm_start.py), then whether averaging K = 4
+   posterior samples (the posterior mean) gains at least 0.3 dB over one, written into the
+   bundled prior's card (``recon``), where every reconstruction takes its defaults from;
 2. the test slabs, per slice: FBP or zero-filled, the tuned classical method, and the score
    reconstruction with the card's defaults (its noise level estimated from the data), with
    PSNR/SSIM (data range 1), NFE and seconds.
@@ -48,9 +48,6 @@ TASKS = {
     "mri": ("mri", 8, "complex:0.01", "mri-default"),
 }
 GRID = {"rho": (0.3, 1.0), "eta": (0.5, 0.85)}
-# MR also: where the measurement's unit lands in the prior's range (models.baselines.LEVEL
-# is 0.8; the multi-coil tuning chose 0.7, benchmarks/mri_multicoil.py)
-LEVELS = {"mri": (0.7, 0.8)}
 SAMPLES = (1, 4)  # posterior samples averaged: K = 4 kept if it gains 0.3 dB on val
 NFE = 100
 
@@ -73,8 +70,7 @@ def run(name: str, n: int, n_val: int, tune: bool) -> dict:
         f"{name}: {CLASSICAL[modality]} weight {weight} ({val_classical:.2f} dB on val)", flush=True
     )
     if tune:
-        grid = GRID | ({"intensity_level": LEVELS[modality]} if modality in LEVELS else {})
-        best = grid_search(prior, val, grid, NFE, samples=SAMPLES)
+        best = grid_search(prior, val, GRID, NFE, samples=SAMPLES)
         card = {**(prior.card.get("recon") or {})}
         # Values other tools tuned (multicoil, other samplers) are kept; the warm start is
         # re-chosen for the new settings by benchmarks/warm_start.py.

@@ -170,7 +170,7 @@ def render(results: dict, machine: str) -> str:
         full = res["rows"][0]
         lines += [
             f"## {name}: {res['task']}, `{res['model']}`, K = {res['samples']}, "
-            f"{res['val']} validation slices ({res.get('date', '2026-12-06')})",
+            f"{res['val']} validation slices ({res['date']})",
             "",
             "| start | NFE | PSNR (dB) | Δ full (dB) | s / slice | mean posterior std |",
             "|---|---|---|---|---|---|",
