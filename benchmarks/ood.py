@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -52,7 +51,15 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models.baselines import classical_image  # noqa: E402
-from models.inverse import Prior, ReconConfig, k_sample_factor, reconstruct  # noqa: E402
+from models.inverse import (  # noqa: E402
+    OBJECT_LEVEL,
+    Prior,
+    ReconConfig,
+    fit_std_scale,
+    k_sample_factor,
+    reconstruct,
+    std_ratios,
+)
 from models.likelihood import bits_per_dim, log_likelihood  # noqa: E402
 from models.ood import DEFAULT_TIMES, auroc, calibrate, dsm_losses  # noqa: E402
 from models.protocol import simulate  # noqa: E402
@@ -66,7 +73,6 @@ TASKS = {  # the tasks the cards were tuned on (benchmarks/quality_real.py)
 }
 OUTLIERS = ("other modality", "implant", "heavy noise")
 OTHER_SOURCES = "other sources"  # the same modality from other scanners and subjects
-OBJECT_LEVEL = 0.05  # reference pixels above this are the object, where coverage is measured
 BPD_STEPS = 16
 
 
@@ -213,8 +219,7 @@ def run_prior(modality: str, n: int, n_val: int, n_bpd: int, arcsm_steps: int) -
 def coverage_terms(ref: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict:
     """Per pixel |x − x̄| / (2 s_K) of the object and of the whole slice, as quantiles are
     fitted later: kept as arrays of ratios (∞ where s_K = 0 and the error is not)."""
-    err, s = (ref - mean).abs().flatten(), std.flatten()
-    ratio = torch.where(s > 0, err / (2 * s), torch.where(err > 0, math.inf, 0.0))
+    ratio = std_ratios(ref, mean, std)
     return {"object": ratio[ref.flatten() > OBJECT_LEVEL].numpy(), "all": ratio.numpy()}
 
 
@@ -286,7 +291,7 @@ def analyse(result: dict, percentile: float) -> dict:
     # σ scale: the 95th percentile of |x − x̄| / (2 κ s) on the validation object.
     kappa = k_sample_factor(k) if k > 1 else float("nan")
     val_ratio = np.concatenate([r["coverage"]["object"] for r in rows["validation"]])
-    scale = float(np.quantile(val_ratio / kappa, 0.95))
+    scale = fit_std_scale(torch.from_numpy(val_ratio), k)
     out["std_scale"] = scale
     out["kappa"] = kappa
     cov = {}

@@ -72,6 +72,9 @@ from models.sde import SDE, VESDE, RowGenerators, ScoreFn, per_sample, randn
 
 METHODS = ("map", "proximal", "score-sde", "langevin")
 RECON_SAMPLERS = ("fast", "pc", "em", "ald")
+# Reference pixels above this (on the prior's [0, 1] scale) are the object, where the
+# posterior std's coverage is fitted and measured (the background is trivially covered).
+OBJECT_LEVEL = 0.05
 DEFAULT_SAMPLER, DEFAULT_NFE = "fast", 100
 __all__ = ["Cancelled", "Prior", "ReconConfig", "Reconstruction", "reconstruct"]
 
@@ -833,6 +836,28 @@ def calibrated_std(std: torch.Tensor, k: int, scale: float) -> torch.Tensor:
     validation slices so that |x − x̄| ≤ 2 std holds at 95 % of their object's pixels
     (``benchmarks/ood.py``, stored in the card as ``std_scale``)."""
     return std * (scale * k_sample_factor(k))
+
+
+def std_ratios(ref: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """|x − x̄| / (2 s) per pixel, flattened: how far a ±2 s band must stretch to hold the
+    truth there (≤ 1: it does; ∞ where s = 0 and the error is not, 0 where neither is)."""
+    err, s = (ref - mean).abs().flatten(), std.flatten()
+    return torch.where(s > 0, err / (2 * s), torch.where(err > 0, math.inf, 0.0))
+
+
+def fit_std_scale(ratios: torch.Tensor, k: int, coverage: float = 0.95) -> float:
+    """c of :func:`calibrated_std` for K samples: the ``coverage`` quantile of ``ratios``
+    (:func:`std_ratios` of raw K-sample stds on validation slices) over κ(K), so that
+    |x − x̄| ≤ 2 c κ(K) s_K holds at that fraction of those pixels."""
+    if k < 2:
+        raise ValueError("a posterior std needs at least 2 samples (k >= 2)")
+    scale = float(torch.quantile(ratios.to(torch.float64), coverage)) / k_sample_factor(k)
+    if not math.isfinite(scale):
+        raise ValueError(
+            f"more than {1 - coverage:.0%} of the pixels have an error but no spread: "
+            "the samples do not vary, so no scale of their std can cover the error"
+        )
+    return scale
 
 
 def _warm_start(

@@ -11,7 +11,15 @@ import math
 import pytest
 import torch
 
-from models.inverse import Prior, ReconConfig, calibrated_std, k_sample_factor, reconstruct
+from models.inverse import (
+    Prior,
+    ReconConfig,
+    calibrated_std,
+    fit_std_scale,
+    k_sample_factor,
+    reconstruct,
+    std_ratios,
+)
 from models.ood import (
     OODCheck,
     auroc,
@@ -153,6 +161,25 @@ def test_the_k_sample_factor_gives_95_percent_coverage_of_a_further_draw():
         raw = (truth - samples.mean(dim=1)).abs() <= 2 * std
         assert float(raw.double().mean()) < 0.93  # what the raw std of K draws covers
     assert math.isclose(k_sample_factor(4), 3.182446 * math.sqrt(1.25) / 1.959964, rel_tol=1e-5)
+
+
+def test_fit_std_scale_makes_the_band_cover_95_percent_of_errors_the_raw_std_understates():
+    """Errors three times what K = 4 draws' std says: the fitted c brings the ±2 c κ(K) s_K
+    band to 95 % coverage of fresh pixels with the same understatement, and no further."""
+    g = torch.Generator().manual_seed(0)
+    k, n = 4, 100_000
+    std = 0.01 + 0.05 * torch.rand(2, n, generator=g, dtype=torch.float64)
+    ref = torch.zeros(2, n, dtype=torch.float64)
+    mean = 3 * std * torch.randn(2, n, generator=g, dtype=torch.float64)
+    c = fit_std_scale(std_ratios(ref[0], mean[0], std[0]), k)
+    assert math.isclose(c * k_sample_factor(k), 1.96 * 3 / 2, rel_tol=0.03), c
+    fresh = std_ratios(ref[1], mean[1], calibrated_std(std[1], k, c))
+    assert 0.94 <= float((fresh <= 1).double().mean()) <= 0.96
+    # No spread where there is error: no scale can cover it, and it says so.
+    with pytest.raises(ValueError, match="do not vary"):
+        fit_std_scale(std_ratios(ref[0], mean[0], torch.zeros(n)), k)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fit_std_scale(std_ratios(ref[0], mean[0], std[0]), 1)
 
 
 @pytest.fixture(scope="module")
