@@ -24,7 +24,10 @@ the card's ``multicoil`` values). ``--priors A B ...``
 compares priors (bundled names or candidate folders, each at its own card values but the
 chosen λ, start and NFE) on the same validation slices; the best runs the test.
 ``--tune-holdout`` compares the fixed λ with λ chosen per slice among λ × HOLDOUT_FACTORS by
-k-space hold-out (models/holdout.py) on the same slices.
+k-space hold-out (models/holdout.py) on the same slices. ``--calibrate-std`` fits the scale
+of the posterior std of the card's K draws so that ±2 std holds the truth at 95 % of the
+validation slices' object pixels (the single-coil scale, benchmarks/ood.py's, does not
+fit draws that start from the data); the test slices' coverage is reported.
 PSNR / SSIM against the magnitude of the fully sampled object (data range 1).
 
 Run: ``python benchmarks/mri_multicoil.py [--n 4] [--tasks 4x-equispaced ...]``.
@@ -48,7 +51,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from models.baselines import cs_wavelet, fista_tv, reconstruct_baseline, sense  # noqa: E402
-from models.inverse import Prior, ReconConfig, reconstruct  # noqa: E402
+from models.inverse import (  # noqa: E402
+    OBJECT_LEVEL,
+    Prior,
+    ReconConfig,
+    fit_std_scale,
+    k_sample_factor,
+    reconstruct,
+    std_ratios,
+)
 from models.measurements import as_measurement, read_array  # noqa: E402
 from models.metrics import psnr, ssim  # noqa: E402
 from models.multicoil import simulate_multicoil, write_fastmri  # noqa: E402
@@ -92,6 +103,11 @@ PRIOR_MARGIN = 0.1
 # (ReconConfig.tv_holdout, models/holdout.py; ``--tune-holdout``): at 8× the validation
 # slices like the prior's data want λ 10 and the coarse ones 40, 1-2 dB apart either way.
 HOLDOUT_FACTORS = (1.0, 4.0)
+# Then the scale of the posterior std (``--calibrate-std``) at the card's K, fitted on the
+# validation slices (models.inverse.fit_std_scale) as benchmarks/ood.py fits the
+# single-coil one: these draws, started from the data, spread less. The PSNR of the mean
+# of the first k of those K draws is reported for each k of SAMPLES_SHOWN up to K.
+SAMPLES_SHOWN = (1, 2, 4, 8)
 # Each classical method's weight, tuned on the validation slices from these.
 WEIGHTS = {
     "sense": (1e-3, 1e-2, 3e-2, 0.1),
@@ -276,6 +292,56 @@ def select_holdout(
     return options[max(mean, key=mean.get)], table
 
 
+def chosen_config(
+    prior: Prior,
+    op,
+    nfe: int,
+    tv: float,
+    start: float,
+    level: float | None = None,
+    holdout: tuple[float, ...] | None = None,
+) -> ReconConfig:
+    """The card's multi-coil values for ``op`` with the values chosen here over them."""
+    config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=op)
+    config.tv, config.start = tv, start
+    if level is not None:
+        config.intensity_level = level
+    if holdout is not None:
+        config.tv_holdout = holdout
+    return config
+
+
+def calibrate_std(prior: Prior, vals: dict, config_of) -> tuple[float, dict[str, dict]]:
+    """The scale c of the posterior std at K = the config's samples (``config_of(op)``: the
+    chosen values), fitted on the object pixels of every task's validation slices, each
+    solved once with K draws; and per task the mean PSNR of the mean of the first k draws
+    for each k of SAMPLES_SHOWN up to K (the draws are independent: what K = k scores)."""
+    draws: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    table: dict[str, dict[int, float]] = {}
+    k = 1
+    for name, (ops, y, ref) in vals.items():
+        draws[name] = []
+        for i, op in enumerate(ops):
+            config = config_of(op)
+            k, config.std_scale, config.ood = config.samples, 0.0, False
+            rec = reconstruct(op, y[i : i + 1], prior, config, k, i)
+            draws[name].append((rec.samples[0], ref[i]))
+        table[name] = {
+            j: statistics.fmean(psnr(s[:j].mean(0).clamp(0, 1), r[0]) for s, r in draws[name])
+            for j in SAMPLES_SHOWN
+            if j <= k
+        }
+        print(f"  {name} val: " + ", ".join(f"K {j}: {v:.2f} dB" for j, v in table[name].items()))
+    ratios = torch.cat(
+        [
+            std_ratios(r[0], s.mean(0), s.std(0))[r.flatten() > OBJECT_LEVEL]
+            for slices in draws.values()
+            for s, r in slices
+        ]
+    )
+    return fit_std_scale(ratios, k), table
+
+
 def select_prior(
     models: list[str], vals: dict, tv: float, start: float, nfe: int, level: float | None
 ) -> tuple[str, dict]:
@@ -305,17 +371,15 @@ def run(
     nfe: int,
     level: float | None = None,
     holdout: tuple[float, ...] | None = None,
+    std_scale: float | None = None,
 ) -> dict:
     acceleration, kind = TASKS[name]
     print(f"{name}: tuning on {len(val[0])} validation slices", flush=True)
     weights = tune(*val)
     ops, y, ref, maps_s = case("test", n, acceleration, kind, seed=2)
-    config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
-    config.tv, config.start = tv, start
-    if level is not None:
-        config.intensity_level = level
-    if holdout is not None:
-        config.tv_holdout = holdout
+    config = chosen_config(prior, ops[0], nfe, tv, start, level, holdout)
+    if std_scale is not None:
+        config.std_scale = std_scale
     rows, examples = [], []
     for i, op in enumerate(ops):
         yi, images = y[i : i + 1], {}
@@ -333,6 +397,14 @@ def run(
         row["score"] = time.perf_counter() - t0
         row["nfe"] = rec.nfe
         row["tv_used"] = rec.provenance["tv_used"][0]
+        if config.samples > 1 and config.std_scale > 0:  # the calibrated std's ±2 coverage
+            ratios = std_ratios(ref[i], rec.mean[0], rec.std[0])[ref[i].flatten() > OBJECT_LEVEL]
+            row["coverage"] = float((ratios <= 1).double().mean())
+            # and with the single-coil scale, which multi-coil results had before
+            single = ((prior.card.get("recon") or {}).get("mri") or {}).get("std_scale")
+            if single:
+                within = ratios * config.std_scale / single <= 1
+                row["coverage_single_coil_scale"] = float(within.double().mean())
         for method, img in images.items():
             img = img.clamp(0, 1)
             row[method] = [psnr(img, ref[i]), ssim(img, ref[i]), row[method]]
@@ -359,6 +431,7 @@ def run(
             "rho": config.rho,
             "eta": config.eta,
             "samples": config.samples,
+            "std_scale": config.std_scale,
             "tv": config.tv,
             "tv_holdout": list(config.tv_holdout),
             "intensity_level": config.intensity_level,
@@ -461,6 +534,16 @@ def render(results: dict, machine: str) -> str:
                 ),
             ),
             (
+                "draws_table",
+                f"The mean of the first K of the {cfg.get('samples', 1)} draws at those values "
+                "(one solve per slice)",
+                "K {}",
+                f"; the scale of the std of all {cfg.get('samples', 1)} fitted on these "
+                f"slices: c = {cfg.get('std_scale', 0.0):.3f}, κ(K) c = "
+                f"{k_sample_factor(max(cfg.get('samples', 1), 2)) * cfg.get('std_scale', 0.0):.1f} "
+                "times the draws' own spread",
+            ),
+            (
                 "prior_selection",
                 "Priors at those values",
                 "`{}`",
@@ -469,10 +552,12 @@ def render(results: dict, machine: str) -> str:
             ),
         ):
             if r.get(key):
+                how = "" if key == "draws_table" else " with one posterior sample"
+                over = "" if key == "draws_table" else "; chosen over all tasks"
                 lines += [
-                    f"{what}, mean validation PSNR with one posterior sample: "
+                    f"{what}, mean validation PSNR{how}: "
                     + ", ".join(f"{item.format(k)}: {v:.2f} dB" for k, v in r[key].items())
-                    + f"; chosen over all tasks{chosen}.",
+                    + f"{over}{chosen}.",
                     "",
                 ]
         lines += [
@@ -497,6 +582,23 @@ def render(results: dict, machine: str) -> str:
                 + ", ".join(f"{row['tv_used']:g}" for row in r["rows"])
                 + "; seconds include the hold-out solves."
                 if cfg.get("tv_holdout")
+                else ""
+            )
+            + (
+                " ±2 std (calibrated) holds the truth at "
+                + ", ".join(f"{100 * row['coverage']:.0f} %" for row in r["rows"])
+                + " of each slice's object pixels (reference > "
+                + f"{OBJECT_LEVEL}; fitted for 95 % on validation)"
+                + (
+                    "; with the single-coil scale, "
+                    + ", ".join(
+                        f"{100 * row['coverage_single_coil_scale']:.0f} %" for row in r["rows"]
+                    )
+                    if all("coverage_single_coil_scale" in row for row in r["rows"])
+                    else ""
+                )
+                + "."
+                if all("coverage" in row for row in r["rows"])
                 else ""
             ),
             "",
@@ -539,6 +641,11 @@ def main() -> None:
         "--tune-holdout",
         action="store_true",
         help="choose on val between a fixed λ and λ per slice by k-space hold-out",
+    )
+    parser.add_argument(
+        "--calibrate-std",
+        action="store_true",
+        help="fit the scale of the posterior std on val (else the card's)",
     )
     parser.add_argument(
         "--priors",
@@ -589,6 +696,13 @@ def main() -> None:
         model, priors = select_prior(args.priors, vals, tv, start, nfe, level)
         prior = Prior.load(model, bf16=None)
         print(f"prior {model}", flush=True)
+    std_scale, counts = None, {}
+    if args.calibrate_std:
+        print("fitting the posterior std's scale on validation", flush=True)
+        std_scale, counts = calibrate_std(
+            prior, vals, lambda op: chosen_config(prior, op, nfe, tv, start, level, holdout)
+        )
+        print(f"std scale {std_scale:.3f}", flush=True)
     if args.write_card:
         card = load_card(model)
         recon = card.get("recon", {})
@@ -603,10 +717,12 @@ def main() -> None:
             **({"rho": rho_eta[0], "eta": rho_eta[1]} if rho_eta else {}),
             **({"intensity_level": level} if level else {}),
             **({"tv_holdout": list(holdout)} if holdout is not None else {}),
+            **({"std_scale": round(std_scale, 4)} if std_scale is not None else {}),
             "tuned_by": "benchmarks/mri_multicoil.py (grids over validation slices, their "
             "close-ups and coarse close-ups, 8-coil data, all four tasks: λ_TV, then start "
             "and NFE, then ρ and η, "
-            "then the intensity level, then λ fixed or by k-space hold-out)",
+            "then the intensity level, then λ fixed or by k-space hold-out, then the "
+            "scale of the posterior std)",
         }
         recon["mri"] = mri
         update_card(model, {"recon": recon})
@@ -615,7 +731,7 @@ def main() -> None:
         # With --tv, the λ table of the run that chose it stays in the doc.
         earlier = results.get(name, {}).get("tv_selection", {})
         results[name] = run(
-            name, args.n, vals[name], prior, model, tv, start, nfe, level, holdout
+            name, args.n, vals[name], prior, model, tv, start, nfe, level, holdout, std_scale
         ) | {
             "note": args.note,
             "tv_selection": {f"{k:g}": v for k, v in table.get(name, {}).items()} or earlier,
@@ -628,6 +744,8 @@ def main() -> None:
             or results.get(name, {}).get("holdout_selection", {}),
             "level_selection": {f"{k:g}": v for k, v in levels.get(name, {}).items()}
             or results.get(name, {}).get("level_selection", {}),
+            "draws_table": {str(k): v for k, v in counts.get(name, {}).items()}
+            or results.get(name, {}).get("draws_table", {}),
         }
         store.write_text(json.dumps(results, indent=2))
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

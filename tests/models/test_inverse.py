@@ -395,13 +395,18 @@ def test_tv_weight_comes_from_the_card_and_changes_the_result():
 
 
 def test_multicoil_values_of_the_card_apply_to_multicoil_operators_only():
-    card = {"recon": {"mri": {"sampler": "fast", "eta": 0.85, "multicoil": {"tv": 10.0}}}}
-    mri = {"modality": "mri", "image_size": 32, "mask": {"kind": "equispaced", "acceleration": 4}}
-    single, multi = from_spec(mri), from_spec({**mri, "coils": 4})
+    """Including the posterior std's scale: multi-coil draws, started from the data, are
+    calibrated apart (benchmarks/mri_multicoil.py --calibrate-std)."""
+    multicoil = {"tv": 10.0, "std_scale": 12.5}
+    mri = {"sampler": "fast", "eta": 0.85, "std_scale": 2.0, "multicoil": multicoil}
+    card = {"recon": {"mri": mri}}
+    spec = {"modality": "mri", "image_size": 32, "mask": {"kind": "equispaced", "acceleration": 4}}
+    single, multi = from_spec(spec), from_spec({**spec, "coils": 4})
     prior = Prior(lambda x, t: x, VESDE(0.01, 5.0, N=10), 32, card=card)
-    assert ReconConfig.for_prior(prior, "mri", operator=single).tv == 0.0
+    one_coil = ReconConfig.for_prior(prior, "mri", operator=single)
+    assert one_coil.tv == 0.0 and one_coil.std_scale == 2.0
     with_coils = ReconConfig.for_prior(prior, "mri", operator=multi)
-    assert with_coils.tv == 10.0 and with_coils.eta == 0.85
+    assert with_coils.tv == 10.0 and with_coils.eta == 0.85 and with_coils.std_scale == 12.5
     assert ReconConfig.from_card(card, "mri").tv == 0.0
 
 
