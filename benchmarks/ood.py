@@ -29,7 +29,9 @@ posterior std: c such that |x − x̄| ≤ 2 c κ(K) s_K holds at 95 % of the ob
 validation (:func:`models.inverse.calibrated_std`); ±2σ coverage on the test slices is
 reported before and after.
 
-Run: ``python benchmarks/ood.py [--n 8] [--n-val 12] [--write-card]``.
+Run: ``python benchmarks/ood.py [--n 8] [--n-val 12] [--write-card]``; ``--modalities mri``
+reruns one prior and keeps the other's measurements from ``--raw`` (refused where it has
+none: the page would lose that section).
 Writes docs/benchmarks/ood.{md,json,png} and ood_examples.png.
 """
 
@@ -209,6 +211,7 @@ def run_prior(modality: str, n: int, n_val: int, n_bpd: int, arcsm_steps: int) -
                 examples[group] = (sim.reference[0, 0], mean[0, 0])
     return {
         "prior": name,
+        "date": time.strftime("%Y-%m-%d"),
         "task": f"{task} {level}",
         "samples": config.samples,
         "rows": rows,
@@ -227,6 +230,7 @@ def analyse(result: dict, percentile: float) -> dict:
     rows, k = result["rows"], result["samples"]
     times = DEFAULT_TIMES
     out: dict = {"prior": result["prior"], "task": result["task"], "samples": k}
+    out["date"] = result.get("date")
     checks = {}
     for where in ("recon", "base"):
         source = "calibration" if where == "base" and rows.get("calibration") else "validation"
@@ -374,7 +378,8 @@ def markdown(analyses: list[dict], args, stamp: str) -> str:
     for a in analyses:
         cols = [*OUTLIERS, *a.get("extra", [])]
         lines += [
-            f"## {a['prior']} ({a['task']}, K = {a['samples']})",
+            f"## {a['prior']} ({a['task']}, K = {a['samples']})"
+            + (f", measured {a['date']}" if a.get("date") else ""),
             "",
             "| score | " + " | ".join(cols) + " | s / slice | % of a reconstruction |",
             "|---|" + "---|" * (len(cols) + 2),
@@ -447,12 +452,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     stamp = f"{platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     raw = Path(args.raw)
+    # The page covers every modality: those not run now come from --raw, or are run too.
+    kept = torch.load(raw, weights_only=False) if raw.exists() else []
+    missing = [
+        m
+        for m in TASKS
+        if m not in args.modalities and TASKS[m][4] not in {r["prior"] for r in kept}
+    ]
     if args.analyse_only:
-        results = torch.load(raw, weights_only=False)
+        results = kept
+    elif missing:
+        ap.error(
+            f"--modalities {' '.join(args.modalities)}: {raw} holds no run of "
+            f"{', '.join(missing)}, whose section the page would lose; run them too"
+        )
     else:
-        results = [
+        ran = [
             run_prior(m, args.n, args.n_val, args.n_bpd, args.arcsm_steps) for m in args.modalities
         ]
+        by_prior = {r["prior"]: r for r in kept} | {r["prior"]: r for r in ran}
+        results = [by_prior[TASKS[m][4]] for m in TASKS if TASKS[m][4] in by_prior]
         raw.parent.mkdir(parents=True, exist_ok=True)
         torch.save(results, raw)  # the measurements, to re-analyse without re-running
     analyses = [analyse(r, args.percentile) for r in results]
@@ -465,7 +484,9 @@ def main() -> None:
 
     quality.write_page()
     if args.write_card:
-        for m, a in zip(args.modalities, analyses, strict=True):
+        for m, a in (
+            (m, a) for m in args.modalities for a in analyses if a["prior"] == TASKS[m][4]
+        ):
             card_mod = "ct" if m == "ct" else "mri"
             path = BUNDLED / TASKS[m][4]
             card = json.loads((path / "card.json").read_text())
