@@ -334,7 +334,7 @@ def calibrate_std(prior: Prior, vals: dict, config_of) -> tuple[float, dict[str,
         print(f"  {name} val: " + ", ".join(f"K {j}: {v:.2f} dB" for j, v in table[name].items()))
     ratios = torch.cat(
         [
-            std_ratios(r[0], s.mean(0), s.std(0))[r.flatten() > OBJECT_LEVEL]
+            std_ratios(r[0], s.mean(0), s.std(0), object_only=True)
             for slices in draws.values()
             for s, r in slices
         ]
@@ -380,6 +380,8 @@ def run(
     config = chosen_config(prior, ops[0], nfe, tv, start, level, holdout)
     if std_scale is not None:
         config.std_scale = std_scale
+    # the single-coil scale, which multi-coil results had before: its coverage is shown too
+    single = ((prior.card.get("recon") or {}).get("mri") or {}).get("std_scale")
     rows, examples = [], []
     for i, op in enumerate(ops):
         yi, images = y[i : i + 1], {}
@@ -398,10 +400,8 @@ def run(
         row["nfe"] = rec.nfe
         row["tv_used"] = rec.provenance["tv_used"][0]
         if config.samples > 1 and config.std_scale > 0:  # the calibrated std's ±2 coverage
-            ratios = std_ratios(ref[i], rec.mean[0], rec.std[0])[ref[i].flatten() > OBJECT_LEVEL]
+            ratios = std_ratios(ref[i], rec.mean[0], rec.std[0], object_only=True)
             row["coverage"] = float((ratios <= 1).double().mean())
-            # and with the single-coil scale, which multi-coil results had before
-            single = ((prior.card.get("recon") or {}).get("mri") or {}).get("std_scale")
             if single:
                 within = ratios * config.std_scale / single <= 1
                 row["coverage_single_coil_scale"] = float(within.double().mean())

@@ -222,8 +222,10 @@ def run_prior(modality: str, n: int, n_val: int, n_bpd: int, arcsm_steps: int) -
 def coverage_terms(ref: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict:
     """Per pixel |x − x̄| / (2 s_K) of the object and of the whole slice, as quantiles are
     fitted later: kept as arrays of ratios (∞ where s_K = 0 and the error is not)."""
-    ratio = std_ratios(ref, mean, std)
-    return {"object": ratio[ref.flatten() > OBJECT_LEVEL].numpy(), "all": ratio.numpy()}
+    return {
+        "object": std_ratios(ref, mean, std, object_only=True).numpy(),
+        "all": std_ratios(ref, mean, std).numpy(),
+    }
 
 
 def analyse(result: dict, percentile: float) -> dict:

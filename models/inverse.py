@@ -838,11 +838,15 @@ def calibrated_std(std: torch.Tensor, k: int, scale: float) -> torch.Tensor:
     return std * (scale * k_sample_factor(k))
 
 
-def std_ratios(ref: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def std_ratios(
+    ref: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, object_only: bool = False
+) -> torch.Tensor:
     """|x − x̄| / (2 s) per pixel, flattened: how far a ±2 s band must stretch to hold the
-    truth there (≤ 1: it does; ∞ where s = 0 and the error is not, 0 where neither is)."""
+    truth there (≤ 1: it does; ∞ where s = 0 and the error is not, 0 where neither is);
+    ``object_only``: the object's pixels alone (ref > OBJECT_LEVEL)."""
     err, s = (ref - mean).abs().flatten(), std.flatten()
-    return torch.where(s > 0, err / (2 * s), torch.where(err > 0, math.inf, 0.0))
+    ratio = torch.where(s > 0, err / (2 * s), torch.where(err > 0, math.inf, 0.0))
+    return ratio[ref.flatten() > OBJECT_LEVEL] if object_only else ratio
 
 
 def fit_std_scale(ratios: torch.Tensor, k: int, coverage: float = 0.95) -> float:
