@@ -24,11 +24,17 @@ the card's ``multicoil`` values). ``--priors A B ...``
 compares priors (bundled names or candidate folders, each at its own card values but the
 chosen λ, start and NFE) on the same validation slices; the best runs the test.
 ``--tune-holdout`` compares the fixed λ with λ chosen per slice among λ × HOLDOUT_FACTORS by
-k-space hold-out (models/holdout.py) on the same slices. ``--calibrate-std`` fits the scale
+k-space hold-out (models/holdout.py) on the same slices. ``--tune-rho-eta`` chooses ρ and η
+(``--rho-grid`` and ``--eta-grid`` set where it looks). ``--calibrate-std`` fits the scale
 of the posterior std of the card's K draws so that ±2 std holds the truth at 95 % of the
 validation slices' object pixels (the single-coil scale, benchmarks/ood.py's, does not
 fit draws that start from the data); the test slices' coverage is reported.
 PSNR / SSIM against the magnitude of the fully sampled object (data range 1).
+
+Each validation measurement (one task's mean PSNR at one configuration) is kept in
+``--val-cache`` (runs/, not committed), keyed by the task, the slices, the prior's weights and
+every solver value that moves a one-sample mean: the solves are seeded, so a later run of
+any grid reads what an earlier one measured instead of solving again.
 
 Run: ``python benchmarks/mri_multicoil.py [--n 4] [--tasks 4x-equispaced ...]``.
 Writes docs/benchmarks/mri_multicoil.{md,json} and mri_multicoil_<task>.png.
@@ -37,6 +43,7 @@ Writes docs/benchmarks/mri_multicoil.{md,json} and mri_multicoil_<task>.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -183,18 +190,60 @@ def val_psnr(prior: Prior, config: ReconConfig, ops, y, ref) -> float:
     )
 
 
+# ReconConfig fields that do not move the mean of one posterior sample: left out of the
+# validation cache's key, so that calibrating K's std does not void what was measured.
+UNUSED_BY_ONE_SAMPLE = ("samples", "std_scale", "ood")
+
+
+class ValCache:
+    """Validation PSNRs measured by earlier runs, in a JSON file (none: kept in memory)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.values: dict[str, float] = (
+            json.loads(path.read_text()) if path is not None and path.exists() else {}
+        )
+
+    @staticmethod
+    def key(name: str, prior: Prior, config: ReconConfig, n: int) -> str:
+        settings = {
+            k: v for k, v in dataclasses.asdict(config).items() if k not in UNUSED_BY_ONE_SAMPLE
+        }
+        weights = prior.card.get("weights_sha256") or prior.name
+        return json.dumps(
+            {"task": name, "slices": n, "weights": weights, "engine": prior.engine} | settings,
+            sort_keys=True,
+        )
+
+    def put(self, key: str, value: float) -> None:
+        self.values[key] = value
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.values, indent=1))
+
+
+VAL_CACHE = ValCache()  # main() opens --val-cache's file
+
+
 def measured(prior: Prior, vals: dict, table: dict, key, label: str, nfe: int, **settings) -> float:
     """Mean validation PSNR over the tasks (one posterior sample) with the ReconConfig fields
     ``settings`` over the card's values; each task's kept in ``table[task][key]``, measured
-    once."""
+    once (and read from VAL_CACHE where an earlier run measured it)."""
     for name, (ops, y, ref) in vals.items():
         if key in table.setdefault(name, {}):
             continue
         config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
         for field, value in settings.items():
             setattr(config, field, value)
-        table[name][key] = val_psnr(prior, config, ops, y, ref)
-        print(f"  {name} val: {label}: {table[name][key]:.2f} dB", flush=True)
+        cached = ValCache.key(name, prior, config, len(ops))
+        if cached in VAL_CACHE.values:
+            table[name][key] = VAL_CACHE.values[cached]
+            source = "measured earlier"
+        else:
+            table[name][key] = val_psnr(prior, config, ops, y, ref)
+            VAL_CACHE.put(cached, table[name][key])
+            source = "measured"
+        print(f"  {name} val: {label}: {table[name][key]:.2f} dB ({source})", flush=True)
     return statistics.fmean(t[key] for t in table.values())
 
 
@@ -225,11 +274,17 @@ def select_start(prior: Prior, vals: dict, tv: float) -> tuple[tuple[float, int]
 
 
 def select_rho_eta(
-    prior: Prior, vals: dict, tv: float, start: float, nfe: int
+    prior: Prior,
+    vals: dict,
+    tv: float,
+    start: float,
+    nfe: int,
+    rho_grid: tuple[float, ...] = RHO_GRID,
+    eta_grid: tuple[float, ...] = ETA_GRID,
 ) -> tuple[tuple[float, float], dict]:
-    """(ρ, η): ρ of RHO_GRID at the card's η, then η of ETA_GRID at that ρ, each the best
-    mean validation PSNR over the tasks (one posterior sample); and each pair's mean PSNR per
-    task."""
+    """(ρ, η): ρ of ``rho_grid`` (extended while its largest is best) at the card's η, then
+    η of ``eta_grid`` at that ρ, each the best mean validation PSNR over the tasks (one
+    posterior sample) at the card's other values; and each pair's mean PSNR per task."""
     table: dict[str, dict[tuple, float]] = {}
 
     def measure(rho: float, eta: float) -> float:
@@ -239,12 +294,12 @@ def select_rho_eta(
         )
 
     eta = ReconConfig.for_prior(prior, "mri", operator=next(iter(vals.values()))[0][0]).eta
-    grid = list(RHO_GRID)
+    grid = sorted(rho_grid)
     rho = max(grid, key=lambda r: measure(r, eta))
-    while rho == grid[-1] and len(grid) < len(RHO_GRID) + RHO_EXTEND:  # the best at the edge
+    while rho == grid[-1] and len(grid) < len(rho_grid) + RHO_EXTEND:  # the best at the edge
         grid.append(round(grid[-1] * RHO_STEP, 3))
         rho = max(grid, key=lambda r: measure(r, eta))
-    eta = max(ETA_GRID, key=lambda e: measure(rho, e))
+    eta = max(eta_grid, key=lambda e: measure(rho, e))
     return (rho, eta), table
 
 
@@ -510,7 +565,7 @@ def render(results: dict, machine: str) -> str:
             ),
             (
                 "rho_eta_selection",
-                "ρ then η (ρ/η) at that λ, start and NFE",
+                "ρ then η (ρ/η) at that λ, start and NFE and the card's other values",
                 "{}",
                 f": ρ {cfg.get('rho', 1.0):g}, η {cfg.get('eta', 1.0):g}",
             ),
@@ -633,6 +688,18 @@ def main() -> None:
         "--tune-rho-eta", action="store_true", help="choose ρ and η on val (else the card's)"
     )
     parser.add_argument(
+        "--rho-grid", nargs="+", type=float, default=RHO_GRID, help="ρ tried by --tune-rho-eta"
+    )
+    parser.add_argument(
+        "--eta-grid", nargs="+", type=float, default=ETA_GRID, help="η tried by --tune-rho-eta"
+    )
+    parser.add_argument(
+        "--val-cache",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "runs" / "mri_multicoil_val.json",
+        help="validation PSNRs measured by earlier runs (read and extended)",
+    )
+    parser.add_argument(
         "--tune-level",
         action="store_true",
         help="choose the intensity level on val (else the card's)",
@@ -656,6 +723,8 @@ def main() -> None:
     )
     parser.add_argument("--note", default="", help="a line on the run's conditions, for the doc")
     args = parser.parse_args()
+    global VAL_CACHE
+    VAL_CACHE = ValCache(args.val_cache)
     store = DOCS / "mri_multicoil.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     # bf16 autocast where it measures faster: what the workers run (docs/benchmarks/speed.md)
@@ -678,7 +747,9 @@ def main() -> None:
     rho_eta, pairs = None, {}
     if args.tune_rho_eta:
         print("choosing ρ and η on validation", flush=True)
-        rho_eta, pairs = select_rho_eta(prior, vals, tv, start, nfe)
+        rho_eta, pairs = select_rho_eta(
+            prior, vals, tv, start, nfe, tuple(args.rho_grid), tuple(args.eta_grid)
+        )
         print(f"ρ {rho_eta[0]:g}, η {rho_eta[1]:g}", flush=True)
     level, levels = None, {}
     if args.tune_level:
