@@ -281,10 +281,12 @@ def select_rho_eta(
     nfe: int,
     rho_grid: tuple[float, ...] = RHO_GRID,
     eta_grid: tuple[float, ...] = ETA_GRID,
+    extend: int = RHO_EXTEND,
 ) -> tuple[tuple[float, float], dict]:
-    """(ρ, η): ρ of ``rho_grid`` (extended while its largest is best) at the card's η, then
-    η of ``eta_grid`` at that ρ, each the best mean validation PSNR over the tasks (one
-    posterior sample) at the card's other values; and each pair's mean PSNR per task."""
+    """(ρ, η): ρ of ``rho_grid`` (extended ``extend`` times at most while its largest is
+    best) at the card's η, then η of ``eta_grid`` at that ρ, each the best mean validation
+    PSNR over the tasks (one posterior sample) at the card's other values; and each pair's
+    mean PSNR per task."""
     table: dict[str, dict[tuple, float]] = {}
 
     def measure(rho: float, eta: float) -> float:
@@ -296,7 +298,7 @@ def select_rho_eta(
     eta = ReconConfig.for_prior(prior, "mri", operator=next(iter(vals.values()))[0][0]).eta
     grid = sorted(rho_grid)
     rho = max(grid, key=lambda r: measure(r, eta))
-    while rho == grid[-1] and len(grid) < len(rho_grid) + RHO_EXTEND:  # the best at the edge
+    while rho == grid[-1] and len(grid) < len(rho_grid) + extend:  # the best at the edge
         grid.append(round(grid[-1] * RHO_STEP, 3))
         rho = max(grid, key=lambda r: measure(r, eta))
     eta = max(eta_grid, key=lambda e: measure(rho, e))
@@ -691,6 +693,12 @@ def main() -> None:
         "--rho-grid", nargs="+", type=float, default=RHO_GRID, help="ρ tried by --tune-rho-eta"
     )
     parser.add_argument(
+        "--rho-extend",
+        type=int,
+        default=RHO_EXTEND,
+        help=f"at most this many ρ past the grid while its largest is best (×{RHO_STEP})",
+    )
+    parser.add_argument(
         "--eta-grid", nargs="+", type=float, default=ETA_GRID, help="η tried by --tune-rho-eta"
     )
     parser.add_argument(
@@ -748,7 +756,7 @@ def main() -> None:
     if args.tune_rho_eta:
         print("choosing ρ and η on validation", flush=True)
         rho_eta, pairs = select_rho_eta(
-            prior, vals, tv, start, nfe, tuple(args.rho_grid), tuple(args.eta_grid)
+            prior, vals, tv, start, nfe, tuple(args.rho_grid), tuple(args.eta_grid), args.rho_extend
         )
         print(f"ρ {rho_eta[0]:g}, η {rho_eta[1]:g}", flush=True)
     level, levels = None, {}
