@@ -276,8 +276,7 @@ def select_start(prior: Prior, vals: dict, tv: float) -> tuple[tuple[float, int]
 def select_rho_eta(
     prior: Prior,
     vals: dict,
-    tv: float,
-    start: float,
+    chosen: dict,
     nfe: int,
     rho_grid: tuple[float, ...] = RHO_GRID,
     eta_grid: tuple[float, ...] = ETA_GRID,
@@ -285,15 +284,13 @@ def select_rho_eta(
 ) -> tuple[tuple[float, float], dict]:
     """(ρ, η): ρ of ``rho_grid`` (extended ``extend`` times at most while its largest is
     best) at the card's η, then η of ``eta_grid`` at that ρ, each the best mean validation
-    PSNR over the tasks (one posterior sample) at the card's other values; and each pair's
-    mean PSNR per task."""
+    PSNR over the tasks (one posterior sample) at the values ``chosen`` before and the card's
+    others; and each pair's mean PSNR per task."""
     table: dict[str, dict[tuple, float]] = {}
 
     def measure(rho: float, eta: float) -> float:
         label = f"ρ {rho:g}, η {eta:g}"
-        return measured(
-            prior, vals, table, (rho, eta), label, nfe, tv=tv, start=start, rho=rho, eta=eta
-        )
+        return measured(prior, vals, table, (rho, eta), label, nfe, **chosen, rho=rho, eta=eta)
 
     eta = ReconConfig.for_prior(prior, "mri", operator=next(iter(vals.values()))[0][0]).eta
     grid = sorted(rho_grid)
@@ -305,23 +302,15 @@ def select_rho_eta(
     return (rho, eta), table
 
 
-def select_level(prior: Prior, vals: dict, tv: float, start: float, nfe: int) -> tuple[float, dict]:
+def select_level(prior: Prior, vals: dict, chosen: dict, nfe: int) -> tuple[float, dict]:
     """The intensity level of LEVEL_GRID (extended below while its smallest is best) with the
-    best mean validation PSNR over the tasks (one posterior sample), at λ, start and NFE and
-    the card's other values; and each level's mean PSNR per task."""
+    best mean validation PSNR over the tasks (one posterior sample), at the values ``chosen``
+    before and the card's others; and each level's mean PSNR per task."""
     table: dict[str, dict[float, float]] = {}
 
     def measure(level: float) -> float:
         return measured(
-            prior,
-            vals,
-            table,
-            level,
-            f"level {level:g}",
-            nfe,
-            tv=tv,
-            start=start,
-            intensity_level=level,
+            prior, vals, table, level, f"level {level:g}", nfe, **chosen, intensity_level=level
         )
 
     grid = sorted(LEVEL_GRID)
@@ -333,14 +322,14 @@ def select_level(prior: Prior, vals: dict, tv: float, start: float, nfe: int) ->
 
 
 def select_holdout(
-    prior: Prior, vals: dict, tv: float, start: float, nfe: int, level: float | None
+    prior: Prior, vals: dict, chosen: dict, nfe: int
 ) -> tuple[tuple[float, ...], dict]:
     """The map step's λ for every slice, or each slice's own among λ × HOLDOUT_FACTORS by
     k-space hold-out, whichever has the better mean validation PSNR over the tasks (one
-    posterior sample); the candidates (empty: fixed) and each choice's mean PSNR per task."""
+    posterior sample) at the values ``chosen`` before; the candidates (empty: fixed) and
+    each choice's mean PSNR per task."""
     table: dict[str, dict[str, float]] = {}
-    chosen = {"tv": tv, "start": start} | ({"intensity_level": level} if level else {})
-    candidates = tuple(tv * f for f in HOLDOUT_FACTORS)
+    candidates = tuple(chosen["tv"] * f for f in HOLDOUT_FACTORS)
     options = {"fixed": (), "hold-out " + "/".join(f"{c:g}" for c in candidates): candidates}
     mean = {
         key: measured(prior, vals, table, key, key, nfe, tv_holdout=grid, **chosen)
@@ -349,22 +338,12 @@ def select_holdout(
     return options[max(mean, key=mean.get)], table
 
 
-def chosen_config(
-    prior: Prior,
-    op,
-    nfe: int,
-    tv: float,
-    start: float,
-    level: float | None = None,
-    holdout: tuple[float, ...] | None = None,
-) -> ReconConfig:
-    """The card's multi-coil values for ``op`` with the values chosen here over them."""
+def chosen_config(prior: Prior, op, nfe: int, chosen: dict) -> ReconConfig:
+    """The card's multi-coil values for ``op`` with the ReconConfig fields ``chosen`` here
+    over them."""
     config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=op)
-    config.tv, config.start = tv, start
-    if level is not None:
-        config.intensity_level = level
-    if holdout is not None:
-        config.tv_holdout = holdout
+    for field, value in chosen.items():
+        setattr(config, field, value)
     return config
 
 
@@ -399,16 +378,12 @@ def calibrate_std(prior: Prior, vals: dict, config_of) -> tuple[float, dict[str,
     return fit_std_scale(ratios, k), table
 
 
-def select_prior(
-    models: list[str], vals: dict, tv: float, start: float, nfe: int, level: float | None
-) -> tuple[str, dict]:
+def select_prior(models: list[str], vals: dict, chosen: dict, nfe: int) -> tuple[str, dict]:
     """Of ``models`` (bundled names or model folders; the first, the one shipped, is kept
     unless another beats it by more than PRIOR_MARGIN dB), the prior with the best mean
-    validation PSNR over the tasks at the map step's λ, start and NFE (and intensity level,
-    if chosen) and each prior's own card values otherwise (one posterior sample); and each
-    prior's mean PSNR per task."""
+    validation PSNR over the tasks at the values ``chosen`` before and each prior's own card
+    values otherwise (one posterior sample); and each prior's mean PSNR per task."""
     table: dict[str, dict[str, float]] = {}
-    chosen = {"tv": tv, "start": start} | ({"intensity_level": level} if level else {})
     mean = {
         model: measured(Prior.load(model, bf16=None), vals, table, model, model, nfe, **chosen)
         for model in models
@@ -423,20 +398,14 @@ def run(
     val,
     prior: Prior,
     model: str,
-    tv: float,
-    start: float,
     nfe: int,
-    level: float | None = None,
-    holdout: tuple[float, ...] | None = None,
-    std_scale: float | None = None,
+    chosen: dict,
 ) -> dict:
     acceleration, kind = TASKS[name]
     print(f"{name}: tuning on {len(val[0])} validation slices", flush=True)
     weights = tune(*val)
     ops, y, ref, maps_s = case("test", n, acceleration, kind, seed=2)
-    config = chosen_config(prior, ops[0], nfe, tv, start, level, holdout)
-    if std_scale is not None:
-        config.std_scale = std_scale
+    config = chosen_config(prior, ops[0], nfe, chosen)
     # the single-coil scale, which multi-coil results had before: its coverage is shown too
     single = ((prior.card.get("recon") or {}).get("mri") or {}).get("std_scale")
     rows, examples = [], []
@@ -752,36 +721,37 @@ def main() -> None:
     else:
         start, nfe = args.start_nfe[0], int(args.start_nfe[1])
     print(f"start {start}, {nfe} NFE", flush=True)
-    rho_eta, pairs = None, {}
+    # ReconConfig fields chosen so far: each later step measures at them
+    chosen: dict = {"tv": tv, "start": start}
+    pairs: dict = {}
     if args.tune_rho_eta:
         print("choosing ρ and η on validation", flush=True)
-        rho_eta, pairs = select_rho_eta(
-            prior, vals, tv, start, nfe, tuple(args.rho_grid), tuple(args.eta_grid), args.rho_extend
+        (chosen["rho"], chosen["eta"]), pairs = select_rho_eta(
+            prior, vals, chosen, nfe, tuple(args.rho_grid), tuple(args.eta_grid), args.rho_extend
         )
-        print(f"ρ {rho_eta[0]:g}, η {rho_eta[1]:g}", flush=True)
-    level, levels = None, {}
+        print(f"ρ {chosen['rho']:g}, η {chosen['eta']:g}", flush=True)
+    levels: dict = {}
     if args.tune_level:
         print("choosing the intensity level on validation", flush=True)
-        level, levels = select_level(prior, vals, tv, start, nfe)
-        print(f"intensity level {level:g}", flush=True)
-    holdout, holdouts = None, {}
+        chosen["intensity_level"], levels = select_level(prior, vals, chosen, nfe)
+        print(f"intensity level {chosen['intensity_level']:g}", flush=True)
+    holdouts: dict = {}
     if args.tune_holdout:
         print("choosing fixed λ or hold-out on validation", flush=True)
-        holdout, holdouts = select_holdout(prior, vals, tv, start, nfe, level)
-        print(f"hold-out candidates {holdout or 'none (fixed)'}", flush=True)
+        chosen["tv_holdout"], holdouts = select_holdout(prior, vals, chosen, nfe)
+        print(f"hold-out candidates {chosen['tv_holdout'] or 'none (fixed)'}", flush=True)
     priors: dict = {}
     if len(args.priors) > 1:
         print("choosing the prior on validation", flush=True)
-        model, priors = select_prior(args.priors, vals, tv, start, nfe, level)
+        model, priors = select_prior(args.priors, vals, chosen, nfe)
         prior = Prior.load(model, bf16=None)
         print(f"prior {model}", flush=True)
-    std_scale, counts = None, {}
+    counts: dict = {}
     if args.calibrate_std:
         print("fitting the posterior std's scale on validation", flush=True)
-        std_scale, counts = calibrate_std(
-            prior, vals, lambda op: chosen_config(prior, op, nfe, tv, start, level, holdout)
-        )
-        print(f"std scale {std_scale:.3f}", flush=True)
+        scale, counts = calibrate_std(prior, vals, lambda op: chosen_config(prior, op, nfe, chosen))
+        chosen["std_scale"] = round(scale, 4)  # as the card keeps it, for the test below
+        print(f"std scale {chosen['std_scale']:.3f}", flush=True)
     if args.write_card:
         card = load_card(model)
         recon = card.get("recon", {})
@@ -790,13 +760,8 @@ def main() -> None:
         # benchmarks/warm_start.py's, untouched.
         mri["multicoil"] = {
             **mri.get("multicoil", {}),
-            "tv": tv,
-            "start": start,
+            **chosen,
             "nfe": nfe,
-            **({"rho": rho_eta[0], "eta": rho_eta[1]} if rho_eta else {}),
-            **({"intensity_level": level} if level else {}),
-            **({"tv_holdout": list(holdout)} if holdout is not None else {}),
-            **({"std_scale": round(std_scale, 4)} if std_scale is not None else {}),
             "tuned_by": "benchmarks/mri_multicoil.py (grids over validation slices, their "
             "close-ups and coarse close-ups, 8-coil data, all four tasks: λ_TV, then start "
             "and NFE, then ρ and η, "
@@ -809,9 +774,7 @@ def main() -> None:
     for name in args.tasks:
         # With --tv, the λ table of the run that chose it stays in the doc.
         earlier = results.get(name, {}).get("tv_selection", {})
-        results[name] = run(
-            name, args.n, vals[name], prior, model, tv, start, nfe, level, holdout, std_scale
-        ) | {
+        results[name] = run(name, args.n, vals[name], prior, model, nfe, chosen) | {
             "note": args.note,
             "tv_selection": {f"{k:g}": v for k, v in table.get(name, {}).items()} or earlier,
             "start_selection": {f"{a:g}/{b}": v for (a, b), v in starts.get(name, {}).items()}
