@@ -232,9 +232,7 @@ def measured(prior: Prior, vals: dict, table: dict, key, label: str, nfe: int, *
     for name, (ops, y, ref) in vals.items():
         if key in table.setdefault(name, {}):
             continue
-        config = ReconConfig.for_prior(prior, "mri", nfe=nfe, operator=ops[0])
-        for field, value in settings.items():
-            setattr(config, field, value)
+        config = chosen_config(prior, ops[0], nfe, settings)
         cached = ValCache.key(name, prior, config, len(ops))
         if cached in VAL_CACHE.values:
             table[name][key] = VAL_CACHE.values[cached]
