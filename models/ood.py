@@ -200,6 +200,27 @@ def calibrate(
     )
 
 
+def held_out_false_alarms(
+    validation_losses: torch.Tensor, times: Sequence[float], percentile: float = 99.0
+) -> float:
+    """The fraction of the calibration slices flagged by a check calibrated on the others
+    (leave one out): what the check's threshold does to in-domain slices it never saw.
+
+    In sample, the threshold flags 1 − percentile of its slices by construction; a
+    Mahalanobis distance over len(times) log losses fitted on few slices fits their
+    covariance too closely, and flags far more of the next in-domain slices than that.
+    """
+    n = len(validation_losses)
+    if n < 3:
+        raise ValueError("a held-out false-alarm rate needs at least three calibration slices")
+    flagged = 0
+    for i in range(n):
+        others = torch.cat([validation_losses[:i], validation_losses[i + 1 :]])
+        check = calibrate(others, times, percentile)
+        flagged += int(float(check.typicality(validation_losses[i : i + 1])) > check.threshold)
+    return flagged / n
+
+
 def summary(per_slice: list[dict]) -> dict | None:
     """A stack's verdict for ``report.json`` and the job: the worst slice's score, flagged
     when any slice is, and which slices are."""

@@ -25,6 +25,7 @@ from models.ood import (
     auroc,
     calibrate,
     dsm_losses,
+    held_out_false_alarms,
     mahalanobis,
     slice_comment,
     summary,
@@ -114,6 +115,26 @@ def test_calibration_puts_the_threshold_at_the_percentile_of_validation_scores()
         OODCheck.from_card({"ood": {**check.to_card(), "precision": [[1.0]]}})
     with pytest.raises(ValueError, match="two validation"):
         calibrate(val[:1], (0.1, 0.2, 0.3))
+
+
+def test_a_check_fitted_on_few_slices_flags_most_in_domain_slices_it_did_not_see():
+    times = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+    def draw(n: int) -> torch.Tensor:
+        level = torch.exp(0.3 * torch.randn(n, 1))
+        return level * torch.exp(0.05 * torch.randn(n, 6)) * torch.linspace(0.8, 0.05, 6)
+
+    torch.manual_seed(0)
+    # Many slices: left out, about 1 − percentile of them exceed the others' threshold.
+    assert abs(held_out_false_alarms(draw(300)[:, :3], times[:3], 90.0) - 0.10) < 0.03
+    assert held_out_false_alarms(draw(116), times, 99.0) <= 0.05
+    # Twelve slices for a 6 × 6 covariance: in sample 1 % by construction, left out most.
+    few = draw(12)
+    check = calibrate(few, times, 99.0)
+    assert int((check.typicality(few) > check.threshold).sum()) <= 1
+    assert held_out_false_alarms(few, times, 99.0) > 0.5
+    with pytest.raises(ValueError, match="three calibration slices"):
+        held_out_false_alarms(few[:2], times)
 
 
 def test_a_stack_verdict_names_its_flagged_slices_and_each_slice_its_comment():
