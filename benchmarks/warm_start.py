@@ -13,7 +13,10 @@ the test slices), with the card's other settings and its K posterior samples:
   ``--write-card``;
 * for MR, then the intensity level of ``LEVELS`` with the best PSNR at that start and NFE
   (ReconConfig.intensity_level: the warm start begins from the image in that unit), also
-  written into the card.
+  written into the card;
+* then ρ, the map step's error scale, with the best PSNR at that start, NFE and level
+  (the card's and one RHO_STEP either side, extended while an edge is best), also written
+  into the card: the cards' ρ was chosen from noise at 100 NFE, at its grid's edge.
 
 The posterior std column says how much narrower a warm start's spread is (it cannot cover
 an error of the starting image larger than σ(t₀)).
@@ -53,17 +56,34 @@ MAX_LOSS = 0.2  # dB below the full run that a faster setting may lose
 # MR: where a measurement's unit lands in the prior's range (ReconConfig.intensity_level),
 # chosen at the chosen start, since the two interact (a warm start begins from that image)
 LEVELS = {"mri": (0.6, 0.7, 0.8)}
+# Then ρ (the map step's error scale r_t = ρ β/α) at that start, NFE and level: the card's,
+# ×/÷ RHO_STEP, extended RHO_EXTEND times at most on the side where the edge is best. The
+# cards' ρ was chosen at 100 NFE from noise (benchmarks/quality_real.py), at its grid's edge.
+RHO_STEP, RHO_EXTEND = 1.6, 3
+# ρ weighs the data against the prior's estimate by the noise level, and the card serves
+# every noise model of its modality: ρ is chosen on the mean over the task's validation
+# slices and these (CT: Poisson counts, as quality_real.py's ct-poisson measures; on the
+# Gaussian task alone ρ 0.48 won by 0.08 dB and lost 0.20 dB on the Poisson test slices).
+RHO_NOISES = {"ct": ("poisson:1e5",)}
 
 
 def evaluate(
-    prior: Prior, val, modality: str, start: float, nfe: int, level: float | None = None
+    prior: Prior,
+    val,
+    modality: str,
+    start: float,
+    nfe: int,
+    level: float | None = None,
+    rho: float | None = None,
 ) -> dict:
     """Mean PSNR, seconds per slice and mean posterior std over the validation slices (at
-    intensity ``level``, or the card's)."""
+    intensity ``level`` and error scale ``rho``, or the card's)."""
     config = ReconConfig.for_prior(prior, modality)
     config.start, config.n_steps = start, steps_for_nfe(config, nfe)
     if level is not None:
         config.intensity_level = level
+    if rho is not None:
+        config.rho = rho
     scores, seconds, spread = [], [], []
     for i in range(len(val.y)):
         t0 = time.perf_counter()
@@ -80,7 +100,10 @@ def evaluate(
         "per_slice": scores,
     }
     print(
-        f"  start {start}, {nfe} NFE, level {config.intensity_level:g}: {row['psnr']:.2f} dB, "
+        f"  start {start}, {nfe} NFE, "
+        + (f"level {config.intensity_level:g}, " if modality in LEVELS else "")
+        + f"ρ {config.rho:g}: "
+        f"{row['psnr']:.2f} dB, "
         f"{row['seconds']:.1f} s, "
         f"std {row['std']:.4f}",
         flush=True,
@@ -93,6 +116,22 @@ def choose(rows: list[dict]) -> dict:
     best = max(r["psnr"] for r in rows)
     kept = [r for r in rows if r["psnr"] >= best - MAX_LOSS]
     return min(kept, key=lambda r: (r["nfe"], -r["psnr"]))
+
+
+def choose_rho(measure, card_rho: float, card_psnr: float | None = None) -> dict[float, float]:
+    """Mean validation PSNR of each ρ tried, by ``measure(ρ)``: the card's (``card_psnr``
+    where measured already), one RHO_STEP either side, and further out while an edge is
+    best."""
+    scores = {card_rho: measure(card_rho) if card_psnr is None else card_psnr}
+    for rho in (card_rho / RHO_STEP, card_rho * RHO_STEP):
+        scores[round(rho, 4)] = measure(round(rho, 4))
+    for _ in range(RHO_EXTEND):
+        best, grid = max(scores, key=scores.get), sorted(scores)
+        if best not in (grid[0], grid[-1]):
+            break
+        rho = round(best / RHO_STEP if best == grid[0] else best * RHO_STEP, 4)
+        scores[rho] = measure(rho)
+    return dict(sorted(scores.items()))
 
 
 def run(name: str, n_val: int, write_card: bool) -> dict:
@@ -115,6 +154,19 @@ def run(name: str, n_val: int, write_card: bool) -> dict:
             for lv in LEVELS[name]
         }
         chosen["intensity_level"] = max(levels, key=levels.get)
+    at = {"start": best["start"], "nfe": best["nfe"], "level": chosen.get("intensity_level")}
+    noisy = [
+        simulate(validation_slices(name, prior.image_size, n_val), task, level, other, seed=1)
+        for other in RHO_NOISES.get(name, ())
+    ]
+    rhos = choose_rho(
+        lambda rho: statistics.fmean(
+            evaluate(prior, v, name, **at, rho=rho)["psnr"] for v in (val, *noisy)
+        ),
+        ReconConfig.for_prior(prior, name).rho,
+        None if noisy else levels[chosen["intensity_level"]] if levels else best["psnr"],
+    )
+    chosen["rho"] = max(rhos, key=rhos.get)
     if write_card:
         recon = {**(prior.card.get("recon") or {})}
         tuned = f"benchmarks/warm_start.py ({len(val.y)} real val slices"
@@ -123,6 +175,9 @@ def run(name: str, n_val: int, write_card: bool) -> dict:
             **chosen,
             "start_tuned_by": f"{tuned}, fewest NFE within {MAX_LOSS} dB of the best)",
             **({"intensity_level_tuned_by": f"{tuned}, the best at that start)"} if levels else {}),
+            "rho_tuned_by": f"{tuned}, the best at that start, NFE and level"
+            + "".join(f", mean with {other}" for other in RHO_NOISES.get(name, ()))
+            + ")",
         }
         update_card(BUNDLED / model, {"recon": recon})
     return {
@@ -132,6 +187,8 @@ def run(name: str, n_val: int, write_card: bool) -> dict:
         "rows": rows,
         "chosen": chosen,
         "levels": {f"{lv:g}": v for lv, v in levels.items()},
+        "rhos": {f"{rho:g}": v for rho, v in rhos.items()},
+        "rho_noises": [noise, *RHO_NOISES.get(name, ())],
         "val": len(val.y),
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -187,6 +244,15 @@ def render(results: dict, machine: str) -> str:
             lines += [
                 f"Intensity level at that start and NFE (mean validation PSNR): {measured}; "
                 f"chosen: {c['intensity_level']:g}.",
+                "",
+            ]
+        if res.get("rhos"):
+            measured = ", ".join(f"{rho}: {v:.2f} dB" for rho, v in res["rhos"].items())
+            noises = res.get("rho_noises") or []
+            over = f" over {' and '.join(noises)}" if len(noises) > 1 else ""
+            lines += [
+                f"ρ at that start, NFE and level (mean validation PSNR{over}): {measured}; "
+                f"chosen: {c['rho']:g}.",
                 "",
             ]
     lines += ["![warm start](warm_start.png)", ""]
