@@ -183,6 +183,7 @@ def run(name: str, n_val: int, write_card: bool) -> dict:
     return {
         "task": f"{task} {level}, {noise}",
         "model": model,
+        "engine": prior.engine,
         "samples": k,
         "rows": rows,
         "chosen": chosen,
@@ -226,7 +227,9 @@ def render(results: dict, machine: str) -> str:
     for name, res in results.items():
         full = res["rows"][0]
         lines += [
-            f"## {name}: {res['task']}, `{res['model']}`, K = {res['samples']}, "
+            f"## {name}: {res['task']}, `{res['model']}`"
+            + (f" ({res['engine']})" if res.get("engine") else "")
+            + f", K = {res['samples']}, "
             f"{res['val']} validation slices ({res['date']})",
             "",
             "| start | NFE | PSNR (dB) | Δ full (dB) | s / slice | mean posterior std |",
