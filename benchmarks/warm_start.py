@@ -159,14 +159,15 @@ def run(name: str, n_val: int, write_card: bool) -> dict:
         simulate(validation_slices(name, prior.image_size, n_val), task, level, other, seed=1)
         for other in RHO_NOISES.get(name, ())
     ]
+    card_rho = ReconConfig.for_prior(prior, name).rho
     rhos = choose_rho(
         lambda rho: statistics.fmean(
             evaluate(prior, v, name, **at, rho=rho)["psnr"] for v in (val, *noisy)
         ),
-        ReconConfig.for_prior(prior, name).rho,
+        card_rho,
         None if noisy else levels[chosen["intensity_level"]] if levels else best["psnr"],
     )
-    chosen["rho"] = max(rhos, key=rhos.get)
+    chosen["rho"] = max(rhos, key=lambda rho: (rhos[rho], rho == card_rho))  # ties: the card's
     if write_card:
         recon = {**(prior.card.get("recon") or {})}
         tuned = f"benchmarks/warm_start.py ({len(val.y)} real val slices"
