@@ -73,6 +73,7 @@ from models.multicoil import simulate_multicoil, write_fastmri  # noqa: E402
 from models.physics import layout_operator, parse_spec, slice_problems  # noqa: E402
 from models.protocol import fine_slices, validation_slices  # noqa: E402
 from models.registry import load_card, update_card  # noqa: E402
+from models.tuning import search_outward  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 TASKS = {
@@ -291,11 +292,10 @@ def select_rho_eta(
         return measured(prior, vals, table, (rho, eta), label, nfe, **chosen, rho=rho, eta=eta)
 
     eta = ReconConfig.for_prior(prior, "mri", operator=next(iter(vals.values()))[0][0]).eta
-    grid = sorted(rho_grid)
-    rho = max(grid, key=lambda r: measure(r, eta))
-    while rho == grid[-1] and len(grid) < len(rho_grid) + extend:  # the best at the edge
-        grid.append(round(grid[-1] * RHO_STEP, 3))
-        rho = max(grid, key=lambda r: measure(r, eta))
+    rhos = search_outward(
+        lambda r: measure(r, eta), rho_grid, RHO_STEP, extend, down=False, digits=3
+    )
+    rho = max(rhos, key=rhos.get)
     eta = max(eta_grid, key=lambda e: measure(rho, e))
     return (rho, eta), table
 
@@ -311,12 +311,8 @@ def select_level(prior: Prior, vals: dict, chosen: dict, nfe: int) -> tuple[floa
             prior, vals, table, level, f"level {level:g}", nfe, **chosen, intensity_level=level
         )
 
-    grid = sorted(LEVEL_GRID)
-    best = max(grid, key=measure)
-    while best == grid[0] and len(grid) < len(LEVEL_GRID) + LEVEL_EXTEND:  # the edge is best
-        grid.insert(0, round(grid[0] * LEVEL_STEP, 3))
-        best = max(grid, key=measure)
-    return best, table
+    levels = search_outward(measure, LEVEL_GRID, 1 / LEVEL_STEP, LEVEL_EXTEND, up=False, digits=3)
+    return max(levels, key=levels.get), table
 
 
 def select_holdout(

@@ -420,7 +420,7 @@ def markdown(analyses: list[dict], args, stamp: str) -> str:
             "when calibrated without each, leave one out: "
             + ", ".join(
                 f"{names[m]} {100 * r:.0f} %"
-                for m, r in (a.get("held_out_false_alarms") or {}).items()
+                for m, r in a["held_out_false_alarms"].items()
             )
             + "), times "
             f"{', '.join(f'{t:g}' for t in c['times'])}, threshold {c['threshold']:.3f} "

@@ -44,6 +44,7 @@ from models.inverse import Prior, ReconConfig, reconstruct, steps_for_nfe  # noq
 from models.metrics import psnr  # noqa: E402
 from models.protocol import simulate, validation_slices  # noqa: E402
 from models.registry import BUNDLED, bf16_is_fast, update_card  # noqa: E402
+from models.tuning import search_outward  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 TASKS = {  # the tasks the cards were tuned on (benchmarks/quality_real.py)
@@ -118,22 +119,6 @@ def choose(rows: list[dict]) -> dict:
     return min(kept, key=lambda r: (r["nfe"], -r["psnr"]))
 
 
-def choose_rho(measure, card_rho: float, card_psnr: float | None = None) -> dict[float, float]:
-    """Mean validation PSNR of each ρ tried, by ``measure(ρ)``: the card's (``card_psnr``
-    where measured already), one RHO_STEP either side, and further out while an edge is
-    best."""
-    scores = {card_rho: measure(card_rho) if card_psnr is None else card_psnr}
-    for rho in (card_rho / RHO_STEP, card_rho * RHO_STEP):
-        scores[round(rho, 4)] = measure(round(rho, 4))
-    for _ in range(RHO_EXTEND):
-        best, grid = max(scores, key=scores.get), sorted(scores)
-        if best not in (grid[0], grid[-1]):
-            break
-        rho = round(best / RHO_STEP if best == grid[0] else best * RHO_STEP, 4)
-        scores[rho] = measure(rho)
-    return dict(sorted(scores.items()))
-
-
 def run(name: str, n_val: int, write_card: bool) -> dict:
     task, level, noise, model = TASKS[name]
     prior = Prior.load(model, bf16=bf16_is_fast())
@@ -160,12 +145,16 @@ def run(name: str, n_val: int, write_card: bool) -> dict:
         for other in RHO_NOISES.get(name, ())
     ]
     card_rho = ReconConfig.for_prior(prior, name).rho
-    rhos = choose_rho(
+    # At the card's ρ the task's own slices were measured above (the others were not).
+    known = levels[chosen["intensity_level"]] if levels else best["psnr"]
+    rhos = search_outward(
         lambda rho: statistics.fmean(
             evaluate(prior, v, name, **at, rho=rho)["psnr"] for v in (val, *noisy)
         ),
-        card_rho,
-        None if noisy else levels[chosen["intensity_level"]] if levels else best["psnr"],
+        (round(card_rho / RHO_STEP, 4), card_rho, round(card_rho * RHO_STEP, 4)),
+        RHO_STEP,
+        RHO_EXTEND,
+        measured=None if noisy else {card_rho: known},
     )
     chosen["rho"] = max(rhos, key=lambda rho: (rhos[rho], rho == card_rho))  # ties: the card's
     if write_card:

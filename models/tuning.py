@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -83,6 +84,41 @@ def tune(
         "level": level,
         "noise": noise,
     }
+
+
+def search_outward(
+    measure: Callable[[float], float],
+    grid: Sequence[float],
+    factor: float,
+    extend: int,
+    *,
+    up: bool = True,
+    down: bool = True,
+    digits: int = 4,
+    measured: dict[float, float] | None = None,
+) -> dict[float, float]:
+    """``measure(v)`` (a validation score, higher better) of each value of ``grid``, then,
+    while the best (ties: the smallest) is the largest value tried and ``up``, or the
+    smallest and ``down``, one more value past that edge (× or ÷ ``factor`` > 1, rounded to
+    ``digits``), ``extend`` times at most: the best of a grid that ended at its edge may lie
+    outside it. ``measured``: scores known already, not measured again. Ascending by value."""
+    if factor <= 1:
+        raise ValueError(f"factor must be > 1, got {factor}")
+    scores = dict(measured or {})
+    for v in grid:
+        if v not in scores:
+            scores[v] = measure(v)
+    for _ in range(extend):
+        values = sorted(scores)
+        best = max(values, key=scores.get)
+        if up and best == values[-1]:
+            v = round(best * factor, digits)
+        elif down and best == values[0]:
+            v = round(best / factor, digits)
+        else:
+            break
+        scores[v] = measure(v)
+    return dict(sorted(scores.items()))
 
 
 def grid_search(
