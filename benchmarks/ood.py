@@ -419,8 +419,7 @@ def markdown(analyses: list[dict], args, stamp: str) -> str:
             f"that flag at most {100 * MAX_FALSE_ALARMS:.0f} % of their calibration slices "
             "when calibrated without each, leave one out: "
             + ", ".join(
-                f"{names[m]} {100 * r:.0f} %"
-                for m, r in a["held_out_false_alarms"].items()
+                f"{names[m]} {100 * r:.0f} %" for m, r in a["held_out_false_alarms"].items()
             )
             + "), times "
             f"{', '.join(f'{t:g}' for t in c['times'])}, threshold {c['threshold']:.3f} "
