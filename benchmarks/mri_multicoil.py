@@ -21,8 +21,8 @@ step (ReconConfig.tv) chosen on the same validation slices over all tasks (``--t
 it), then its warm start and NFE (ReconConfig.start: the sampler started from the
 forward-diffused least-squares image) by the same slices (``--write-card`` stores both in
 the card's ``multicoil`` values). ``--priors A B ...``
-compares priors (bundled names or candidate folders, each at its own card values but the
-chosen λ, start and NFE) on the same validation slices; the best runs the test.
+compares priors (bundled names or candidate folders, all at the shipped card's values and
+the chosen λ, start and NFE) on the same validation slices; the best runs the test.
 ``--tune-holdout`` compares the fixed λ with λ chosen per slice among λ × HOLDOUT_FACTORS by
 k-space hold-out (models/holdout.py) on the same slices. ``--tune-rho-eta`` chooses ρ and η
 (``--rho-grid`` and ``--eta-grid`` set where it looks). ``--calibrate-std`` fits the scale
@@ -91,7 +91,7 @@ MODEL = "mri-default"
 TV_GRID = (0.0, 5.0, 10.0, 20.0)
 # Then the warm start (ReconConfig.start) and NFE at that λ: the fewest NFE within
 # MAX_LOSS dB of the best validation PSNR (benchmarks/warm_start.py's rule, single-coil).
-START_GRID = ((1.0, 100), (0.6, 100), (0.4, 100), (0.6, 50), (0.4, 50))
+START_GRID = ((1.0, 100), (0.6, 100), (0.4, 100), (1.0, 50), (0.8, 50), (0.6, 50), (0.4, 50))
 MAX_LOSS = 0.2
 # Then ρ (the map step's error scale r_t = ρ β/α) and η (the fraction of fresh noise when
 # re-noising) at that λ, start and NFE, one after the other (``--tune-rho-eta``): the
@@ -257,18 +257,31 @@ def select_tv(prior: Prior, vals: dict) -> tuple[float, dict]:
     return best, table
 
 
-def select_start(prior: Prior, vals: dict, tv: float) -> tuple[tuple[float, int], dict]:
-    """(start, NFE) of START_GRID at the map step's λ = ``tv``: the fewest NFE within
-    MAX_LOSS dB of the best mean validation PSNR over the tasks (one posterior sample);
-    and each pair's mean PSNR per task."""
+def start_nfe(text: str) -> tuple[float, int]:
+    """``"START/NFE"`` (e.g. ``0.6/50``) as the pair (0.6, 50), for ``--start-grid``."""
+    try:
+        start, nfe = text.split("/")
+        return float(start), int(nfe)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected START/NFE such as 0.6/50, got {text!r}"
+        ) from None
+
+
+def select_start(
+    prior: Prior, vals: dict, tv: float, grid: tuple[tuple[float, int], ...] = START_GRID
+) -> tuple[tuple[float, int], dict]:
+    """(start, NFE) of ``grid`` at the map step's λ = ``tv`` and the card's other values: the
+    fewest NFE within MAX_LOSS dB of the best mean validation PSNR over the tasks (one
+    posterior sample); and each pair's mean PSNR per task."""
     table: dict[str, dict[tuple, float]] = {}
     mean = {
         (start, nfe): measured(
             prior, vals, table, (start, nfe), f"start {start}, {nfe} NFE", nfe, tv=tv, start=start
         )
-        for start, nfe in START_GRID
+        for start, nfe in grid
     }
-    kept = [pair for pair in START_GRID if mean[pair] >= max(mean.values()) - MAX_LOSS]
+    kept = [pair for pair in grid if mean[pair] >= max(mean.values()) - MAX_LOSS]
     return min(kept, key=lambda pair: (pair[1], -mean[pair])), table
 
 
@@ -375,11 +388,25 @@ def calibrate_std(prior: Prior, vals: dict, config_of) -> tuple[float, dict[str,
 def select_prior(models: list[str], vals: dict, chosen: dict, nfe: int) -> tuple[str, dict]:
     """Of ``models`` (bundled names or model folders; the first, the one shipped, is kept
     unless another beats it by more than PRIOR_MARGIN dB), the prior with the best mean
-    validation PSNR over the tasks at the values ``chosen`` before and each prior's own card
-    values otherwise (one posterior sample); and each prior's mean PSNR per task."""
+    validation PSNR over the tasks, every one at the same solver: the values ``chosen``
+    before over the first prior's card values (one posterior sample); and each prior's mean
+    PSNR per task. A candidate's own card keeps the values of the day it was made, which
+    the shipped card's later tuning moves on from: at those, the comparison would be of
+    solvers as much as of weights."""
+    shipped = Prior.load(models[0], bf16=None)
+    op = next(iter(vals.values()))[0][0]
+    settings = dataclasses.asdict(chosen_config(shipped, op, nfe, chosen))
     table: dict[str, dict[str, float]] = {}
     mean = {
-        model: measured(Prior.load(model, bf16=None), vals, table, model, model, nfe, **chosen)
+        model: measured(
+            shipped if model == models[0] else Prior.load(model, bf16=None),
+            vals,
+            table,
+            model,
+            model,
+            nfe,
+            **settings,
+        )
         for model in models
     }
     best = max(models, key=mean.get)
@@ -650,6 +677,14 @@ def main() -> None:
         help="the warm start and NFE (default: chosen on val)",
     )
     parser.add_argument(
+        "--start-grid",
+        nargs="+",
+        type=start_nfe,
+        default=START_GRID,
+        metavar="START/NFE",
+        help="the (start, NFE) pairs the choice on val tries, e.g. 0.6/50 1/50",
+    )
+    parser.add_argument(
         "--tune-rho-eta", action="store_true", help="choose ρ and η on val (else the card's)"
     )
     parser.add_argument(
@@ -711,7 +746,7 @@ def main() -> None:
     starts: dict = {}
     if args.start_nfe is None:
         print("choosing the warm start on validation", flush=True)
-        (start, nfe), starts = select_start(prior, vals, tv)
+        (start, nfe), starts = select_start(prior, vals, tv, tuple(args.start_grid))
     else:
         start, nfe = args.start_nfe[0], int(args.start_nfe[1])
     print(f"start {start}, {nfe} NFE", flush=True)
