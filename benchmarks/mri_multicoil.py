@@ -385,15 +385,16 @@ def calibrate_std(prior: Prior, vals: dict, config_of) -> tuple[float, dict[str,
     return fit_std_scale(ratios, k), table
 
 
-def select_prior(models: list[str], vals: dict, chosen: dict, nfe: int) -> tuple[str, dict]:
+def select_prior(
+    shipped: Prior, models: list[str], vals: dict, chosen: dict, nfe: int
+) -> tuple[str, dict]:
     """Of ``models`` (bundled names or model folders; the first, the one shipped, is kept
     unless another beats it by more than PRIOR_MARGIN dB), the prior with the best mean
     validation PSNR over the tasks, every one at the same solver: the values ``chosen``
-    before over the first prior's card values (one posterior sample); and each prior's mean
-    PSNR per task. A candidate's own card keeps the values of the day it was made, which
-    the shipped card's later tuning moves on from: at those, the comparison would be of
-    solvers as much as of weights."""
-    shipped = Prior.load(models[0], bf16=None)
+    before over the card values of ``shipped`` (the first, loaded; one posterior sample);
+    and each prior's mean PSNR per task. A candidate's own card keeps the values of the day
+    it was made, which the shipped card's later tuning moves on from: at those, the
+    comparison would be of solvers as much as of weights."""
     op = next(iter(vals.values()))[0][0]
     settings = dataclasses.asdict(chosen_config(shipped, op, nfe, chosen))
     table: dict[str, dict[str, float]] = {}
@@ -772,8 +773,9 @@ def main() -> None:
     priors: dict = {}
     if len(args.priors) > 1:
         print("choosing the prior on validation", flush=True)
-        model, priors = select_prior(args.priors, vals, chosen, nfe)
-        prior = Prior.load(model, bf16=None)
+        model, priors = select_prior(prior, args.priors, vals, chosen, nfe)
+        if model != args.priors[0]:
+            prior = Prior.load(model, bf16=None)
         print(f"prior {model}", flush=True)
     counts: dict = {}
     if args.calibrate_std:

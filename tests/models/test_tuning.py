@@ -27,7 +27,7 @@ def test_the_grid_grows_past_the_edge_where_the_best_lies_and_stops_inside():
 
 
 def test_one_sided_searches_ignore_the_other_edge_and_known_scores_are_not_remeasured():
-    measure, calls = _counting(100.0)
+    measure, _ = _counting(100.0)
     assert list(search_outward(measure, (1.0, 2.0), 2.0, 3, up=False)) == [1.0, 2.0]
     measure, calls = _counting(0.3)
     scores = search_outward(measure, (0.5, 1.0, 2.0), 1.6, 3, measured={1.0: -0.7})
